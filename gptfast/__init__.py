@@ -1,0 +1,22 @@
+"""gptfast: fused attention, LayerNorm and GELU-FFN kernels behind a small PyTorch GPT decoder.
+
+    import gptfast
+    out = gptfast.attention(q, k, v, causal=True)           # (batch, seqlen, nheads, headdim)
+    y = gptfast.layer_norm(x, weight, bias)
+    z = gptfast.gelu_ffn(x, w1, b1, w2, b2, approximate="tanh")
+
+Importing gptfast imports neither triton nor the native extension; backends load on first use.
+"""
+from .ops import (attention, attention_ref, available_backends, backend_table, flash_attn_func, gelu_ffn,
+                  gelu_ffn_ref, layer_norm, layer_norm_ref, use_backend)
+
+from . import model, nn  # noqa: E402  (after the ops they build on)
+from .model import GPT, GPTConfig  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "flash_attn_func", "layer_norm", "gelu_ffn",
+    "attention_ref", "layer_norm_ref", "gelu_ffn_ref",
+    "available_backends", "backend_table", "use_backend", "GPT", "GPTConfig", "__version__",
+]

@@ -1,0 +1,266 @@
+"""Backend registry: (op, backend) -> forward/backward launchers, and backend selection.
+
+Every backend of an op exposes the same two launchers. They take tensors and return tensors;
+they never build autograd graphs (the op's single ``autograd.Function`` does that) and they
+may assume their inputs were validated by ``gptfast/ops/<op>.py``.
+
+Launcher contract
+-----------------
+attention (q, k, v: (batch, seqlen, nheads, headdim), one dtype, one device, stride(-1) == 1,
+other strides arbitrary; seqlen_q == seqlen_k)::
+
+    attention_forward(q, k, v, causal: bool, softmax_scale: float)
+        -> out (batch, seqlen, nheads, headdim), q.dtype, contiguous
+           lse (batch, nheads, seqlen), float32: log(sum_j exp(scale * q_i.k_j)) over unmasked j
+    attention_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float)
+        -> dq, dk, dv   (shapes and dtypes of q, k, v)
+
+    A row with no unmasked key (impossible for causal self-attention with seqlen_q == seqlen_k)
+    has out = 0, lse = -inf and zero gradients.
+
+layer_norm (x: (M, N) contiguous; weight, bias: (N,) or None, dtype of x)::
+
+    layer_norm_forward(x, weight, bias, eps: float)
+        -> y (M, N) x.dtype, mean (M,) float32, rstd (M,) float32
+    layer_norm_backward(dy, x, weight, mean, rstd, has_bias: bool)
+        -> dx (M, N) x.dtype, dweight (N,) or None (when weight is None), dbias (N,) or None
+
+gelu_ffn (x: (M, K) contiguous; w1: (H, K), w2: (N, H) in nn.Linear layout, any strides;
+b1: (H,) or None, b2: (N,) or None; all of x's dtype; approximate in {"tanh", "none"})::
+
+    gelu_ffn_forward(x, w1, b1, w2, b2, approximate: str)
+        -> out (M, N) x.dtype, h (M, H) x.dtype: the pre-activation x @ w1.T + b1
+    gelu_ffn_backward(dout, x, h, w1, w2, has_b1: bool, has_b2: bool, approximate: str)
+        -> dx, dw1, db1 or None, dw2, db2 or None
+
+    GELU(h) is recomputed from h in the backward, never saved.
+
+``dout``/``dy`` arrive contiguous for layer_norm and gelu_ffn, and with stride(-1) == 1 for attention.
+
+Selection
+---------
+The backend for a call is, in order: the ``backend=`` argument, the innermost
+``gptfast.use_backend(name)`` context, the ``GPTFAST_BACKEND`` environment variable, else
+``"auto"``. An explicit name that cannot run on the inputs raises; ``"auto"`` walks
+``AUTO_ORDER`` for the device, skipping backends that do not exist for the op or do not support
+the dtype silently, and backends that should work but cannot load with one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+OPS = ("attention", "layer_norm", "gelu_ffn")
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+
+# Fastest first. Triton is never auto-selected on the CPU: there it runs in the interpreter,
+# which is for testing only (orders of magnitude slower than the reference).
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+_DEFAULT_ORDER = ("reference",)
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def _always(device: torch.device) -> str | None:
+    return None
+
+
+def _triton_requirement(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (testing only)"
+    return None
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one op."""
+
+    op: str
+    backend: str
+    devices: tuple[str, ...]
+    module: str
+    fwd_name: str
+    bwd_name: str
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+    requirement: Callable[[torch.device], str | None] = field(default=_always, compare=False)
+    note: str = ""
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when this implementation can run on ``device``, else why not."""
+        if device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, not {device.type}"
+        return self.requirement(device)
+
+
+@dataclass(frozen=True)
+class Launchers:
+    backend: str
+    fwd: Callable
+    bwd: Callable
+
+
+_REGISTRY: dict[tuple[str, str], Impl] = {}
+_LOADED: dict[tuple[str, str], Launchers] = {}
+_WARNED: set[tuple[str, str, str]] = set()
+_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("gptfast_backend", default=None)
+
+
+def register(impl: Impl) -> None:
+    if impl.op not in OPS:
+        raise ValueError(f"unknown op {impl.op!r}; ops are {OPS}")
+    if impl.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {impl.backend!r}; backends are {BACKENDS}")
+    _REGISTRY[(impl.op, impl.backend)] = impl
+    _LOADED.pop((impl.op, impl.backend), None)
+
+
+for _op in OPS:
+    register(Impl(
+        op=_op, backend="reference", devices=("cpu", "cuda"), module=f"gptfast.ops.{_op}",
+        fwd_name=f"{_op}_forward_reference", bwd_name=f"{_op}_backward_reference",
+        dtypes=REFERENCE_DTYPES, note="pure PyTorch, explicit backward",
+    ))
+    register(Impl(
+        op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",
+        fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward",
+        requirement=_triton_requirement, note="Triton kernels (CPU: interpreter, for tests)",
+    ))
+
+
+def _check_name(name: str) -> str:
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown gptfast backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the gptfast ops inside the ``with`` block on backend ``name``.
+
+    ``name`` is one of ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``, ``"cpu"``. An explicit
+    ``backend=`` argument on a call still wins. Contexts nest; the innermost applies.
+    """
+    token = _CONTEXT.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend name a call asks for, after argument, context and environment."""
+    if backend is not None:
+        return _check_name(backend)
+    ctx = _CONTEXT.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("GPTFAST_BACKEND", "").strip()
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as exc:
+            raise ValueError(f"GPTFAST_BACKEND: {exc}") from None
+    return "auto"
+
+
+def _load(impl: Impl) -> Launchers:
+    key = (impl.op, impl.backend)
+    loaded = _LOADED.get(key)
+    if loaded is None:
+        module = importlib.import_module(impl.module)
+        loaded = Launchers(impl.backend, getattr(module, impl.fwd_name), getattr(module, impl.bwd_name))
+        _LOADED[key] = loaded
+    return loaded
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> Launchers:
+    """Pick and load the launchers for ``op`` on ``device``/``dtype``; see the module docstring."""
+    name = requested_backend(backend)
+    if name != "auto":
+        impl = _REGISTRY.get((op, name))
+        if impl is None:
+            raise NotImplementedError(
+                f"gptfast.{op}: the {name!r} backend has no {op} implementation yet; "
+                f"available here: {available_backends(op, device)}")
+        reason = impl.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"gptfast.{op}: backend {name!r} cannot run on {device}: {reason}")
+        if dtype not in impl.dtypes:
+            raise TypeError(f"gptfast.{op}: backend {name!r} supports dtypes "
+                            f"{[str(d) for d in impl.dtypes]}, got {dtype}")
+        try:
+            return _load(impl)
+        except Exception as exc:
+            raise RuntimeError(f"gptfast.{op}: backend {name!r} failed to load: {exc}") from exc
+
+    for candidate in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
+        impl = _REGISTRY.get((op, candidate))
+        if impl is None or device.type not in impl.devices or dtype not in impl.dtypes:
+            continue
+        reason = impl.requirement(device)
+        if reason is None:
+            try:
+                return _load(impl)
+            except Exception as exc:  # fall through to the next backend
+                reason = f"failed to load ({type(exc).__name__}: {exc})"
+        key = (op, candidate, device.type)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"gptfast.{op}: backend {candidate!r} is unavailable on {device.type} "
+                          f"({reason}); falling back", RuntimeWarning, stacklevel=3)
+    raise TypeError(f"gptfast.{op}: no backend supports dtype {dtype} on {device.type}")
+
+
+def available_backends(op: str | None = None, device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run ``op`` (or any op, when None) on ``device``.
+
+    ``device`` defaults to ``"cuda"`` when a GPU is visible, else ``"cpu"``. The list is in
+    ``auto`` preference order for that device, followed by any other runnable backend.
+    """
+    if op is not None and op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    ops = (op,) if op else OPS
+    order = list(AUTO_ORDER.get(device.type, _DEFAULT_ORDER))
+    order += [b for b in BACKENDS if b not in order]
+    return [b for b in order
+            if any((o, b) in _REGISTRY and _REGISTRY[(o, b)].unavailable_reason(device) is None
+                   for o in ops)]
+
+
+def backend_table(devices: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per (op, backend, device): whether it runs here and, if not, why."""
+    if devices is None:
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    rows = []
+    for op in OPS:
+        for backend in BACKENDS:
+            impl = _REGISTRY.get((op, backend))
+            for dev in devices:
+                if impl is None:
+                    rows.append(dict(op=op, backend=backend, device=dev, available=False,
+                                     reason="not implemented yet"))
+                    continue
+                reason = impl.unavailable_reason(torch.device(dev))
+                rows.append(dict(op=op, backend=backend, device=dev, available=reason is None,
+                                 reason=reason or impl.note))
+    return rows

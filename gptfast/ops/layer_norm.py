@@ -1,0 +1,140 @@
+"""LayerNorm over the last dimension: y = (x - mean) * rstd * weight + bias, rstd = 1/sqrt(var + eps).
+
+Statistics are computed in fp32 (biased variance, as ``F.layer_norm``). Saved for backward:
+x, weight, and the per-row fp32 mean and rstd. With xhat = (x - mean) * rstd and
+g = dy * weight, the backward is
+
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))       (means over the row)
+    dweight = sum_rows(dy * xhat),   dbias = sum_rows(dy).
+
+This file holds, in order: the ground truth ``layer_norm_ref``, the reference backend's launchers,
+input checks, the autograd Function, and the public function.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _backend
+from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_shape, check_tensor
+
+__all__ = ["layer_norm", "layer_norm_ref", "LayerNormFunction"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float = 1e-5, upcast: bool = True) -> torch.Tensor:
+    """Ground truth from plain differentiable ops; fp32 math (fp64 for fp64) when ``upcast``."""
+    dtype = x.dtype
+    if upcast:
+        x, weight, bias = cast_floats(_acc_dtype(dtype), x, weight, bias)
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
+def layer_norm_forward_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference launcher: x (M, N) -> y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32."""
+    acc = _acc_dtype(x.dtype)
+    xa = x.to(acc)
+    mean = xa.mean(-1)
+    rstd = torch.rsqrt((xa - mean[:, None]).pow(2).mean(-1) + eps)
+    y = (xa - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), mean, rstd
+
+
+def layer_norm_backward_reference(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                                  mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool):
+    """Reference launcher: returns dx (M, N), dweight (N,) or None, dbias (N,) or None."""
+    acc = _acc_dtype(x.dtype)
+    dya = dy.to(acc)
+    xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
+    g = dya * weight.to(acc) if weight is not None else dya
+    dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dweight = (dya * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    dbias = dya.sum(0).to(x.dtype) if has_bias else None
+    return dx.to(x.dtype), dweight, dbias
+
+
+def _check_inputs(x, weight, bias, eps) -> None:
+    op = "layer_norm"
+    check_tensor(op, "x", x, min_ndim=1)
+    check_tensor(op, "weight", weight, ndim=1, optional=True)
+    check_tensor(op, "bias", bias, ndim=1, optional=True)
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"gptfast.{op}: the normalised dimension x.shape[-1] must be > 0, got shape {tuple(x.shape)}")
+    check_shape(op, "weight", weight, (n,), "x.shape[-1]")
+    check_shape(op, "bias", bias, (n,), "x.shape[-1]")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"gptfast.{op}: {name} is on {t.device} but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"gptfast.{op}: eps must be a non-negative number, got {eps!r}")
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Autograd for layer_norm on any backend; x arrives as a contiguous (M, N) matrix."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, launchers):
+        if x.numel() == 0:
+            y = torch.empty_like(x)
+            mean = rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        else:
+            with autocast_off(x.device.type):
+                y, mean, rstd = launchers.fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias, ctx.launchers = bias is not None, launchers
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        if x.numel() == 0:
+            dw = torch.zeros_like(weight) if weight is not None else None
+            db = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if ctx.has_bias else None
+            return torch.zeros_like(x), dw, db, None, None
+        with autocast_off(x.device.type):
+            dx, dw, db = ctx.launchers.bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
+        return dx, dw, db, None, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5, backend: str | None = None) -> torch.Tensor:
+    """Fused LayerNorm over the last dimension, the same function as
+    ``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``.
+
+    Args:
+        x: (..., N), float16 / bfloat16 / float32 (float64 on the reference backend), any strides.
+        weight, bias: (N,) in x's dtype and device, or None (no scale / no shift).
+        eps: added to the variance, >= 0.
+        backend: see :func:`gptfast.attention`.
+
+    Returns:
+        (..., N) in x's dtype. Under ``torch.autocast`` the op runs and returns in float32, as
+        PyTorch's LayerNorm does. Statistics are always accumulated in fp32.
+    """
+    _check_inputs(x, weight, bias, eps)
+    if autocast_dtype(x.device.type) is not None:
+        x, weight, bias = cast_floats(torch.float32, x, weight, bias)
+    check_same("layer_norm", "x", x, weight=weight, bias=bias)
+    launchers = _backend.resolve("layer_norm", x.device, x.dtype, backend)
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).contiguous()
+    y = LayerNormFunction.apply(x2d, weight, bias, float(eps), launchers)
+    return y.view(shape)

@@ -1,0 +1,179 @@
+"""Every CPU backend of every op against PyTorch's built-ins, forward and all gradients.
+
+Ground truth is the PyTorch built-in (SDPA, F.layer_norm, Linear+GELU+Linear) evaluated in
+float64. fp32 results must match it within tight absolute tolerances; fp16/bf16 results within
+DESIGN.md's rule: 2x (outputs) / 3x (gradients) PyTorch's own error in the same dtype.
+The Triton backend is excluded here (its interpreter runs need small grids, see test_triton_*).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptfast
+from gptfast.testing import assert_close, assert_within_pytorch_error
+
+CPU_BACKENDS = [b for b in gptfast.available_backends(device="cpu") if b != "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp32 absolute tolerances, for O(1) inputs
+FP32_OUT_ATOL, FP32_GRAD_ATOL = 2e-5, 1e-4
+
+
+def _leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def check_against_builtin(ours, builtin, inputs, dtype, *, grad_upstream=None, name=""):
+    """Compare ``ours(*inputs)`` with ``builtin(*inputs)``: output and the gradient of each input.
+
+    ``inputs`` are fp32 tensors (or None); each variant gets its own leaves in its dtype.
+    ``grad_upstream(out)`` makes the upstream gradient (default: a random tensor like out).
+    """
+    x64, xpt, xours = _leaves(inputs, torch.float64), _leaves(inputs, dtype), _leaves(inputs, dtype)
+    ref, pt, out = builtin(*x64), builtin(*xpt), ours(*xours)
+    assert out.dtype == pt.dtype, f"{name}: output dtype {out.dtype}, PyTorch gives {pt.dtype}"
+    assert out.shape == ref.shape
+    g = torch.randn(ref.shape, dtype=torch.float32) if grad_upstream is None else grad_upstream(ref)
+    g_low = g.to(dtype)
+    ref.backward(g_low.to(torch.float64))
+    pt.backward(g_low)
+    out.backward(g_low)
+    scale = max(1.0, ref.detach().abs().max().item())
+    if dtype == torch.float32:
+        assert_close(out, ref, atol=FP32_OUT_ATOL * scale, name=f"{name} out")
+    else:
+        assert_within_pytorch_error(out, ref, pt, factor=2, atol=1e-6 * scale, name=f"{name} out")
+    for i, (a, b, c) in enumerate(zip(xours, x64, xpt)):
+        if a is None:
+            continue
+        gscale = max(1.0, b.grad.abs().max().item())
+        if dtype == torch.float32:
+            assert_close(a.grad, b.grad, atol=FP32_GRAD_ATOL * gscale, name=f"{name} grad[{i}]")
+        else:
+            assert_within_pytorch_error(a.grad, b.grad, c.grad, factor=3, atol=1e-6 * gscale,
+                                        name=f"{name} grad[{i}]")
+
+
+def sdpa_bthd(q, k, v, causal=True, softmax_scale=None):
+    """PyTorch's SDPA in FlashAttention's (B, T, H, D) layout."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("seqlen,headdim", list(itertools.product([1, 3, 97, 130, 257], [16, 40, 64, 111, 128])))
+def test_attention_matches_sdpa(backend, dtype, causal, seqlen, headdim, seed):
+    shape = (2, seqlen, 3, headdim)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    check_against_builtin(lambda q, k, v: gptfast.attention(q, k, v, causal=causal, backend=backend),
+                          lambda q, k, v: sdpa_bthd(q, k, v, causal), [q, k, v], dtype,
+                          name=f"attention T={seqlen} D={headdim}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_noncontiguous_inputs_and_grad(backend, seed):
+    # q, k, v as strided views of one packed projection, as in a GPT block, and an upstream
+    # gradient whose last dimension is strided.
+    b, t, h, d = 2, 33, 4, 24
+    packed = torch.randn(b, t, 3, h, d, dtype=torch.float64, requires_grad=True)
+    q, k, v = packed.unbind(2)
+    assert not q.is_contiguous()
+    out = gptfast.attention(q, k, v, causal=True, softmax_scale=0.3, backend=backend)
+    g = torch.randn(b, t, h, 2 * d, dtype=torch.float64)[..., ::2]
+    (grad_ours,) = torch.autograd.grad(out, packed, g)
+    ref = sdpa_bthd(q, k, v, True, 0.3)
+    (grad_ref,) = torch.autograd.grad(ref, packed, g)
+    assert_close(out, ref, atol=1e-12, name="out")
+    assert_close(grad_ours, grad_ref, atol=1e-12, name="grad")
+
+
+def test_flash_attn_func_signature(seed):
+    q, k, v = (torch.randn(1, 10, 2, 16) for _ in range(3))
+    out = gptfast.flash_attn_func(q, k, v)  # FlashAttention's default is causal=False
+    assert_close(out, sdpa_bthd(q, k, v, causal=False), atol=1e-5)
+    out = gptfast.flash_attn_func(q, k, v, 0.0, 0.5, True)  # positional, as flash_attn
+    assert_close(out, sdpa_bthd(q, k, v, True, 0.5), atol=1e-5)
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        gptfast.flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        gptfast.flash_attn_func(q, k, v, window_size=(4, 0))
+
+
+# --------------------------------------------------------------------------- layer_norm
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [1, 123, 768, 1000])
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+def test_layer_norm_matches_torch(backend, dtype, hidden, affine, seed):
+    x = torch.randn(2, 7, hidden) * 3 + 1.5  # offset mean: catches a one-pass variance
+    w = torch.randn(hidden) if "weight" in affine else None
+    b = torch.randn(hidden) if "bias" in affine else None
+    check_against_builtin(lambda x, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend),
+                          lambda x, w, b: F.layer_norm(x, (hidden,), w, b, 1e-5), [x, w, b], dtype,
+                          name=f"layer_norm N={hidden} {affine}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layer_norm_noncontiguous(backend, seed):
+    x = torch.randn(40, 6, dtype=torch.float64).t().requires_grad_()  # (6, 40), stride (1, 6)
+    w, b = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    g = torch.randn(6, 80, dtype=torch.float64)[:, ::2]
+    y = gptfast.layer_norm(x, w, b, backend=backend)
+    (gx,) = torch.autograd.grad(y, x, g)
+    ref = F.layer_norm(x, (40,), w, b)
+    (gref,) = torch.autograd.grad(ref, x, g)
+    assert_close(y, ref, atol=1e-12, name="y")
+    assert_close(gx, gref, atol=1e-12, name="dx")
+
+
+# --------------------------------------------------------------------------- gelu_ffn
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("m,k,hid,n", [(1, 16, 64, 16), (21, 123, 50, 37), (65, 96, 384, 96)])
+@pytest.mark.parametrize("biases", [True, False], ids=["bias", "nobias"])
+def test_gelu_ffn_matches_torch(backend, dtype, approximate, m, k, hid, n, biases, seed):
+    x = torch.randn(m, k)
+    w1, w2 = torch.randn(hid, k) / k ** 0.5, torch.randn(n, hid) / hid ** 0.5
+    b1, b2 = (torch.randn(hid), torch.randn(n)) if biases else (None, None)
+    check_against_builtin(
+        lambda *a: gptfast.gelu_ffn(*a, approximate=approximate, backend=backend),
+        lambda *a: gptfast.gelu_ffn_ref(*a, approximate=approximate),
+        [x, w1, b1, w2, b2], dtype, name=f"gelu_ffn {m}x{k}x{hid}x{n}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gelu_ffn_transposed_weights_and_batched_input(backend, seed):
+    # Hugging Face's Conv1D stores (in, out): a transposed view must work without a copy.
+    conv1 = torch.randn(24, 80, dtype=torch.float64, requires_grad=True)   # (K, H)
+    conv2 = torch.randn(80, 24, dtype=torch.float64, requires_grad=True)   # (H, N)
+    b1, b2 = torch.randn(80, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    out = gptfast.gelu_ffn(x, conv1.t(), b1, conv2.t(), b2, backend=backend)
+    assert out.shape == (3, 5, 24)
+    ref = gptfast.gelu_ffn_ref(x, conv1.t(), b1, conv2.t(), b2)
+    g = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, (x, conv1, conv2), g)
+    theirs = torch.autograd.grad(ref, (x, conv1, conv2), g)
+    assert_close(out, ref, atol=1e-12)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, atol=1e-11)
+
+
+def test_gelu_formulas_match_pytorch():
+    from gptfast.ops.gelu_ffn import gelu, gelu_grad
+    h = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+    for approximate in ("tanh", "none"):
+        assert_close(gelu(h, approximate), F.gelu(h, approximate=approximate), atol=1e-14)
+        (auto,) = torch.autograd.grad(F.gelu(h.requires_grad_(), approximate=approximate).sum(), h)
+        assert_close(gelu_grad(h.detach(), approximate), auto, atol=1e-13)
