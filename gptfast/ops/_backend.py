@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 import warnings
@@ -77,11 +78,20 @@ def _always(device: torch.device) -> str | None:
     return None
 
 
-def _triton_requirement(device: torch.device) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    # Cached: a failed import is retried by Python on every attempt, and this runs on every op call.
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_requirement(device: torch.device) -> str | None:
+    error = _triton_import_error()
+    if error is not None:
+        return error
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (testing only)"
     return None
