@@ -1,0 +1,150 @@
+"""The ``gptfast`` command: ``train``, ``sample`` and ``info``.
+
+Bad input (a missing data path, an unknown preset, no checkpoint) ends the command with a
+one-line ``gptfast: error: ...`` message and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from dataclasses import fields
+
+import torch
+
+from .data import DataError
+from .model import PRESETS
+from .train import (ConfigError, TrainConfig, load_checkpoint, model_from_checkpoint,
+                    resolve_device, sample_text, train)
+
+# Help text per TrainConfig field; the flag is the field name with dashes.
+_TRAIN_HELP = {
+    "preset": f"model preset: {', '.join(PRESETS)} (default: tiny); also sets training defaults",
+    "data": "text file, directory of text files, or directory with nanoGPT train.bin/val.bin "
+            "(default: built-in corpus, the Python standard library's source)",
+    "out_dir": "where ckpt.pt is written and resumed from (default: out)",
+    "resume": "continue from OUT_DIR/ckpt.pt; options not given are taken from that run",
+    "device": "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
+    "dtype": "autocast dtype: float32, bfloat16, float16 (default: bfloat16 or float16 on cuda, "
+             "float32 on cpu)",
+    "backend": "gptfast op backend: auto, reference, triton, cuda, cpu (default: GPTFAST_BACKEND or auto)",
+    "compile": "torch.compile the model",
+    "seed": "seed for initialisation, batches and sampling (default: 1337)",
+    "batch_size": "sequences per micro-batch",
+    "block_size": "context length (default: the preset's)",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_iters": "total optimizer steps, counting resumed ones",
+    "lr": "peak learning rate (cosine decay to lr/10)",
+    "warmup_iters": "steps of linear learning-rate warmup",
+    "lr_decay_iters": "step at which the cosine reaches lr/10 (default: max-iters)",
+    "weight_decay": "AdamW weight decay on matrices and embeddings (default: 0.1)",
+    "beta1": "AdamW beta1 (default: 0.9)",
+    "beta2": "AdamW beta2 (default: 0.95; 0.99 for tiny and small)",
+    "grad_clip": "clip the global gradient norm to this; 0 disables (default: 1.0)",
+    "dropout": "dropout probability (default: the preset's)",
+    "eval_interval": "evaluate and checkpoint every N steps, and at the end",
+    "eval_iters": "batches per split in each evaluation",
+    "sample_tokens": "tokens to sample at the end; 0 for none",
+    "quiet": "no banner and no progress bar",
+}
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    # Every default is None, so that TrainConfig can tell an option given from one left to the
+    # preset, and --resume can inherit the options left out.
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool | None", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=_TRAIN_HELP[f.name])
+            continue
+        kind = {"int | None": int, "float | None": float}.get(f.type, str)
+        parser.add_argument(flag, type=kind, default=None, help=_TRAIN_HELP[f.name],
+                            metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptfast",
+                                     description="Train and sample small GPTs on gptfast kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,info}")
+
+    p_train = sub.add_parser("train", help="train a GPT (default: the tiny preset on the built-in corpus)")
+    _add_train_args(p_train)
+
+    p_sample = sub.add_parser("sample", help="generate text from a checkpoint")
+    p_sample.add_argument("--ckpt", default="out",
+                          help="checkpoint file or the out-dir holding ckpt.pt (default: out)")
+    p_sample.add_argument("--prompt", default="", help="text to continue (default: start of a fresh text)")
+    p_sample.add_argument("--max-new-tokens", type=int, default=300)
+    p_sample.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p_sample.add_argument("--top-k", type=int, default=None)
+    p_sample.add_argument("--num-samples", type=int, default=1)
+    p_sample.add_argument("--seed", type=int, default=1337)
+    p_sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    sub.add_parser("info", help="versions, devices and the backend table")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    train(config)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.ckpt, device), device)
+    for i in range(args.num_samples):
+        if i:
+            print("---")
+        print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.seed + i, device))
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as left-aligned text columns under a header."""
+    cells = [columns] + [[str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import gptfast
+
+    print(f"gptfast {gptfast.__version__}")
+    print(f"torch   {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton  {triton.__version__}")
+    except ImportError:
+        print("triton  not installed")
+    print(f"python  {platform.python_version()} ({sys.executable})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            print(f"cuda:{i}  {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        print("cuda    none")
+    print(f"cpu     {torch.get_num_threads()} threads ({os.cpu_count()} logical cores)")
+    print()
+    print(format_table(gptfast.backend_table(), ["op", "backend", "device", "available", "reason"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``gptfast {train,sample,info} ...``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}
+    try:
+        handlers[args.command](args)
+    except (DataError, ConfigError) as e:
+        parser.exit(2, f"gptfast {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
