@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check for the Triton backend (no internet needed): AOT table for this GPU, the GPU
 # test module plus the Triton CPU-suite tests (now on CUDA tensors), then timings vs PyTorch in bf16.
+# Stage timeouts (120 + 270 + 150 s) keep one run inside the device tool's 10-minute call limit.
 # Writes everything to bench/results/gpu_check-<date>-<gpu>.txt as well as stdout. A few minutes on
 # an H100/H200 (most of it Triton compilation and autotuning; reruns hit ~/.triton/cache).
 #
@@ -31,12 +32,12 @@ out="bench/results/gpu_check-$(date -u +%Y%m%d-%H%M)-${gpu:-gpu}.txt"
     cap=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
     echo; echo "== AOT compile check (sm_$cap)"
     arch=$([ "$cap" -ge 90 ] && echo 90 || echo 80)
-    timeout 300 $PY -m gptfast.kernels.check --arch "$arch"; echo "check exit: $?"
+    timeout 120 $PY -m gptfast.kernels.check --arch "$arch"; echo "check exit: $?"
     echo; echo "== tests (GPU module + Triton CPU-suite tests on CUDA)"
-    timeout 600 $PY -m pytest -q -p no:cacheprovider tests/gpu tests/test_triton_attention.py \
+    timeout 270 $PY -m pytest -q -p no:cacheprovider tests/gpu tests/test_triton_attention.py \
         tests/test_triton_layer_norm.py tests/test_triton_gelu_ffn.py 2>&1 | tail -25
     echo "pytest exit: ${PIPESTATUS[0]}"
     echo; echo "== timings"
-    timeout 600 $PY bench/gpu_check.py; echo "bench exit: $?"
+    timeout 150 $PY bench/gpu_check.py; echo "bench exit: $?"
 } 2>&1 | tee "$out"
 echo "saved to $out"
