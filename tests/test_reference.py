@@ -167,3 +167,40 @@ def test_autocast_cpu_bf16_dtypes_follow_pytorch(seed):
     (a.float().sum() + y.sum() + z.float().sum()).backward()
     for p in (q, w, b, w1, b1, w2, b2):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+# --------------------------------------------------------------------------- saved for backward
+
+def _saved_activation_bytes(fn, params):
+    """Bytes of tensors autograd saves for backward, not counting the parameters themselves."""
+    param_ptrs = {p.data_ptr() for p in params}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in param_ptrs:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_saved_tensors_follow_design(seed):
+    """gelu_ffn keeps x and h only (GELU(h) is recomputed): less than eager Linear+GELU+Linear;
+    attention keeps O(T) -- q, k, v, out and the lse -- never the T x T matrix."""
+    m, k, hid, n = 64, 32, 128, 32
+    x = torch.randn(m, k, requires_grad=True)
+    w1, b1 = torch.randn(hid, k, requires_grad=True), torch.randn(hid, requires_grad=True)
+    w2, b2 = torch.randn(n, hid, requires_grad=True), torch.randn(n, requires_grad=True)
+    params = (w1, b1, w2, b2)
+    ours = _saved_activation_bytes(lambda: gptfast.gelu_ffn(x, *params[:2], *params[2:]), params)
+    eager = _saved_activation_bytes(lambda: gptfast.gelu_ffn_ref(x, *params[:2], *params[2:]), params)
+    assert ours == 4 * (m * k + m * hid)          # x and the pre-activation h, fp32
+    assert eager >= ours + 4 * m * hid            # eager also keeps GELU(h)
+
+    b, t, h, d = 1, 256, 2, 16
+    q, kk, v = (torch.randn(b, t, h, d, requires_grad=True) for _ in range(3))
+    saved = _saved_activation_bytes(lambda: gptfast.attention(q, kk, v, causal=True), ())
+    assert saved == 4 * (4 * b * t * h * d + b * h * t)   # q, k, v, out + lse
+    assert saved < 4 * b * h * t * t                      # far below one T x T matrix
