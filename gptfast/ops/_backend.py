@@ -1,8 +1,10 @@
 """Backend registry: (op, backend) -> forward/backward launchers, and backend selection.
 
 Every backend of an op exposes the same two launchers. They take tensors and return tensors;
-they never build autograd graphs (the op's single ``autograd.Function`` does that) and they
-may assume their inputs were validated by ``gptfast/ops/<op>.py``.
+they never build autograd graphs (the op's custom op and its registered autograd formula do
+that, in ``gptfast/ops/<op>.py``) and they may assume their inputs were validated there.
+Outputs are fresh, contiguous tensors (never views of inputs): ``torch.library`` requires it and
+the fake implementations promise it.
 
 Launcher contract
 -----------------
@@ -11,7 +13,8 @@ other strides arbitrary; seqlen_q == seqlen_k)::
 
     attention_forward(q, k, v, causal: bool, softmax_scale: float)
         -> out (batch, seqlen, nheads, headdim), q.dtype, contiguous
-           lse (batch, nheads, seqlen), float32: log(sum_j exp(scale * q_i.k_j)) over unmasked j
+           lse (batch, nheads, seqlen), float32 (float64 for float64 inputs):
+               log(sum_j exp(scale * q_i.k_j)) over unmasked j
     attention_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float)
         -> dq, dk, dv   (shapes and dtypes of q, k, v)
 
@@ -21,7 +24,7 @@ other strides arbitrary; seqlen_q == seqlen_k)::
 layer_norm (x: (M, N) contiguous; weight, bias: (N,) or None, dtype of x)::
 
     layer_norm_forward(x, weight, bias, eps: float)
-        -> y (M, N) x.dtype, mean (M,) float32, rstd (M,) float32
+        -> y (M, N) x.dtype, mean (M,), rstd (M,): float32 (float64 for float64 inputs)
     layer_norm_backward(dy, x, weight, mean, rstd, has_bias: bool)
         -> dx (M, N) x.dtype, dweight (N,) or None (when weight is None), dbias (N,) or None
 
@@ -36,6 +39,10 @@ b1: (H,) or None, b2: (N,) or None; all of x's dtype; approximate in {"tanh", "n
     GELU(h) is recomputed from h in the backward, never saved.
 
 ``dout``/``dy`` arrive contiguous for layer_norm and gelu_ffn, and with stride(-1) == 1 for attention.
+The backend is resolved when an op runs (the forward and, again, the backward), so a compiled
+model follows the selection rules at run time; every backend honours this same contract, so a
+backward on another backend than its forward (say, forward inside ``use_backend`` and backward
+outside it) is still correct.
 
 Selection
 ---------
@@ -172,6 +179,11 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def checked_name(backend: str | None) -> str:
+    """``backend`` validated, as the string the custom ops carry ("" for None: decide when run)."""
+    return "" if backend is None else _check_name(backend)
 
 
 def requested_backend(backend: str | None) -> str:

@@ -10,7 +10,8 @@ FlashAttention-2 (Dao, 2023, Algorithm 2):
     dQ = scale * dS K,   dK = scale * dS^T Q.
 
 This file holds, in order: the ground truth ``attention_ref``, the reference backend's launchers
-(the model every kernel follows), input checks, the autograd Function, and the public functions.
+(the model every kernel follows), input checks, the custom ops with their autograd formula, and
+the public functions.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from . import _backend
 from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_tensor
 
-__all__ = ["attention", "flash_attn_func", "attention_ref", "AttentionFunction"]
+__all__ = ["attention", "flash_attn_func", "attention_ref", "attention_fwd_op", "attention_bwd_op"]
 
 MAX_HEADDIM = 256
 
@@ -122,34 +123,69 @@ def _check_inputs(q, k, v, causal, softmax_scale) -> None:
         raise ValueError(f"gptfast.{op}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Autograd for attention on any backend: the launchers come from the registry."""
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, deterministic, launchers):
-        b, t, h, _ = q.shape
-        if q.numel() == 0:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-            lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
-        else:
-            with autocast_off(q.device.type):
-                out, lse = launchers.fwd(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.launchers = causal, softmax_scale, deterministic, launchers
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if q.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        kwargs = {"deterministic": True} if ctx.deterministic else {}
-        with autocast_off(q.device.type):
-            dq, dk, dv = ctx.launchers.bwd(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, **kwargs)
-        return dq, dk, dv, None, None, None, None
+# The op and its backward are torch.library custom ops so that torch.compile(fullgraph=True)
+# traces models through them (the fake implementations give output metadata without running a
+# kernel). The backend is resolved when the op runs, not when it is traced: a compiled model still
+# follows ``gptfast.use_backend`` / GPTFAST_BACKEND at run time, and tracing never imports triton.
+@torch.library.custom_op("gptfast::attention_fwd", mutates_args=())
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                     deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, T, H, D) contiguous, lse (B, H, T) fp32 -- see the launcher contract in _backend.py."""
+    b, t, h, _ = q.shape
+    if q.numel() == 0:
+        return _attention_fwd_fake(q, k, v, causal, softmax_scale, deterministic, backend)
+    launchers = _backend.resolve("attention", q.device, q.dtype, backend or None)
+    with autocast_off(q.device.type):
+        return launchers.fwd(q, k, v, causal, softmax_scale)
+
+
+@attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, causal, softmax_scale, deterministic, backend):
+    b, t, h, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((b, h, t), dtype=_lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op("gptfast::attention_bwd", mutates_args=())
+def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, causal: bool, softmax_scale: float, deterministic: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, dtypes of q, k, v)."""
+    if q.numel() == 0:
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    launchers = _backend.resolve("attention", q.device, q.dtype, backend or None)
+    kwargs = {"deterministic": True} if deterministic else {}
+    with autocast_off(q.device.type):
+        return launchers.bwd(dout, q, k, v, out, lse, causal, softmax_scale, **kwargs)
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, deterministic, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)  # O(T): never the T x T probabilities
+    ctx.mark_non_differentiable(lse)
+    ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.backend = causal, softmax_scale, deterministic, backend
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
+                                  ctx.deterministic, ctx.backend)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -178,9 +214,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         q, k, v = cast_floats(amp, q, k, v)
     check_same("attention", "q", q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    launchers = _backend.resolve("attention", q.device, q.dtype, backend)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = AttentionFunction.apply(q, k, v, causal, scale, bool(deterministic), launchers)
+    out, _ = attention_fwd_op(q, k, v, causal, scale, bool(deterministic), _backend.checked_name(backend))
     return out
 
 

@@ -10,7 +10,8 @@ backward instead of stored, so the block keeps one (M, 4C) tensor alive where ea
 
 Matmuls run in the input dtype (as ``F.linear`` does); GELU and its derivative in fp32.
 This file holds, in order: the ground truth ``gelu_ffn_ref``, GELU and its derivative, the
-reference backend's launchers, input checks, the autograd Function and the public function.
+reference backend's launchers, input checks, the custom ops with their autograd formula and
+the public function.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_shape, check_tensor
 
-__all__ = ["gelu_ffn", "gelu_ffn_ref", "GeluFFNFunction", "gelu", "gelu_grad"]
+__all__ = ["gelu_ffn", "gelu_ffn_ref", "gelu_ffn_fwd_op", "gelu_ffn_bwd_op", "gelu", "gelu_grad"]
 
 APPROXIMATIONS = ("tanh", "none")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -105,33 +106,60 @@ def _check_inputs(x, w1, b1, w2, b2, approximate) -> None:
         raise ValueError(f"gptfast.{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
 
 
-class GeluFFNFunction(torch.autograd.Function):
-    """Autograd for gelu_ffn on any backend; x arrives as a contiguous (M, K) matrix."""
+# Custom ops (see attention.py for why); absent bias gradients travel as empty tensors.
+@torch.library.custom_op("gptfast::gelu_ffn_fwd", mutates_args=())
+def gelu_ffn_fwd_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                    b2: torch.Tensor | None, approximate: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) contiguous -> out (M, N), h (M, H)."""
+    if x.shape[0] == 0:
+        return _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate, backend)
+    launchers = _backend.resolve("gelu_ffn", x.device, x.dtype, backend or None)
+    with autocast_off(x.device.type):
+        return launchers.fwd(x, w1, b1, w2, b2, approximate)
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, approximate, launchers):
-        if x.shape[0] == 0:
-            out = x.new_empty(0, w2.shape[0])
-            h = x.new_empty(0, w1.shape[0])
-        else:
-            with autocast_off(x.device.type):
-                out, h = launchers.fwd(x, w1, b1, w2, b2, approximate)
-        ctx.save_for_backward(x, h, w1, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.approximate, ctx.launchers = approximate, launchers
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, h, w1, w2 = ctx.saved_tensors
-        if x.shape[0] == 0:
-            zeros = lambda n: x.new_zeros(n)  # noqa: E731
-            return (torch.zeros_like(x), torch.zeros_like(w1), zeros(w1.shape[0]) if ctx.has_b1 else None,
-                    torch.zeros_like(w2), zeros(w2.shape[0]) if ctx.has_b2 else None, None, None)
-        with autocast_off(x.device.type):
-            dx, dw1, db1, dw2, db2 = ctx.launchers.bwd(dout.contiguous(), x, h, w1, w2,
-                                                       ctx.has_b1, ctx.has_b2, ctx.approximate)
-        return dx, dw1, db1, dw2, db2, None, None
+@gelu_ffn_fwd_op.register_fake
+def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate, backend):
+    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
+
+
+@torch.library.custom_op("gptfast::gelu_ffn_bwd", mutates_args=())
+def gelu_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                    has_b1: bool, has_b2: bool, approximate: str, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (M, K), dw1 (H, K), db1 (H,) or empty, dw2 (N, H), db2 (N,) or empty."""
+    if x.shape[0] == 0:
+        return tuple(t.zero_() for t in _gelu_ffn_bwd_fake(dout, x, h, w1, w2, has_b1, has_b2, approximate, backend))
+    launchers = _backend.resolve("gelu_ffn", x.device, x.dtype, backend or None)
+    with autocast_off(x.device.type):
+        dx, dw1, db1, dw2, db2 = launchers.bwd(dout, x, h, w1, w2, has_b1, has_b2, approximate)
+    # one fresh empty tensor per absent gradient: custom-op outputs may not alias each other
+    return (dx, dw1, x.new_empty((0,)) if db1 is None else db1, dw2,
+            x.new_empty((0,)) if db2 is None else db2)
+
+
+@gelu_ffn_bwd_op.register_fake
+def _gelu_ffn_bwd_fake(dout, x, h, w1, w2, has_b1, has_b2, approximate, backend):
+    hidden, n = w1.shape[0], w2.shape[0]
+    return (torch.empty_like(x), x.new_empty(w1.shape), x.new_empty((hidden,) if has_b1 else (0,)),
+            x.new_empty(w2.shape), x.new_empty((n,) if has_b2 else (0,)))
+
+
+def _gelu_ffn_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, approximate, backend = inputs
+    _, h = output
+    ctx.save_for_backward(x, h, w1, w2)  # GELU(h) is recomputed in the backward, not saved
+    ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.backend = b1 is not None, b2 is not None, approximate, backend
+
+
+def _gelu_ffn_backward(ctx, dout, _dh):
+    x, h, w1, w2 = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = gelu_ffn_bwd_op(dout.contiguous(), x, h, w1, w2, ctx.has_b1, ctx.has_b2,
+                                             ctx.approximate, ctx.backend)
+    return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None, None)
+
+
+gelu_ffn_fwd_op.register_autograd(_gelu_ffn_backward, setup_context=_gelu_ffn_setup_context)
 
 
 def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -155,8 +183,7 @@ def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     if amp is not None:
         x, w1, b1, w2, b2 = cast_floats(amp, x, w1, b1, w2, b2)
     check_same("gelu_ffn", "x", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    launchers = _backend.resolve("gelu_ffn", x.device, x.dtype, backend)
     lead = x.shape[:-1]
     x2d = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
-    out = GeluFFNFunction.apply(x2d, w1, b1, w2, b2, approximate, launchers)
+    out, _ = gelu_ffn_fwd_op(x2d, w1, b1, w2, b2, approximate, _backend.checked_name(backend))
     return out.view(*lead, w2.shape[0])

@@ -8,7 +8,7 @@ g = dy * weight, the backward is
     dweight = sum_rows(dy * xhat),   dbias = sum_rows(dy).
 
 This file holds, in order: the ground truth ``layer_norm_ref``, the reference backend's launchers,
-input checks, the autograd Function, and the public function.
+input checks, the custom ops with their autograd formula, and the public function.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from . import _backend
 from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_shape, check_tensor
 
-__all__ = ["layer_norm", "layer_norm_ref", "LayerNormFunction"]
+__all__ = ["layer_norm", "layer_norm_ref", "layer_norm_fwd_op", "layer_norm_bwd_op"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,31 +87,64 @@ def _check_inputs(x, weight, bias, eps) -> None:
         raise ValueError(f"gptfast.{op}: eps must be a non-negative number, got {eps!r}")
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """Autograd for layer_norm on any backend; x arrives as a contiguous (M, N) matrix."""
+# Custom ops (see attention.py for why). torch.library outputs cannot be None, so an absent
+# weight/bias gradient travels as an empty tensor and becomes None in the autograd formula.
+@torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, N) contiguous -> y (M, N), mean (M,), rstd (M,)."""
+    if x.numel() == 0:
+        return _layer_norm_fwd_fake(x, weight, bias, eps, backend)
+    launchers = _backend.resolve("layer_norm", x.device, x.dtype, backend or None)
+    with autocast_off(x.device.type):
+        return launchers.fwd(x, weight, bias, eps)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, launchers):
-        if x.numel() == 0:
-            y = torch.empty_like(x)
-            mean = rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        else:
-            with autocast_off(x.device.type):
-                y, mean, rstd = launchers.fwd(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias, ctx.launchers = bias is not None, launchers
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        if x.numel() == 0:
-            dw = torch.zeros_like(weight) if weight is not None else None
-            db = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if ctx.has_bias else None
-            return torch.zeros_like(x), dw, db, None, None
-        with autocast_off(x.device.type):
-            dx, dw, db = ctx.launchers.bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
-        return dx, dw, db, None, None
+@layer_norm_fwd_op.register_fake
+def _layer_norm_fwd_fake(x, weight, bias, eps, backend):
+    stats = x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                      rstd: torch.Tensor, has_bias: bool, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (M, N), dweight (N,) or empty, dbias (N,) or empty."""
+    if x.numel() == 0:
+        dx, dw, db = _layer_norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, backend)
+        return dx, dw.zero_(), db.zero_()
+    launchers = _backend.resolve("layer_norm", x.device, x.dtype, backend or None)
+    with autocast_off(x.device.type):
+        dx, dw, db = launchers.bwd(dy, x, weight, mean, rstd, has_bias)
+    return dx, _or_empty(dw, x), _or_empty(db, x)
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,)) if t is None else t
+
+
+@layer_norm_bwd_op.register_fake
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, backend):
+    n = x.shape[1]
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    return torch.empty_like(x), dw, x.new_empty((n,) if has_bias else (0,))
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd_op(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias, ctx.backend)
+    return dx, dw if weight is not None else None, db if ctx.has_bias else None, None, None
+
+
+layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -133,8 +166,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     if autocast_dtype(x.device.type) is not None:
         x, weight, bias = cast_floats(torch.float32, x, weight, bias)
     check_same("layer_norm", "x", x, weight=weight, bias=bias)
-    launchers = _backend.resolve("layer_norm", x.device, x.dtype, backend)
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).contiguous()
-    y = LayerNormFunction.apply(x2d, weight, bias, float(eps), launchers)
+    y, _, _ = layer_norm_fwd_op(x2d, weight, bias, float(eps), _backend.checked_name(backend))
     return y.view(shape)
