@@ -160,6 +160,22 @@ for _op in OPS:
     ))
 
 
+def _cpu_requirement(device: torch.device) -> str | None:
+    # Builds the extension on the first call and caches the outcome (gptfast._build): later calls,
+    # one per op call under auto, only read the cached result.
+    from .. import _build
+    return _build.unavailable_reason()
+
+
+for _op in OPS:
+    register(Impl(
+        op=_op, backend="cpu", devices=("cpu",), module="gptfast.ops._cpu",
+        fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward", dtypes=REFERENCE_DTYPES,
+        requirement=_cpu_requirement,
+        note="C++ kernels (csrc/cpu): OpenMP, vectorised, fp32 accumulation; built on first use",
+    ))
+
+
 def _check_name(name: str) -> str:
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:

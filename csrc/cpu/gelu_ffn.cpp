@@ -1,0 +1,212 @@
+// The GPT feed-forward block on the CPU: out = GELU(x w1^T + b1) w2^T + b2.
+//
+// The four GEMMs of forward and backward go to ATen (at::mm / at::addmm -> MKL or oneDNN); the
+// element-wise work around them is fused into one pass each:
+//   forward : h = x w1^T (GEMM), then one pass h += b1 (stored, saved for backward) and
+//             a = GELU(h) (fed to the second GEMM, not saved).
+//   backward: dA = dout w2 (GEMM), then one pass recomputing a = GELU(h) for dW2 and turning dA into
+//             dh = dA * GELU'(h) in place, accumulating db1 in per-thread partial rows.
+// Temporaries: h and a in forward; dA/dh and a in backward -- the same (M, H) tensors eager
+// PyTorch needs, minus eager's separate GELU'(h), dh and bias-gradient passes.
+// bf16/fp16: the GEMMs run in the input dtype with the bias inside addmm (as F.linear), GELU and
+// GELU' in fp32 on widened rows.
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../common/cpu_kernels.h"
+#include "../common/vec_math.h"
+
+namespace gptfast {
+namespace cpu {
+namespace {
+
+// h[j] (+)= b[j] (b may be null), a[j] = GELU(h[j]).
+template <typename T>
+GPTFAST_INLINE void bias_gelu_row_impl(T* h, const T* b, T* a, int64_t n, bool tanh_approx) {
+  if (b) {
+    if (tanh_approx) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = h[j] + b[j];
+        h[j] = v;
+        vec::gelu_and_grad<T>(v, true, &a[j], nullptr);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = h[j] + b[j];
+        h[j] = v;
+        vec::gelu_and_grad<T>(v, false, &a[j], nullptr);
+      }
+    }
+  } else if (tanh_approx) {
+    for (int64_t j = 0; j < n; ++j) vec::gelu_and_grad<T>(h[j], true, &a[j], nullptr);
+  } else {
+    for (int64_t j = 0; j < n; ++j) vec::gelu_and_grad<T>(h[j], false, &a[j], nullptr);
+  }
+}
+
+// a[j] = GELU(h[j]); dh[j] = dh[j] * GELU'(h[j]) in place (dh holds dA on entry).
+template <typename T>
+GPTFAST_INLINE void gelu_backward_row_impl(const T* h, T* dh, T* a, int64_t n, bool tanh_approx) {
+  if (tanh_approx) {
+    for (int64_t j = 0; j < n; ++j) {
+      T g;
+      vec::gelu_and_grad<T>(h[j], true, &a[j], &g);
+      dh[j] = dh[j] * g;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      T g;
+      vec::gelu_and_grad<T>(h[j], false, &a[j], &g);
+      dh[j] = dh[j] * g;
+    }
+  }
+}
+
+GPTFAST_VEC_CLONES void bias_gelu_row(float* h, const float* b, float* a, int64_t n, bool t) {
+  bias_gelu_row_impl<float>(h, b, a, n, t);
+}
+void bias_gelu_row(double* h, const double* b, double* a, int64_t n, bool t) {
+  bias_gelu_row_impl<double>(h, b, a, n, t);
+}
+GPTFAST_VEC_CLONES void gelu_backward_row(const float* h, float* dh, float* a, int64_t n, bool t) {
+  gelu_backward_row_impl<float>(h, dh, a, n, t);
+}
+void gelu_backward_row(const double* h, double* dh, double* a, int64_t n, bool t) {
+  gelu_backward_row_impl<double>(h, dh, a, n, t);
+}
+GPTFAST_VEC_CLONES void add_row(float* acc, const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+}
+void add_row(double* acc, const double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+}
+
+inline int64_t grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& w1,
+                                                const std::optional<at::Tensor>& b1,
+                                                const at::Tensor& w2,
+                                                const std::optional<at::Tensor>& b2, bool tanh_approx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  // fp32/fp64: the bias joins the GELU pass. Low precision: inside addmm, so that h is rounded
+  // once, exactly as F.linear rounds it.
+  const bool fuse_bias = b1.has_value() && kDirect;
+  at::Tensor h = (b1.has_value() && !kDirect) ? at::addmm(*b1, x, w1.t()) : at::mm(x, w1.t());
+  at::Tensor a = at::empty_like(h);
+  const int64_t M = h.size(0), H = h.size(1);
+  at::Tensor b1c = fuse_bias ? b1->contiguous() : at::Tensor();
+  const acc_t* bp = nullptr;
+  if constexpr (kDirect) bp = fuse_bias ? b1c.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* hp = h.data_ptr<scalar_t>();
+  scalar_t* ap = a.data_ptr<scalar_t>();
+  at::parallel_for(0, M, grain(H), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> hb(kDirect ? 0 : H), abuf(kDirect ? 0 : H);
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (kDirect) {
+        bias_gelu_row(hp + r * H, bp, ap + r * H, H, tanh_approx);
+      } else {
+        for (int64_t j = 0; j < H; ++j) hb[j] = static_cast<acc_t>(hp[r * H + j]);
+        bias_gelu_row(hb.data(), static_cast<const acc_t*>(nullptr), abuf.data(), H, tanh_approx);
+        for (int64_t j = 0; j < H; ++j) ap[r * H + j] = static_cast<scalar_t>(abuf[j]);
+      }
+    }
+  });
+  at::Tensor out = b2.has_value() ? at::addmm(*b2, a, w2.t()) : at::mm(a, w2.t());
+  return {out, h};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>>
+backward_impl(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w1,
+              const at::Tensor& w2, bool has_b1, bool has_b2, bool tanh_approx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t M = h.size(0), H = h.size(1);
+  at::Tensor dh = at::mm(dout, w2);  // dA, turned into dh in place below
+  at::Tensor a = at::empty_like(h);
+  at::Tensor hc = h.contiguous();
+  const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+  scalar_t* dhp = dh.data_ptr<scalar_t>();
+  scalar_t* ap = a.data_ptr<scalar_t>();
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> db1_part(has_b1 ? static_cast<size_t>(nthreads) * H : 0);
+  at::parallel_for(0, M, grain(H), [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    acc_t* part = has_b1 ? db1_part.data() + static_cast<size_t>(tid) * H : nullptr;
+    std::vector<acc_t> hb(kDirect ? 0 : H), db(kDirect ? 0 : H), abuf(kDirect ? 0 : H);
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (kDirect) {
+        gelu_backward_row(hp + r * H, dhp + r * H, ap + r * H, H, tanh_approx);
+        if (part) add_row(part, dhp + r * H, H);
+      } else {
+        for (int64_t j = 0; j < H; ++j) {
+          hb[j] = static_cast<acc_t>(hp[r * H + j]);
+          db[j] = static_cast<acc_t>(dhp[r * H + j]);
+        }
+        gelu_backward_row(hb.data(), db.data(), abuf.data(), H, tanh_approx);
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t d = static_cast<scalar_t>(db[j]);
+          dhp[r * H + j] = d;
+          ap[r * H + j] = static_cast<scalar_t>(abuf[j]);
+          db[j] = static_cast<acc_t>(d);  // db1 sums the rounded dh, as the reference does
+        }
+        if (part) add_row(part, db.data(), H);
+      }
+    }
+  });
+  at::Tensor dw2 = at::mm(dout.t(), a);
+  a.reset();  // free (M, H) before the next GEMMs allocate
+  std::optional<at::Tensor> db2, db1;
+  if (has_b2) db2 = at::sum(dout, {0}, false, acc_type).to(dout.scalar_type());
+  at::Tensor dw1 = at::mm(dh.t(), x);
+  at::Tensor dx = at::mm(dh, w1);
+  if (has_b1) {
+    at::Tensor t = at::empty({H}, x.options());
+    scalar_t* o = t.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < H; ++j) {
+      acc_t s = 0;
+      for (int i = 0; i < nthreads; ++i) s += db1_part[static_cast<size_t>(i) * H + j];
+      o[j] = static_cast<scalar_t>(s);
+    }
+    db1 = t;
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                    const std::optional<at::Tensor>& b1,
+                                                    const at::Tensor& w2,
+                                                    const std::optional<at::Tensor>& b2,
+                                                    bool tanh_approx) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_gelu_ffn_fwd",
+      [&] { return forward_impl<scalar_t>(x, w1, b1, w2, b2, tanh_approx); });
+}
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>>
+gelu_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h,
+                  const at::Tensor& w1, const at::Tensor& w2, bool has_b1, bool has_b2,
+                  bool tanh_approx) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_gelu_ffn_bwd", [&] {
+        return backward_impl<scalar_t>(dout, x, h, w1, w2, has_b1, has_b2, tanh_approx);
+      });
+}
+
+}  // namespace cpu
+}  // namespace gptfast

@@ -1,0 +1,280 @@
+// LayerNorm over the last dimension on the CPU, rows in parallel.
+//
+// Forward: one pass over each row for the statistics -- shifted sums sum(x - x0), sum((x - x0)^2)
+// over explicit lanes (x0 = the row's first element removes the offset that ruins a plain
+// one-pass variance) -- then one pass writing y. Saved: mean and rstd per row (fp32; fp64 for fp64 inputs).
+// Backward: per row, one pass for mean(g) and mean(g * xhat) (g = dy * w), one pass writing
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+// while accumulating dW += dy * xhat and dB += dy into per-thread partial rows, summed at the end
+// (deterministic for a fixed thread count). bf16/fp16 rows are widened into an fp32 row buffer.
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../common/cpu_kernels.h"
+#include "../common/vec_math.h"
+
+namespace gptfast {
+namespace cpu {
+namespace {
+
+template <typename T>
+GPTFAST_INLINE void row_stats_impl(const T* x, int64_t n, T eps, T* mean_out, T* rstd_out) {
+  using V = typename vec::Vec<T>::type;
+  constexpr int L = vec::Vec<T>::n;
+  const T shift = x[0];
+  const V vs = vec::vsplat<T>(shift);
+  V s1a = vec::vsplat<T>(0), s1b = s1a, s2a = s1a, s2b = s1a;  // two chains each: FMA latency
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    const V d0 = vec::vload(x + j) - vs, d1 = vec::vload(x + j + L) - vs;
+    s1a += d0, s1b += d1;
+    s2a += d0 * d0, s2b += d1 * d1;
+  }
+  for (; j + L <= n; j += L) {
+    const V d0 = vec::vload(x + j) - vs;
+    s1a += d0, s2a += d0 * d0;
+  }
+  T a = vec::vsum<T>(s1a + s1b), b = vec::vsum<T>(s2a + s2b);
+  for (; j < n; ++j) {
+    T d = x[j] - shift;
+    a += d, b += d * d;
+  }
+  const T md = a / static_cast<T>(n);
+  T var = b / static_cast<T>(n) - md * md;
+  var = var < T(0) ? T(0) : var;  // keeps NaN
+  *mean_out = shift + md;
+  *rstd_out = T(1) / std::sqrt(var + eps);
+}
+
+// y = (x - mean) * rstd * w + b; w/b may be null.
+template <typename T>
+GPTFAST_INLINE void normalize_row_impl(const T* x, int64_t n, T mean, T rstd, const T* w, const T* b, T* y) {
+  if (w && b) {
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - mean) * rstd * w[j] + b[j];
+  } else if (w) {
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - mean) * rstd * w[j];
+  } else if (b) {
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - mean) * rstd + b[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - mean) * rstd;
+  }
+}
+
+// dx for one row (written to dx, which may alias dy), and dW/dB partials.
+template <typename T>
+GPTFAST_INLINE void backward_row_impl(const T* x, const T* dy, int64_t n, T mean, T rstd, const T* w,
+                              T* dx, T* dw_part, T* db_part) {
+  using V = typename vec::Vec<T>::type;
+  constexpr int L = vec::Vec<T>::n;
+  const V vm = vec::vsplat<T>(mean), vr = vec::vsplat<T>(rstd);
+  V sg = vec::vsplat<T>(0), sgx = sg;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V xh = (vec::vload(x + j) - vm) * vr;
+    const V g = w ? vec::vload(dy + j) * vec::vload(w + j) : vec::vload(dy + j);
+    sg += g;
+    sgx += g * xh;
+  }
+  T a = vec::vsum<T>(sg), c = vec::vsum<T>(sgx);
+  for (; j < n; ++j) {
+    const T xh = (x[j] - mean) * rstd;
+    const T g = w ? dy[j] * w[j] : dy[j];
+    a += g, c += g * xh;
+  }
+  const T inv_n = T(1) / static_cast<T>(n);
+  const T mg = a * inv_n, mgx = c * inv_n;
+  const V vmg = vec::vsplat<T>(mg), vmgx = vec::vsplat<T>(mgx);
+  for (j = 0; j + L <= n; j += L) {
+    const V xh = (vec::vload(x + j) - vm) * vr;
+    const V d = vec::vload(dy + j);
+    const V g = w ? d * vec::vload(w + j) : d;
+    if (dw_part) vec::vstore(dw_part + j, vec::vload(dw_part + j) + d * xh);
+    if (db_part) vec::vstore(db_part + j, vec::vload(db_part + j) + d);
+    vec::vstore(dx + j, vr * (g - vmg - xh * vmgx));
+  }
+  for (; j < n; ++j) {
+    const T xh = (x[j] - mean) * rstd;
+    const T d = dy[j];
+    const T g = w ? d * w[j] : d;
+    if (dw_part) dw_part[j] += d * xh;
+    if (db_part) db_part[j] += d;
+    dx[j] = rstd * (g - mg - xh * mgx);
+  }
+}
+
+GPTFAST_VEC_CLONES void row_stats(const float* x, int64_t n, float eps, float* m, float* r) {
+  row_stats_impl<float>(x, n, eps, m, r);
+}
+void row_stats(const double* x, int64_t n, double eps, double* m, double* r) {
+  row_stats_impl<double>(x, n, eps, m, r);
+}
+GPTFAST_VEC_CLONES void normalize_row(const float* x, int64_t n, float mean, float rstd,
+                                      const float* w, const float* b, float* y) {
+  normalize_row_impl<float>(x, n, mean, rstd, w, b, y);
+}
+void normalize_row(const double* x, int64_t n, double mean, double rstd, const double* w,
+                   const double* b, double* y) {
+  normalize_row_impl<double>(x, n, mean, rstd, w, b, y);
+}
+GPTFAST_VEC_CLONES void backward_row(const float* x, const float* dy, int64_t n, float mean,
+                                     float rstd, const float* w, float* dx, float* dw, float* db) {
+  backward_row_impl<float>(x, dy, n, mean, rstd, w, dx, dw, db);
+}
+void backward_row(const double* x, const double* dy, int64_t n, double mean, double rstd,
+                  const double* w, double* dx, double* dw, double* db) {
+  backward_row_impl<double>(x, dy, n, mean, rstd, w, dx, dw, db);
+}
+
+template <typename scalar_t, typename acc_t>
+inline const acc_t* widen(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(src[j]);
+    return buf;
+  }
+}
+
+// Rows per task: enough work (~32k elements) to amortise the scheduling.
+inline int64_t grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor* w, const at::Tensor* b, double eps,
+                  at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  acc_t* mp = mean.data_ptr<acc_t>();
+  acc_t* rp = rstd.data_ptr<acc_t>();
+  // Affine parameters widened once (contiguous acc_t copies).
+  std::vector<acc_t> wbuf(w ? N : 0), bbuf(b ? N : 0);
+  if (w) {
+    auto wc = w->contiguous();
+    const scalar_t* p = wc.const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) wbuf[j] = static_cast<acc_t>(p[j]);
+  }
+  if (b) {
+    auto bc = b->contiguous();
+    const scalar_t* p = bc.const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) bbuf[j] = static_cast<acc_t>(p[j]);
+  }
+  const acc_t* wa = w ? wbuf.data() : nullptr;
+  const acc_t* ba = b ? bbuf.data() : nullptr;
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kDirect ? 0 : N), ybuf(kDirect ? 0 : N);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* xr = widen<scalar_t, acc_t>(xp + r * N, N, xbuf.data());
+      acc_t mu, rs;
+      row_stats(xr, N, e, &mu, &rs);
+      acc_t* yr;
+      if constexpr (kDirect) yr = yp + r * N; else yr = ybuf.data();
+      normalize_row(xr, N, mu, rs, wa, ba, yr);
+      if constexpr (!kDirect)
+        for (int64_t j = 0; j < N; ++j) yp[r * N + j] = static_cast<scalar_t>(yr[j]);
+      mp[r] = mu;
+      rp[r] = rs;
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* w,
+                   const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, at::Tensor& dx,
+                   at::Tensor* dw, at::Tensor* db) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor mean_c = mean.to(acc_type).contiguous(), rstd_c = rstd.to(acc_type).contiguous();
+  const acc_t* mp = mean_c.const_data_ptr<acc_t>();
+  const acc_t* rp = rstd_c.const_data_ptr<acc_t>();
+  std::vector<acc_t> wbuf(w ? N : 0);
+  if (w) {
+    auto wc = w->contiguous();
+    const scalar_t* p = wc.const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) wbuf[j] = static_cast<acc_t>(p[j]);
+  }
+  const acc_t* wa = w ? wbuf.data() : nullptr;
+  const int nthreads = at::get_num_threads();
+  // Per-thread partial sums of dW and dB: (nthreads, N) each, reduced after the loop.
+  std::vector<acc_t> dw_part(w ? static_cast<size_t>(nthreads) * N : 0),
+      db_part(has_bias ? static_cast<size_t>(nthreads) * N : 0);
+  at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    std::vector<acc_t> xbuf(kDirect ? 0 : N), dybuf(kDirect ? 0 : N), dxbuf(kDirect ? 0 : N);
+    acc_t* dwp = w ? dw_part.data() + static_cast<size_t>(tid) * N : nullptr;
+    acc_t* dbp = has_bias ? db_part.data() + static_cast<size_t>(tid) * N : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* xr = widen<scalar_t, acc_t>(xp + r * N, N, xbuf.data());
+      const acc_t* dyr = widen<scalar_t, acc_t>(dyp + r * N, N, dybuf.data());
+      acc_t* dxr;
+      if constexpr (kDirect) dxr = dxp + r * N; else dxr = dxbuf.data();
+      backward_row(xr, dyr, N, mp[r], rp[r], wa, dxr, dwp,
+                   dbp);
+      if constexpr (!kDirect)
+        for (int64_t j = 0; j < N; ++j) dxp[r * N + j] = static_cast<scalar_t>(dxr[j]);
+    }
+  });
+  auto reduce = [&](const std::vector<acc_t>& part, at::Tensor* dst) {
+    scalar_t* o = dst->data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) {
+      acc_t s = 0;
+      for (int t = 0; t < nthreads; ++t) s += part[static_cast<size_t>(t) * N + j];
+      o[j] = static_cast<scalar_t>(s);
+    }
+  };
+  if (w) reduce(dw_part, dw);
+  if (has_bias) reduce(db_part, db);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  // fp32 statistics (fp64 for fp64 inputs, as the reference launcher)
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({M}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(acc));
+  const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
+  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_layer_norm_fwd",
+                                  [&] { forward_impl<scalar_t>(x, w, b, eps, y, mean, rstd); });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
+  const int64_t N = x.size(1);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
+  std::optional<at::Tensor> dw, db;
+  if (w) dw = at::empty({N}, w->options());
+  if (has_bias) db = at::empty({N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_layer_norm_bwd", [&] {
+        backward_impl<scalar_t>(dy, x, w, mean, rstd, has_bias, dx, dw ? &*dw : nullptr,
+                                db ? &*db : nullptr);
+      });
+  return {dx, dw, db};
+}
+
+}  // namespace cpu
+}  // namespace gptfast

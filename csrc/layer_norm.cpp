@@ -1,0 +1,55 @@
+// gptfast layer_norm: argument checks for the native launchers (bound in bindings.cpp).
+#include "common/checks.h"
+#include "common/cpu_kernels.h"
+
+namespace gptfast {
+
+namespace {
+constexpr const char* kOp = "gptfast.layer_norm";
+
+void check_affine(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " is on ", t->device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), kOp, ": ", name, " has dtype ",
+                   t->scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), kOp, ": ", name,
+                    " must have shape (", x.size(1), ",) (x.shape[-1]), got ", t->sizes());
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  CHECK_DIM(x, 2);
+  CHECK_CPU(x);
+  CHECK_FLOATING(x);
+  CHECK_CONTIGUOUS(x);
+  TORCH_CHECK_VALUE(x.size(1) > 0, kOp, ": the normalised dimension x.shape[-1] must be > 0");
+  check_affine(weight, "weight", x);
+  check_affine(bias, "bias", x);
+  TORCH_CHECK_VALUE(eps >= 0, kOp, ": eps must be non-negative, got ", eps);
+  return cpu::layer_norm_forward(x, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
+  CHECK_DIM(x, 2);
+  CHECK_CPU(x);
+  CHECK_FLOATING(x);
+  CHECK_CONTIGUOUS(x);
+  const int64_t M = x.size(0), N = x.size(1);
+  CHECK_CPU(dy);
+  CHECK_SAME_DTYPE(dy, x);
+  CHECK_SHAPE(dy, M, N);
+  CHECK_CONTIGUOUS(dy);
+  check_affine(weight, "weight", x);
+  CHECK_SHAPE(mean, M);
+  CHECK_SHAPE(rstd, M);
+  CHECK_CPU(mean);
+  CHECK_CPU(rstd);
+  return cpu::layer_norm_backward(dy, x, weight, mean, rstd, has_bias);
+}
+
+}  // namespace gptfast
