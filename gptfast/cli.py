@@ -1,4 +1,4 @@
-"""The ``gptfast`` command: ``train``, ``sample`` and ``info``.
+"""The ``gptfast`` command: ``train``, ``sample``, ``info`` and ``build``.
 
 Bad input (a missing data path, an unknown preset, no checkpoint) ends the command with a
 one-line ``gptfast: error: ...`` message and exit status 2, never a traceback.
@@ -66,7 +66,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast",
                                      description="Train and sample small GPTs on gptfast kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,info,build}")
 
     p_train = sub.add_parser("train", help="train a GPT (default: the tiny preset on the built-in corpus)")
     _add_train_args(p_train)
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     sub.add_parser("info", help="versions, devices and the backend table")
+    sub.add_parser("build", help="compile the native extension (the cpu backend) now instead of on first use")
     return parser
 
 
@@ -135,11 +136,21 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(format_table(gptfast.backend_table(), ["op", "backend", "device", "available", "reason"]))
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    from . import _build
+
+    try:
+        _build.build(verbose=True)
+    except Exception as e:  # compiler/ninja missing or a compile error: one line, exit 1
+        print(f"gptfast build: failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``gptfast {train,sample,info} ...``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}
+    handlers = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "build": cmd_build}
     try:
         handlers[args.command](args)
     except (DataError, ConfigError) as e:

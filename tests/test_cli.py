@@ -70,3 +70,19 @@ def test_console_script_runs():
     result = subprocess.run([script, "train", "--data", "/no/such/path"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "no such file or directory" in result.stderr
+
+
+def test_build_command_builds_or_says_why(capsys):
+    """`gptfast build` compiles the native extension ahead of time (or fails with one line)."""
+    from gptfast import _build
+    from gptfast.cli import main
+
+    if _build._precheck() is not None:
+        with pytest.raises(SystemExit) as exc:
+            main(["build"])
+        assert exc.value.code == 1 and "gptfast build: failed:" in capsys.readouterr().err
+        return
+    main(["build"])
+    out = capsys.readouterr().out
+    assert "native extension" in out and "ready in" in out
+    assert _build.unavailable_reason() is None
