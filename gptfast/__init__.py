@@ -4,6 +4,7 @@
     out = gptfast.attention(q, k, v, causal=True)           # (batch, seqlen, nheads, headdim)
     y = gptfast.layer_norm(x, weight, bias)
     z = gptfast.gelu_ffn(x, w1, b1, w2, b2, approximate="tanh")
+    report = gptfast.patch(model)   # an existing nanoGPT / Hugging Face GPT-2 model, in place
 
 Importing gptfast imports neither triton nor the native extension; backends load on first use.
 """
@@ -12,11 +13,13 @@ from .ops import (attention, attention_ref, available_backends, backend_table, f
 
 from . import model, nn  # noqa: E402  (after the ops they build on)
 from .model import GPT, GPTConfig  # noqa: E402
+from .patch import PatchReport, patch, unpatch  # noqa: E402  (the functions shadow the submodule name)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "flash_attn_func", "layer_norm", "gelu_ffn",
     "attention_ref", "layer_norm_ref", "gelu_ffn_ref",
-    "available_backends", "backend_table", "use_backend", "GPT", "GPTConfig", "__version__",
+    "available_backends", "backend_table", "use_backend", "GPT", "GPTConfig",
+    "patch", "unpatch", "PatchReport", "__version__",
 ]

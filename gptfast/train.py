@@ -6,6 +6,14 @@ Reproducibility: the model is initialised from ``seed``; training batch ``it`` i
 RNG (dropout) is saved in every checkpoint. Training k steps and resuming to N therefore gives
 bit-identical parameters to N steps in one go (on the CPU, where kernels are deterministic).
 
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on GPUs, gloo
+on the CPU); ``batch_size`` and ``grad_accum`` are per rank, and rank r draws its micro-batches
+from ``default_rng([seed, it, r])`` (its own shard of the data), so a step consumes
+``world_size`` times the tokens. Rank 0 alone evaluates, logs, shows the progress bar and writes
+the checkpoint; tokens/s and MFU count all ranks. Ranks > 0 seed their dropout RNG with
+``seed + rank`` and checkpoints keep rank 0's RNG only, so a resumed multi-process run with
+dropout is not bit-identical to a straight one (weights, optimizer and batches are).
+
 MFU (model FLOPs utilisation) is ``flops_per_token * tokens/s / peak``. The peak is the
 datasheet dense bf16/fp16 tensor-core rate for a few known GPUs; anywhere else (every CPU) it is
 *measured* by timing a matmul at start, so there MFU is relative to the matmul throughput this
@@ -27,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import dist as gdist
 from .data import Dataset, DataError, Tokenizer, load_dataset
 from .model import GPT, PRESETS, GPTConfig, config_dict
 from .ops._backend import OPS, requested_backend, resolve
@@ -309,8 +318,15 @@ def train(config: TrainConfig) -> TrainResult:
     if ckpt is not None and Tokenizer.from_state_dict(ckpt["tokenizer"]).kind != data.tokenizer.kind:
         raise DataError(f"--data gives {data.tokenizer.kind} tokens but the checkpoint was trained "
                         f"on {ckpt['tokenizer']['kind']} tokens")
-    with backend_context(cfg.backend, device):
-        return _run(given, cfg, ckpt, data, device, dtype)
+    info, device = gdist.setup(device)
+    try:
+        with backend_context(cfg.backend, device):
+            result = _run(given, cfg, ckpt, data, device, dtype, info)
+        if info.enabled:
+            torch.distributed.barrier()  # every rank returns once rank 0's checkpoint is written
+        return result
+    finally:
+        gdist.teardown(info)
 
 
 def backend_context(name: str | None, device: torch.device):
@@ -340,9 +356,12 @@ def resolved_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str
 
 
 def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
-         device: torch.device, dtype: torch.dtype) -> TrainResult:
+         device: torch.device, dtype: torch.dtype, info: gdist.DistInfo = gdist.DistInfo()) -> TrainResult:
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if not info.is_main:  # rank 0 alone logs and shows progress
+        cfg = dataclasses.replace(cfg, quiet=True)
     if device.type == "cuda":
         # TF32 for the fp32 matmuls that autocast leaves (and for --dtype float32).
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -372,12 +391,18 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
         if device.type == "cuda" and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    if not info.is_main:
+        torch.manual_seed(cfg.seed + info.rank)  # distinct dropout masks per rank
     step_model = torch.compile(model) if cfg.compile else model
+    if info.enabled:
+        # DDP broadcasts rank 0's parameters at construction and averages gradients in backward.
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     block = model_config.block_size
-    tokens_per_iter = cfg.batch_size * cfg.grad_accum * block
+    tokens_per_iter = cfg.batch_size * cfg.grad_accum * block * info.world_size  # all ranks
     flops_per_token = model.flops_per_token(block)
     unigram = data.unigram_entropy()
     log = print if cfg.quiet else tqdm.write
@@ -390,17 +415,19 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         # is not charged to the first timed step, and the log says which kernels ran.
         chosen = ", ".join(f"{op} {name}" for op, name in resolved_backends(device, dtype).items())
         print(f"backend {cfg.backend or requested_backend(None)}: {chosen}")
-        print(f"{tokens_per_iter:,} tokens per step ({cfg.batch_size} x {cfg.grad_accum} x {block}), "
+        ranks = f" x {info.world_size} ranks" if info.enabled else ""
+        print(f"{tokens_per_iter:,} tokens per step ({cfg.batch_size} x {cfg.grad_accum} x {block}{ranks}), "
               f"{cfg.max_iters} steps; unigram baseline (val) {unigram:.3f} nats")
-    peak, peak_source = peak_flops(device, dtype)
+    device_peak, peak_source = peak_flops(device, dtype)
+    peak = device_peak * info.world_size  # MFU of the whole job: every rank has this device's peak
     mfu_label = "mfu" if peak_source == "datasheet" else "mfu*"
     if not cfg.quiet:
         if peak_source == "datasheet":
             print(f"MFU relative to the {torch.cuda.get_device_name(device)} datasheet peak "
-                  f"{peak / 1e12:.0f} TFLOP/s")
+                  f"{device_peak / 1e12:.0f} TFLOP/s{' per rank' if info.enabled else ''}")
         else:
             print(f"mfu* = relative to a measured {str(dtype)[6:]} matmul on this {device.type}: "
-                  f"{peak / 1e9:.1f} GFLOP/s (not a datasheet peak)")
+                  f"{device_peak / 1e9:.1f} GFLOP/s{' per rank' if info.enabled else ''} (not a datasheet peak)")
         if start_iter:
             print(f"resuming from {out_dir / CHECKPOINT_NAME} at step {start_iter}")
 
@@ -412,16 +439,18 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         not re-evaluated: the mean loss of the steps since the last evaluation stands in for it,
         which halves the evaluation cost (on the tiny preset that is ~5% of the run).
         """
-        step_model.eval()
+        # Under DDP only rank 0 evaluates, on the unwrapped model (no collectives).
+        eval_model = step_model.module if info.enabled else step_model
+        eval_model.eval()
         rng = np.random.default_rng([cfg.seed, 1 << 32])
         total = 0.0
         with torch.no_grad():
             for _ in range(cfg.eval_iters):
                 x, y = data.get_batch("val", cfg.batch_size, block, rng)
                 with autocast:
-                    _, loss = step_model(x.to(device), y.to(device))
+                    _, loss = eval_model(x.to(device), y.to(device))
                 total += loss.item()
-        step_model.train()
+        eval_model.train()
         return total / cfg.eval_iters
 
     def save(iter_num: int, val_loss: float) -> None:
@@ -454,15 +483,20 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         for group in optimizer.param_groups:
             group["lr"] = lr
         x_all, y_all = data.get_batch("train", cfg.batch_size * cfg.grad_accum, block,
-                                      np.random.default_rng([cfg.seed, it]))
+                                      gdist.batch_rng(cfg.seed, it, info.rank, info.world_size))
         loss_sum = 0.0
-        for x, y in zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum)):
-            with autocast:
-                _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            # Each micro-batch's loss is a mean; dividing makes the accumulated gradient the
-            # gradient of the mean over the whole step.
-            scaler.scale(loss / cfg.grad_accum).backward()
+        for micro, (x, y) in enumerate(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum))):
+            # DDP: all-reduce gradients once per step, in the last micro-batch's backward.
+            sync = (step_model.no_sync() if info.enabled and micro < cfg.grad_accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                with autocast:
+                    _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                # Each micro-batch's loss is a mean; dividing makes the accumulated gradient the
+                # gradient of the mean over the whole step.
+                scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
+        loss_sum = gdist.all_mean(loss_sum, info, device)  # the logged loss is the global batch's
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -487,7 +521,7 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         bar.update()
 
         iter_num = it + 1
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+        if info.is_main and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             val_loss, train_loss = evaluate(), sum(recent_losses) / len(recent_losses)
             recent_losses.clear()
             best_val = min(best_val, val_loss)
@@ -496,7 +530,7 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
                 f"train loss {train_loss:.4f} (mean since last eval), lr {lr:.2e}; "
                 f"saved {out_dir / CHECKPOINT_NAME}")
     bar.close()
-    if start_iter >= cfg.max_iters:  # nothing left to train: report where the checkpoint stands
+    if start_iter >= cfg.max_iters and info.is_main:  # nothing left to train: where the checkpoint stands
         val_loss = evaluate()
         log(f"step {start_iter}: already trained to --max-iters {cfg.max_iters}; val loss {val_loss:.4f}")
 
@@ -507,11 +541,11 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         best_val_loss=best_val, unigram_loss=unigram, tokens_per_sec=tokens_per_sec, mfu=mfu,
         peak_flops=peak, peak_source=peak_source, checkpoint=out_dir / CHECKPOINT_NAME, config=cfg,
     )
-    if timed_seconds:
+    if timed_seconds and info.is_main:
         of_what = "datasheet peak" if peak_source == "datasheet" else f"measured {str(dtype)[6:]} matmul rate"
         print(f"done: {result.iter} steps, val loss {val_loss:.4f} vs unigram baseline "
               f"{unigram:.4f} nats; {tokens_per_sec:,.0f} tokens/s, MFU {100 * mfu:.1f}% of the {of_what}")
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and info.is_main:
         with autocast:
             result.sample = sample_text(model, data.tokenizer, max_new_tokens=cfg.sample_tokens,
                                         seed=cfg.seed, device=device)

@@ -99,3 +99,23 @@ def test_no_graph_breaks_in_gpt():
     model = GPT(TINY)
     explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 8)))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_compiled_patched_nanogpt_matches_eager(backend, seed):
+    """A nanoGPT-style model patched by gptfast.patch compiles with fullgraph=True (aot_eager:
+    dynamo and AOT autograd trace everything, without inductor's code generation) and matches eager."""
+    from test_patch import Cfg, NanoGPT, batch
+
+    torch._dynamo.reset()
+    model = NanoGPT(Cfg())
+    report = gptfast.patch(model, backend=backend)
+    assert report.patched and not report.skipped, str(report)
+    idx, targets = batch()
+    _, loss_e = model(idx, targets)
+    grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
+    _, loss_c = torch.compile(model, fullgraph=True, backend="aot_eager")(idx, targets)
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    assert_close(loss_c, loss_e, atol=1e-5, name="loss")
+    for (name, _), a, b in zip(model.named_parameters(), grads_c, grads_e):
+        assert_close(a, b, atol=1e-5, name=name)

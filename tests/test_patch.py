@@ -1,0 +1,426 @@
+"""gptfast.patch on a nanoGPT-style model (defined here) and on Hugging Face GPT-2 built from a config.
+
+Numerics follow DESIGN.md's rule: ``ref`` is the unpatched model in float64, ``pt`` the unpatched
+model in the tested precision, ``out`` the patched one; max|out-ref| <= 2*max|pt-ref| + atol for
+logits, 3x for every parameter gradient.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptfast.patch import PatchReport, patch, unpatch
+from gptfast.testing import assert_within_pytorch_error
+
+# ------------------------------------------------------------------ a nanoGPT-style model
+
+
+@dataclass
+class Cfg:
+    block_size: int = 32
+    vocab_size: int = 61
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 32
+    dropout: float = 0.0
+    bias: bool = True
+    flash: bool = True            # F.scaled_dot_product_attention(is_causal=True), else masked softmax
+    causal: bool = True
+    gelu: str = "none"            # nanoGPT uses nn.GELU() (exact)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Cfg):
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+        self.flash, self.causal = cfg.flash, cfg.causal
+        if not cfg.flash:
+            mask = torch.ones(cfg.block_size, cfg.block_size).tril()
+            self.register_buffer("bias", mask.view(1, 1, cfg.block_size, cfg.block_size))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=self.causal)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate=cfg.gelu)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, cfg: Cfg):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias)))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():  # non-trivial LayerNorm affine parameters and biases too
+            nn.init.normal_(p, mean=1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0,
+                            std=0.2 if p.dim() < 2 else 0.05)
+
+    def forward(self, idx, targets=None):
+        t = idx.size(1)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(t)))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def batch(vocab=61, b=3, t=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, vocab, (b, t), generator=g)
+
+
+def logits_and_grads(model, idx, targets, dtype=None, call=None):
+    """logits and {name: grad} after backward of a random-weighted logit sum plus the loss."""
+    model.zero_grad(set_to_none=True)
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        logits = call(model, idx) if call else model(idx)[0]
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.randn(logits.shape, generator=g, dtype=torch.float64).to(logits.dtype)
+    (logits * upstream).sum().backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def compare(patched, plain, idx, targets, dtype=None, call=None, atol=1e-5):
+    ref_model = copy.deepcopy(plain).double()
+    ref_logits, ref_grads = logits_and_grads(ref_model, idx, targets, None, call)
+    pt_logits, pt_grads = logits_and_grads(plain, idx, targets, dtype, call)
+    out_logits, out_grads = logits_and_grads(patched, idx, targets, dtype, call)
+    assert out_logits.dtype == pt_logits.dtype
+    assert_within_pytorch_error(out_logits, ref_logits, pt_logits, factor=2, atol=atol, name="logits")
+    assert ref_grads.keys() == out_grads.keys()
+    for name in ref_grads:
+        assert_within_pytorch_error(out_grads[name], ref_grads[name], pt_grads[name], factor=3, atol=atol,
+                                    name=f"grad {name}")
+
+
+def patched_copy(model, **kwargs):
+    other = copy.deepcopy(model)
+    return other, patch(other, **kwargs)
+
+
+# ---------------------------------------------------------------------------- nanoGPT-style
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["sdpa", "masked-softmax"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_nanogpt_patched_matches_unpatched(flash, dtype):
+    torch.manual_seed(0)
+    plain = NanoGPT(Cfg(flash=flash, gelu="none" if flash else "tanh"))
+    patched, report = patched_copy(plain)
+    assert {e.kind for e in report.patched} == {"layer_norm", "attention", "gelu_ffn"}
+    assert len(report.patched) == 5 + 2 + 2 and not report.skipped, str(report)
+    idx, targets = batch()
+    # bf16: outputs and gradients are compared with the same relative rule; the atol only
+    # covers gradients PyTorch itself gets (nearly) exactly right.
+    compare(patched, plain, idx, targets, dtype, atol=1e-5 if dtype is None else 1e-3)
+
+
+def test_patch_keeps_parameters_state_dict_and_optimizer_state():
+    torch.manual_seed(0)
+    model = NanoGPT(Cfg())
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx, targets = batch()
+    model(idx, targets)[1].backward()
+    opt.step()
+    state_before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    patch(model)
+    assert {n: p for n, p in model.named_parameters()}.items() == params.items()
+    assert all(model.get_parameter(n) is p for n, p in params.items())
+    assert list(model.state_dict()) == keys
+    assert {id(p) for p in opt.state} == {id(p) for p in model.parameters()}
+    for p, s in opt.state.items():  # untouched by patching, and still keyed by the live parameters
+        assert all(torch.equal(v, state_before[id(p)][k]) for k, v in s.items())
+    opt.zero_grad()
+    model(idx, targets)[1].backward()
+    opt.step()  # the optimizer keeps training the patched model
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unpatch_restores_the_original_forwards_exactly():
+    torch.manual_seed(0)
+    model = NanoGPT(Cfg())
+    idx, _ = batch()
+    before = model(idx)[0]
+    report = patch(model)
+    assert all("forward" in model.get_submodule(e.path).__dict__ for e in report.patched)
+    assert unpatch(model) == len(report.patched)
+    assert not any("forward" in m.__dict__ or "_gptfast_patch" in m.__dict__ for m in model.modules())
+    assert torch.equal(model(idx)[0], before)
+    assert unpatch(model) == 0
+
+
+def test_patch_twice_reports_already_patched_and_deepcopy_works():
+    torch.manual_seed(0)
+    model = NanoGPT(Cfg())
+    patch(model)
+    again = patch(model)
+    assert not again.patched and all(e.reason == "already patched" for e in again.skipped)
+    clone = copy.deepcopy(model)  # the patched forwards are bound to the copy, not the original
+    idx, _ = batch()
+    assert torch.equal(clone(idx)[0], model(idx)[0])
+    assert clone.transformer.h[0].attn.forward.args[0] is clone.transformer.h[0].attn
+
+
+def test_report_table_and_ops_subset():
+    torch.manual_seed(0)
+    model = NanoGPT(Cfg())
+    report = patch(model, ops=("layer_norm",))
+    assert isinstance(report, PatchReport)
+    assert [e.path for e in report.patched] == ["transformer.h.0.ln_1", "transformer.h.0.ln_2",
+                                                "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"]
+    assert {e.reason for e in report.skipped} == {"'attention' not in ops", "'gelu_ffn' not in ops"}
+    text = str(report)
+    assert text.splitlines()[0] == "gptfast.patch: 5 patched, 4 skipped"
+    row = next(line for line in text.splitlines() if line.startswith("transformer.h.1.mlp "))
+    assert row.split(None, 3) == ["transformer.h.1.mlp", "gelu_ffn", "skipped", "'gelu_ffn' not in ops"]
+    with pytest.raises(ValueError, match="ops must be a subset"):
+        patch(model, ops=("softmax",))
+
+
+def test_attention_dropout_falls_back_in_training_and_is_reported():
+    torch.manual_seed(0)
+    plain = NanoGPT(Cfg(dropout=0.1))
+    patched, report = patched_copy(plain)
+    attn = [e for e in report.patched if e.kind == "attention"]
+    assert len(attn) == 2 and all("attention dropout p=0.1" in e.reason for e in attn), str(report)
+    idx, _ = batch()
+    patched.train()
+    torch.manual_seed(5)
+    patched(idx)
+    state = patched.transformer.h[0].attn._gptfast_patch
+    assert state.fallbacks == {"attention dropout in training mode": 1}
+    plain.eval(), patched.eval()  # no dropout: the fused path, and the same function
+    state.fallbacks.clear()
+    torch.testing.assert_close(patched(idx)[0], plain(idx)[0], atol=1e-5, rtol=1e-5)
+    assert state.fallbacks == {}
+
+
+def test_unsupported_modules_are_skipped_with_a_reason():
+    torch.manual_seed(0)
+    model = NanoGPT(Cfg(causal=False))  # bidirectional attention with nanoGPT's structure
+    model.transformer.h[0].mlp.gelu = nn.SiLU()
+    model.transformer.h[1].mlp.c_gate = nn.Linear(32, 128)  # a gated MLP: not c_fc -> GELU -> c_proj
+    model.extra_norm = nn.LayerNorm((4, 8))
+    idx, _ = batch()
+    before = model(idx)[0]
+    report = patch(model)
+    why = {e.path: e.reason for e in report.skipped}
+    assert "does not compute causal attention" in why["transformer.h.0.attn"]
+    assert "neither exact nor tanh GELU" in why["transformer.h.0.mlp"]
+    assert "unrecognised submodules" in why["transformer.h.1.mlp"] and "c_gate" in why["transformer.h.1.mlp"]
+    assert "spans several dims" in why["extra_norm"]
+    assert len(report.patched) == 5  # the single-dim LayerNorms
+    for e in report.skipped:
+        assert "forward" not in model.get_submodule(e.path).__dict__
+    torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=1e-5)
+
+
+def test_patched_nanogpt_trains_like_the_unpatched_one():
+    """50 AdamW steps from the same seed, fp32. Tolerance: every step's loss within 1e-3 (absolute,
+    nats) of the unpatched run's; measured max gap is printed (about 1e-6 on the CPU)."""
+    losses = {}
+    for patched in (False, True):
+        torch.manual_seed(0)
+        model = NanoGPT(Cfg(n_layer=2, n_embd=32))
+        if patched:
+            patch(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[patched] = []
+        for step in range(50):
+            idx, _ = batch(b=4, t=16, seed=step)
+            targets = idx.roll(1, dims=1)  # predict the previous token: learnable, the loss must fall
+            loss = model(idx, targets)[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[patched].append(loss.item())
+    gap = max(abs(a - b) for a, b in zip(losses[False], losses[True]))
+    print(f"patched vs unpatched nanoGPT, 50 steps: max |loss gap| {gap:.2e}, "
+          f"loss {losses[False][0]:.3f} -> {losses[False][-1]:.3f}")
+    assert losses[True][-1] < losses[True][0] - 1.0
+    assert gap <= 1e-3
+
+
+# ------------------------------------------------------------------------ Hugging Face GPT-2
+
+
+def hf_model(impl="sdpa", activation="gelu_new", **overrides):
+    transformers = pytest.importorskip("transformers", reason="Hugging Face tests need transformers "
+                                                              "(pip install 'gptfast[hf]')")
+    kw = dict(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, activation_function=activation,
+              attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    config = transformers.GPT2Config(**kw)
+    config._attn_implementation = impl
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", ".bias")):
+                p.normal_(0.0 if ".bias" in name else 1.0, 0.2)
+    return model
+
+
+def hf_logits(model, idx, **kwargs):
+    return model(idx, **kwargs).logits
+
+
+@pytest.mark.parametrize("impl,activation,options", [
+    ("sdpa", "gelu_new", {}),
+    ("eager", "gelu", {"scale_attn_by_inverse_layer_idx": True}),
+], ids=["sdpa-gelu_new", "eager-gelu-scaled"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_hf_gpt2_patched_matches_unpatched(impl, activation, options, dtype):
+    plain = hf_model(impl, activation, **options)
+    plain.train()  # dropout probabilities are 0: train mode must still take the fused paths
+    patched, report = patched_copy(plain)
+    kinds = sorted(e.kind for e in report.patched)
+    assert kinds == ["attention"] * 2 + ["gelu_ffn"] * 2 + ["layer_norm"] * 5 and not report.skipped, str(report)
+    idx, targets = batch()
+    compare(patched, plain, idx, targets, dtype, call=hf_logits, atol=1e-5 if dtype is None else 1e-3)
+    for block in patched.transformer.h:
+        assert block.attn._gptfast_patch.fallbacks == {}, block.attn._gptfast_patch.fallbacks
+
+
+def test_hf_reorder_and_upcast_attn_is_the_same_function():
+    # HF's upcast path refuses float64, so no fp64 reference here: fp32 against fp32, tightly.
+    plain = hf_model("eager", reorder_and_upcast_attn=True)
+    patched, report = patched_copy(plain)
+    assert "reorder_and_upcast_attn" in {e.path: e.reason for e in report.patched}["transformer.h.0.attn"]
+    idx, targets = batch()
+    want, want_grads = logits_and_grads(plain, idx, targets, call=hf_logits)
+    got, got_grads = logits_and_grads(patched, idx, targets, call=hf_logits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_hf_conv1d_weights_reach_the_kernels_as_views_not_copies(monkeypatch):
+    import importlib
+    gp = importlib.import_module("gptfast.patch")  # the module: gptfast.patch is the function
+
+    model = hf_model()
+    patch(model)
+    seen = []
+    real = gp.gelu_ffn
+
+    def spy(x, w1, b1, w2, b2, **kw):
+        seen.append((w1, w2))
+        return real(x, w1, b1, w2, b2, **kw)
+
+    monkeypatch.setattr(gp, "gelu_ffn", spy)
+    model(batch()[0])
+    mlp = model.transformer.h[0].mlp
+    w1, w2 = seen[0]
+    assert w1.data_ptr() == mlp.c_fc.weight.data_ptr() and w1.shape == mlp.c_fc.weight.t().shape
+    assert w2.data_ptr() == mlp.c_proj.weight.data_ptr() and not w1.is_contiguous()
+
+
+def test_hf_state_dict_and_parameters_unchanged_and_unpatch():
+    model = hf_model()
+    keys, params = list(model.state_dict()), list(model.parameters())
+    idx, _ = batch()
+    before = model(idx).logits
+    patch(model)
+    assert list(model.state_dict()) == keys and all(a is b for a, b in zip(model.parameters(), params))
+    unpatch(model)
+    assert torch.equal(model(idx).logits, before)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_padding_mask_and_output_attentions_fall_back(impl):
+    plain = hf_model(impl).eval()
+    patched, _ = patched_copy(plain)
+    idx, _ = batch()
+    attn = patched.transformer.h[0].attn._gptfast_patch
+    # an all-ones mask is the causal mask: the fused path
+    torch.testing.assert_close(patched(idx, attention_mask=torch.ones_like(idx)).logits,
+                               plain(idx, attention_mask=torch.ones_like(idx)).logits, atol=1e-5, rtol=1e-5)
+    assert attn.fallbacks == {}
+    pad = torch.ones_like(idx)
+    pad[0, :5] = 0  # left padding
+    torch.testing.assert_close(patched(idx, attention_mask=pad).logits, plain(idx, attention_mask=pad).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert attn.fallbacks == {"attention_mask is not the plain causal mask (padding or custom mask)": 1}
+    attn.fallbacks.clear()
+    out = patched(idx, output_attentions=True)
+    want = plain(idx, output_attentions=True)
+    assert attn.fallbacks == {"output_attentions": 1}
+    assert len(out.attentions) == len(want.attentions) == (2 if impl == "eager" else 0)  # sdpa returns none
+    for a, b in zip(out.attentions, want.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_generate_prefills_on_gptfast_and_decodes_with_the_original():
+    plain = hf_model().eval()
+    patched, _ = patched_copy(plain)
+    idx = batch(b=1, t=6)[0]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(idx, **kw), plain.generate(idx, **kw))
+    fallbacks = patched.transformer.h[0].attn._gptfast_patch.fallbacks
+    assert fallbacks == {"non-empty KV cache (decoding)": 4}, fallbacks  # 1 prefill on gptfast, 4 decode steps
+
+
+def test_hf_attention_dropout_and_cross_attention_are_reported():
+    model = hf_model(attn_pdrop=0.1, add_cross_attention=True)
+    report = patch(model)
+    why = {e.path: e.reason for e in report.entries}
+    assert "cross-attention" in why["transformer.h.0.crossattention"]
+    assert "transformer.h.0.crossattention" in {e.path for e in report.skipped}
+    assert "falls back in training mode (attn_pdrop=0.1" in why["transformer.h.0.attn"]
+    model.train()
+    model(batch()[0])
+    assert model.transformer.h[0].attn._gptfast_patch.fallbacks == {"attention dropout in training mode": 1}
