@@ -1,9 +1,9 @@
-"""A tiny GPT trained from the same seed on every CPU-runnable backend tracks the reference loss curve.
+"""A tiny GPT trained 50 steps from the same seed on every CPU-runnable backend tracks the reference curve.
 
 fp32 throughout. Kernels sum in different orders than the reference, so the curves may differ
-by rounding; measured gaps are 0 (triton, 4 steps) and 5e-7 (cpu, 30 steps), and the tolerance is
+by rounding; measured gaps are 0 (triton, 4 steps) and 5e-7 (cpu, 50 steps), and the tolerance is
 1e-4 nats per step. What a curve can catch is limited -- AdamW normalises gradient scale, so a
-gradient off by a constant factor barely moves it -- but structural bugs do show over 30 steps:
+gradient off by a constant factor barely moves it -- but structural bugs do show within 30 steps:
 dropping the delta term of the attention backward moved the reference curve by 2.4e-3, a LayerNorm
 dx biased by 1% of its mean by 1.7e-3. The op-level tests (test_ops.py, test_triton_*.py) are the
 precise checks; this one shows the pieces compose into training.
@@ -48,7 +48,7 @@ def _loss_curve(backend: str, steps: int) -> list[float]:
 
 @pytest.fixture(scope="module")
 def reference_curve():
-    return _loss_curve("reference", 30)
+    return _loss_curve("reference", 50)
 
 
 def test_reference_curve_learns(reference_curve):
@@ -57,7 +57,7 @@ def test_reference_curve_learns(reference_curve):
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_backend_tracks_reference(backend, reference_curve):
-    steps = STEPS.get(backend, 30)
+    steps = STEPS.get(backend, 50)
     curve = _loss_curve(backend, steps)
     gaps = [abs(a - b) for a, b in zip(curve, reference_curve[:steps])]
     worst = max(range(steps), key=gaps.__getitem__)

@@ -144,3 +144,16 @@ def test_top_level_exports():
         assert hasattr(gptfast, name), name
     for fn in (gptfast.attention, gptfast.layer_norm, gptfast.gelu_ffn, gptfast.flash_attn_func):
         assert "Returns" in fn.__doc__ or "Runs" in fn.__doc__
+
+
+def test_nn_layernorm_is_a_drop_in_for_torch_layernorm(seed):
+    """Same parameters, state-dict keys and outputs as nn.LayerNorm, loadable both ways."""
+    ours, theirs = gptfast.nn.LayerNorm(48, eps=1e-6), nn.LayerNorm(48, eps=1e-6)
+    nn.init.normal_(theirs.weight)
+    nn.init.normal_(theirs.bias)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 7, 48)
+    assert_close(ours(x), theirs(x), atol=1e-5)
+    no_bias = gptfast.nn.LayerNorm(48, bias=False)
+    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
