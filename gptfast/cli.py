@@ -1,4 +1,4 @@
-"""The ``gptfast`` command: ``train``, ``sample``, ``info`` and ``build``.
+"""The ``gptfast`` command: ``train``, ``sample``, ``info``, ``build`` and ``bench``.
 
 Bad input (a missing data path, an unknown preset, no checkpoint) ends the command with a
 one-line ``gptfast: error: ...`` message and exit status 2, never a traceback.
@@ -66,7 +66,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast",
                                      description="Train and sample small GPTs on gptfast kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,info,build}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,info,build,bench}")
 
     p_train = sub.add_parser("train", help="train a GPT (default: the tiny preset on the built-in corpus)")
     _add_train_args(p_train)
@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, devices and the backend table")
     sub.add_parser("build", help="compile the native extension (the cpu backend) now instead of on first use")
+
+    from .bench import add_arguments as _add_bench_args
+    p_bench = sub.add_parser(
+        "bench", help="time an op or a training step against PyTorch eager / torch.compile",
+        description="Check every backend against a float64 ground truth, then time it (CUDA events on "
+                    "a GPU, torch.utils.benchmark on the CPU); print a table, and with --out write "
+                    "results.json, results.csv and PNG plots. Size syntax per op: see --sizes.")
+    _add_bench_args(p_bench)
     return parser
 
 
@@ -146,11 +154,25 @@ def cmd_build(args: argparse.Namespace) -> None:
         raise SystemExit(1) from None
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchError, run
+
+    try:
+        rc = run(args, "gptfast " + " ".join(args.argv))
+    except BenchError as e:
+        print(f"gptfast bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if rc:
+        raise SystemExit(rc)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``gptfast {train,sample,info} ...``."""
+    """Console entry point: ``gptfast {train,sample,info,build,bench} ...``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "build": cmd_build}
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in bench results
+    handlers = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "build": cmd_build,
+                "bench": cmd_bench}
     try:
         handlers[args.command](args)
     except (DataError, ConfigError) as e:

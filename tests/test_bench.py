@@ -1,0 +1,185 @@
+"""``gptfast bench`` on the CPU at tiny sizes: table, JSON, CSV and PNG output, wrong backends
+reported as WRONG (not timed), the FLOP/byte formulas, and the GPU suite's Python parts as a dry run."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptfast import bench
+from gptfast.cli import main
+from gptfast.ops import _backend
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--device", "cpu", "--min-run-time", "0.01"]
+
+
+def test_layer_norm_writes_table_json_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "res"
+    main(["bench", "layer_norm", *FAST, "--sizes", "64,96", "128,160", "--backends", "reference,eager",
+          "--fwd", "--bwd", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "GB/s counts fwd: read x, w, b + write y" in text  # bytes stated in the header
+    lines = [ln for ln in text.splitlines() if ln.startswith(("64x96", "128x160"))]
+    assert len(lines) == 2 * 2 * 2  # sizes x backends x phases
+    assert all(" ok " in ln for ln in lines)
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cpu"]
+    assert data["commands"] and data["commands"][0].startswith("gptfast bench layer_norm")
+    rows = data["rows"]
+    assert {(r["size"], r["backend"], r["phase"]) for r in rows} == {
+        (s, b, p) for s in ("64x96", "128x160") for b in ("reference", "eager") for p in ("fwd", "bwd")}
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["gbps"] > 0
+        assert r["timing"] == "torch.utils.benchmark median"
+    eager = [r for r in rows if r["backend"] == "eager"]
+    assert all(abs(r["vs_eager"] - 1.0) < 1e-12 for r in eager)
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    for phase in ("fwd", "bwd"):
+        png = out / f"layer_norm_{phase}.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_of_several_ops_merge_into_one_folder(tmp_path, capsys):
+    out = tmp_path / "res"
+    main(["bench", "gelu_ffn", *FAST, "--sizes", "16,8", "--backends", "eager", "--out", str(out)])
+    main(["bench", "attention", *FAST, "--sizes", "1,16,2,8", "--causal", "--backends", "reference,eager",
+          "--fwd-bwd", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "TFLOP/s = 4*B*H*T^2*D" in text
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"gelu_ffn", "attention"}
+    att = [r for r in rows if r["op"] == "attention"]
+    assert {r["causal"] for r in att} == {"true"} and all(r["tflops"] > 0 for r in att)
+    assert (out / "attention_fwd-bwd.png").stat().st_size > 1000
+    assert (out / "gelu_ffn_fwd-bwd.png").stat().st_size > 1000
+
+
+def test_a_wrong_backend_is_reported_as_wrong_and_not_timed(tmp_path, capsys, monkeypatch):
+    real = _backend.resolve("layer_norm", torch.device("cpu"), torch.float32, "reference")
+
+    def garbage_fwd(x, weight, bias, eps):
+        y, mean, rstd = real.fwd(x, weight, bias, eps)
+        return y + 1e-2, mean, rstd
+
+    monkeypatch.setitem(_backend._LOADED, ("layer_norm", "reference"),
+                        _backend.Launchers("reference", garbage_fwd, real.bwd))
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "layer_norm", *FAST, "--sizes", "32,64", "--backends", "reference,eager",
+              "--out", str(out)])
+    assert exc.value.code == 1  # a WRONG row fails the command
+    text = capsys.readouterr().out
+    wrong = next(ln for ln in text.splitlines() if " reference " in ln)
+    assert "WRONG" in wrong and "out: mismatch at index" in wrong  # fp32: tight absolute tolerance
+    rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["reference"]["status"] == "WRONG" and rows["reference"]["ms"] is None
+    assert "exceeds" in rows["reference"]["error"] or "mismatch" in rows["reference"]["error"]
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["ms"] > 0
+
+
+def test_wrong_gradient_is_caught_too():
+    case = bench.Case("gelu_ffn", dict(M=8, C=16, Hd=32))
+
+    def bad(x, w1, b1, w2, b2):  # right output, gradient of x scaled by 1.5
+        out = bench.gelu_ffn_eager(x, w1, b1, w2, b2)
+        return out + 0.5 * (bench.gelu_ffn_eager(x, w1, b1, w2, b2) - bench.gelu_ffn_eager(
+            x.detach(), w1, b1, w2, b2))
+
+    with pytest.raises(AssertionError, match="grad\\[0\\]"):
+        bench.check_case(case, bad, torch.device("cpu"), torch.float32, backward=True)
+    bench.check_case(case, bad, torch.device("cpu"), torch.float32, backward=False)  # forward is right
+
+
+def test_train_step_rows_have_tokens_per_second_and_mfu(tmp_path, capsys):
+    out = tmp_path / "res"
+    main(["bench", "train", *FAST, "--sizes", "tiny,2,16", "--backends", "reference,eager", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["reference", "eager"]
+    for r in rows:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 5
+    assert (out / "train.png").stat().st_size > 1000
+
+
+def test_eagerized_gpt_matches_the_gptfast_model():
+    from gptfast import GPT, GPTConfig
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", n_layer=2, block_size=16)
+    a = GPT(config)
+    b = GPT(config)
+    b.load_state_dict(a.state_dict())
+    bench.eagerize(b)
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    with _backend.use_backend("reference"):
+        la = a(idx, idx)[1]
+    lb = b(idx, idx)[1]
+    assert abs(la.item() - lb.item()) < 1e-5
+
+
+def test_formulas():
+    att = bench.Case("attention", dict(B=2, T=128, H=4, D=64), causal=True)
+    fwd = 4 * 2 * 4 * 128**2 * 64 / 2
+    assert att.work("fwd", torch.bfloat16) == fwd
+    assert att.work("bwd", torch.bfloat16) == 2.5 * fwd
+    assert att.work("fwd-bwd", torch.bfloat16) == 3.5 * fwd
+    ffn = bench.Case("gelu_ffn", dict(M=10, C=3, Hd=12))
+    assert ffn.work("fwd", torch.float32) == 2 * 10 * 3 * 12 + 2 * 10 * 12 * 3
+    assert ffn.work("bwd", torch.float32) == 2 * ffn.work("fwd", torch.float32)
+    ln = bench.Case("layer_norm", dict(M=10, N=8))
+    assert ln.work("fwd", torch.bfloat16) == (2 * 10 * 8 + 2 * 8) * 2
+    assert ln.work("bwd", torch.float32) == (3 * 10 * 8 + 3 * 8) * 4 + 8 * 10
+
+
+def test_default_grids_and_backends():
+    gpu = bench.default_sizes("attention", "cuda")
+    assert {(p["T"], p["B"], p["H"], p["D"]) for p in gpu} == {
+        (t, 16384 // t, 2048 // d, d) for t in (512, 1024, 2048, 4096, 8192, 16384) for d in (64, 128)}
+    assert [p["N"] for p in bench.default_sizes("layer_norm", "cuda")][:2] == [768, 1024]
+    # the Triton interpreter is never a default on the CPU, even when TRITON_INTERPRET=1 (conftest)
+    assert "triton" not in bench.default_backends("attention", "cpu")
+    assert bench.default_backends("layer_norm", "cpu")[-2:] == ["eager", "compile"]
+    assert bench.parse_size("gelu_ffn", "8,16") == dict(M=8, C=16, Hd=64)
+    assert bench.parse_size("train", "gpt2,4") == dict(preset="gpt2", batch=4, seqlen=1024)
+    # check sizes of huge attention cases shrink batch, then heads, never T or D
+    p = bench.Case("attention", dict(B=1, T=16384, H=16, D=128), True).check_params("cuda")
+    assert (p["T"], p["D"], p["B"], p["H"]) == (16384, 128, 1, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["attention", "--sizes", "1,2,3"], "B,T,H,D"),
+    (["train", "--sizes", "nope,2"], "PRESET,BATCH"),
+    (["layer_norm", "--backends", "reference,fast"], "unknown ['fast']"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv, "--device", "cpu", "--dry-run"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    main(["bench", "attention", "--device", "cuda", "--dry-run", "--out", str(tmp_path / "x")])
+    text = capsys.readouterr().out
+    assert "24 sizes" in text and "dtype bf16" in text and "(checked at 1x16384x1x128)" in text
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_python_parts_dry_run_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--device", "cpu", "--dry-run",
+                          "--out", str(tmp_path / "suite")], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    for op in ("ceilings", "attention", "layer_norm", "gelu_ffn", "train"):
+        assert f"gptfast bench {op} (dry run)" in out
+    assert "device cpu" in out and "would run: " in out  # build + tests listed, not run
+    assert "2x8192x32x64" in out and "16384" not in out.split("gptfast bench attention")[1].split("gptfast bench")[0]
