@@ -31,6 +31,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   CHECK_LAST_DIM_CONTIGUOUS(q);
   CHECK_LAST_DIM_CONTIGUOUS(k);
   CHECK_LAST_DIM_CONTIGUOUS(v);
+  CHECK_ROWS_DISJOINT(q);
+  CHECK_ROWS_DISJOINT(k);
+  CHECK_ROWS_DISJOINT(v);
   (void)B, (void)T, (void)H;
 }
 }  // namespace
@@ -59,6 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   CHECK_SHAPE(lse, B, H, T);
   CHECK_LAST_DIM_CONTIGUOUS(dout);
   CHECK_LAST_DIM_CONTIGUOUS(out);
+  CHECK_ROWS_DISJOINT(dout);
+  CHECK_ROWS_DISJOINT(out);
   CHECK_DTYPE(lse, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   return cpu::attention_backward(dout, q, k, v, out, lse, causal, softmax_scale);
 }

@@ -289,13 +289,17 @@ def _save_atomically(obj: dict, file: Path) -> None:
 def _merge_resume(given: TrainConfig, ckpt: dict) -> TrainConfig:
     """Options for a resumed run: those given now, else those given to the checkpointed run."""
     saved = ckpt["train_args"]
+    # What the checkpointed model really is: train_args holds options *as given* (None when a
+    # preset default applied), so shape options given now are checked against the resolved run.
+    actual = {"preset": ckpt.get("train_config", {}).get("preset"),
+              "block_size": ckpt["model_args"]["block_size"], "dropout": ckpt["model_args"]["dropout"]}
     values = {}
     for f in fields(given):
         value = getattr(given, f.name)
         old = saved.get(f.name)
-        if f.name in _ARCH_FIELDS and value is not None and old is not None and value != old:
+        if f.name in _ARCH_FIELDS and value is not None and value != actual[f.name]:
             raise ConfigError(f"--{f.name.replace('_', '-')} {value} differs from the checkpoint's "
-                              f"{old}; the model's shape cannot change on --resume")
+                              f"{actual[f.name]}; the model's shape cannot change on --resume")
         values[f.name] = value if value is not None else old
     values["resume"] = True
     return TrainConfig(**values)

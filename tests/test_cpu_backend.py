@@ -257,3 +257,14 @@ def test_attention_at_4096_does_not_allocate_t_by_t():
     stats = json.loads(res.stdout.strip().splitlines()[-1])
     # out + dq, dk, dv are 4 x 8 MiB, per-thread O(T * D) buffers ~1 MiB (measured: ~35 MiB)
     assert stats["growth_bytes"] < stats["tt_bytes"] / 8, stats
+
+
+def test_extension_refuses_broadcast_rows():
+    """Called directly (not through gptfast.attention, which copies such inputs), the C++ launcher
+    refuses a seqlen stride below the head dim instead of handing BLAS an invalid row pitch."""
+    from gptfast.ops import _cpu
+
+    q = torch.randn(1, 8, 2, 16)
+    k = torch.randn(1, 1, 2, 16).expand(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="k must not have broadcast or overlapping rows"):
+        _cpu.attention_forward(q, k, q, True, 0.25)

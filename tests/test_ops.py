@@ -177,3 +177,27 @@ def test_gelu_formulas_match_pytorch():
         assert_close(gelu(h, approximate), F.gelu(h, approximate=approximate), atol=1e-14)
         (auto,) = torch.autograd.grad(F.gelu(h.requires_grad_(), approximate=approximate).sum(), h)
         assert_close(gelu_grad(h.detach(), approximate), auto, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["q", "k", "v", "dout"])
+def test_attention_broadcast_rows_and_size_one_headdim(backend, which, seed):
+    """expand()ed inputs (seqlen stride 0) and a head dim of 1 with an odd last stride are valid:
+    they must give the same answer as contiguous copies (the cpu kernels hand rows to BLAS, which
+    rejects a row pitch below the row length)."""
+    b, t, h, d = 2, 8, 2, 16
+    full = {n: torch.randn(b, t, h, d, dtype=torch.float64) for n in ("q", "k", "v", "dout")}
+    full[which] = torch.randn(b, 1, h, d, dtype=torch.float64).expand(b, t, h, d)
+    leaves = [full[n].requires_grad_() if n != "dout" else full[n] for n in ("q", "k", "v")]
+    out = gptfast.attention(*leaves, causal=True, backend=backend)
+    grads = torch.autograd.grad(out, leaves, full["dout"])
+    copies = [x.detach().contiguous().requires_grad_() for x in leaves]
+    ref = sdpa_bthd(*copies, causal=True)
+    ref_grads = torch.autograd.grad(ref, copies, full["dout"].contiguous())
+    assert_close(out, ref, atol=1e-12, name="out")
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, atol=1e-12, name="grad")
+
+    q = torch.randn(1, 4, 1, 3, dtype=torch.float64).transpose(2, 3)  # (1, 4, 3, 1), stride(-1) == 3
+    assert q.stride(-1) != 1 and q.is_contiguous()
+    assert_close(gptfast.attention(q, q, q, backend=backend), sdpa_bthd(q, q, q), atol=1e-12)

@@ -83,6 +83,19 @@ def test_resume_rejects_a_different_model_shape_and_a_missing_checkpoint(tmp_pat
         train(TrainConfig(out_dir=str(tmp_path / "nowhere"), resume=True))
 
 
+def test_resume_checks_shape_options_against_the_model_even_when_they_were_defaults(tmp_path):
+    """A first run that left block size and preset to the preset's defaults still pins them:
+    a different --block-size/--preset on --resume is an error, the model's own value is accepted."""
+    first = small_run(tmp_path, max_iters=2, eval_interval=2, block_size=None, preset=None, batch_size=2)
+    train(first)
+    with pytest.raises(ConfigError, match="block-size 32 differs from the checkpoint's 128"):
+        train(TrainConfig(out_dir=str(tmp_path), resume=True, block_size=32, max_iters=3))
+    with pytest.raises(ConfigError, match="preset small differs from the checkpoint's tiny"):
+        train(TrainConfig(out_dir=str(tmp_path), resume=True, preset="small", max_iters=3))
+    result = train(TrainConfig(out_dir=str(tmp_path), resume=True, block_size=128, max_iters=3))
+    assert result.iter == 3
+
+
 def test_resume_past_max_iters_only_evaluates(tmp_path):
     first = train(small_run(tmp_path, max_iters=2, eval_interval=2))
     again = train(TrainConfig(out_dir=str(tmp_path), resume=True))

@@ -44,6 +44,14 @@
   TORCH_CHECK_VALUE((x).stride(-1) == 1, kOp, ": ", #x,                                          \
                     " must have stride 1 in its last dimension, got strides ", (x).strides())
 
+// Row-major tiles go to BLAS with the seqlen stride as leading dimension, which must be >= the
+// row length: broadcast (stride 0) or overlapping rows would be rejected by BLAS (silently, with
+// garbage results), so they are refused here; the Python op copies such inputs first.
+#define CHECK_ROWS_DISJOINT(x)                                                                   \
+  TORCH_CHECK_VALUE((x).size(1) <= 1 || (x).stride(1) >= (x).size(-1), kOp, ": ", #x,             \
+                    " must not have broadcast or overlapping rows (seqlen stride ", (x).stride(1),  \
+                    " < headdim ", (x).size(-1), "); pass a contiguous tensor")
+
 #define CHECK_SAME_DTYPE(x, y)                                                                   \
   TORCH_CHECK_TYPE((x).scalar_type() == (y).scalar_type(), kOp, ": ", #x, " has dtype ",        \
                    (x).scalar_type(), " but ", #y, " has ", (y).scalar_type())

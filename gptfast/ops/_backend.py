@@ -9,7 +9,8 @@ the fake implementations promise it.
 Launcher contract
 -----------------
 attention (q, k, v: (batch, seqlen, nheads, headdim), one dtype, one device, stride(-1) == 1,
-other strides arbitrary; seqlen_q == seqlen_k)::
+seqlen stride >= headdim (no broadcast or overlapping rows), batch/head strides arbitrary;
+seqlen_q == seqlen_k)::
 
     attention_forward(q, k, v, causal: bool, softmax_scale: float)
         -> out (batch, seqlen, nheads, headdim), q.dtype, contiguous
@@ -38,7 +39,8 @@ b1: (H,) or None, b2: (N,) or None; all of x's dtype; approximate in {"tanh", "n
 
     GELU(h) is recomputed from h in the backward, never saved.
 
-``dout``/``dy`` arrive contiguous for layer_norm and gelu_ffn, and with stride(-1) == 1 for attention.
+``dout``/``dy`` arrive contiguous for layer_norm and gelu_ffn, and laid out like q for attention
+(stride(-1) == 1, seqlen stride >= headdim: no broadcast or overlapping rows).
 The backend is resolved when an op runs (the forward and, again, the backward), so a compiled
 model follows the selection rules at run time; every backend honours this same contract, so a
 backward on another backend than its forward (say, forward inside ``use_backend`` and backward

@@ -123,6 +123,18 @@ def _check_inputs(q, k, v, causal, softmax_scale) -> None:
         raise ValueError(f"gptfast.{op}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
 
 
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has stride 1 and its seqlen rows are disjoint, else a copy.
+
+    Kernels read (seqlen, headdim) tiles with the seqlen stride as row pitch (BLAS's leading
+    dimension on the CPU), so broadcast (``expand``) or overlapping rows must be materialised.
+    ``.contiguous()`` is not enough: it keeps a size-1 last dim's odd stride.
+    """
+    if t.stride(-1) == 1 and (t.shape[1] <= 1 or t.stride(1) >= t.shape[-1]):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -178,9 +190,7 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
+    dq, dk, dv = attention_bwd_op(_kernel_layout(dout), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
                                   ctx.deterministic, ctx.backend)
     return dq, dk, dv, None, None, None, None
 
@@ -214,7 +224,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         q, k, v = cast_floats(amp, q, k, v)
     check_same("attention", "q", q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (_kernel_layout(t) for t in (q, k, v))
     out, _ = attention_fwd_op(q, k, v, causal, scale, bool(deterministic), _backend.checked_name(backend))
     return out
 
