@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .testing import assert_close, assert_within_pytorch_error
+from .ops.gelu_ffn import gelu_ffn_ref
+from .testing import assert_close, assert_within_pytorch_error, sdpa_bthd
 
 OPS = ("attention", "layer_norm", "gelu_ffn", "train")
 PHASES = ("fwd", "bwd", "fwd-bwd")
@@ -134,18 +135,12 @@ def size_label(op: str, p: dict) -> str:
 
 # --------------------------------------------------------------------------- the ops' eager code
 
-def sdpa_bthd(q, k, v, causal=True):
-    """F.scaled_dot_product_attention in gptfast's (B, T, H, D) layout."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          is_causal=causal).transpose(1, 2)
-
-
 def layer_norm_eager(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
 
 
 def gelu_ffn_eager(x, w1, b1, w2, b2):
-    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+    return gelu_ffn_ref(x, w1, b1, w2, b2, approximate="tanh")  # Linear -> GELU(tanh) -> Linear
 
 
 def _importable(module: str) -> str | None:

@@ -32,8 +32,9 @@ VAL_FRACTION = 0.1
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT does
 GPT2_EOT = 50256
 
-# The built-in corpus stops after this many bytes: ~4 MB reads in well under a second and is
-# ~30x more text than the tiny preset sees in its two-minute run, so it does not overfit.
+# The built-in corpus stops after this many bytes: 4 MB (232 stdlib files) loads in ~2 s including
+# the imports, and its 3.6 MB training split is ~2.2x the 1.6M bytes the tiny preset trains on,
+# so the default run sees each byte about half a time (measured val 1.85 vs train 1.70 nats).
 BUILTIN_CORPUS_BYTES = 4_000_000
 # Skipped: test suites (repetitive boilerplate), site-packages (not the standard library, and
 # different on every machine), and generated data dressed as code (codec tables in encodings/,

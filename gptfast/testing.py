@@ -8,8 +8,18 @@ On failure the message names the tensor, the worst element, its index and both b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["assert_close", "assert_within_pytorch_error", "max_abs_diff"]
+__all__ = ["assert_close", "assert_within_pytorch_error", "max_abs_diff", "sdpa_bthd"]
+
+
+def sdpa_bthd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """PyTorch's ``F.scaled_dot_product_attention`` in gptfast's (batch, seqlen, nheads, headdim)
+    layout: the built-in that attention is checked and benchmarked against."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2)
 
 
 def _worst(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, tuple[int, ...], float, float]:

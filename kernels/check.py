@@ -35,6 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gptfast.kernels import attention as _att  # noqa: E402
 from gptfast.kernels import gelu_ffn as _ffn  # noqa: E402
+from gptfast.kernels import _reduce  # noqa: E402
 from gptfast.kernels import layer_norm as _ln  # noqa: E402
 
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}
@@ -137,10 +138,10 @@ def _layer_norm_jobs(arch: int) -> list[Job]:
         types.update(stride_x="i32", stride_dy="i32", stride_dx="i32", M="i32", N="i32", rows_per_program="i32")
         jobs.append(Job("ln_bwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}", False,
                         ["X", "W", "DY", "DX", "Mean", "Rstd", "DW_partial", "DB_partial"]))
-    fn = _jit(_ln._layer_norm_bwd_reduce_kernel)
-    ce = dict(BLOCK_G=32, BLOCK_N=128)
-    jobs.append(Job("ln_bwd_reduce", fn, _sig(fn, {"Partial": "*fp32", "Out": "*bf16", "G": "i32", "N": "i32"}, ce),
-                    ce, 4, 1, "G32 N128", False, ["Partial", "Out"]))
+    fn = _jit(_reduce._colsum_kernel)  # dW/dB partials of LayerNorm, db1/db2 of GELU-FFN
+    ce = dict(BLOCK_R=32, BLOCK_N=128)
+    jobs.append(Job("colsum", fn, _sig(fn, {"X": "*fp32", "Out": "*bf16", "R": "i32", "N": "i32",
+                                            "stride_r": "i32"}, ce), ce, 4, 1, "R32 N128", False, ["X", "Out"]))
     return jobs
 
 
@@ -174,10 +175,6 @@ def _ffn_jobs(arch: int) -> list[Job]:
             jobs.append(Job(f"ffn_mm_{name}", fn, _sig(fn, types, ce), ce, c.num_warps, c.num_stages,
                             f"{dt} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}",
                             dt != "fp32", aligned))
-    fn = _jit(_ffn._ffn_colsum_kernel)
-    ce = dict(BLOCK_R=32, BLOCK_N=128)
-    jobs.append(Job("ffn_colsum", fn, _sig(fn, {"X": "*bf16", "Out": "*bf16", "R": "i32", "N": "i32",
-                                                "stride_r": "i32"}, ce), ce, 4, 1, "R32 N128", False, ["X", "Out"]))
     return jobs
 
 

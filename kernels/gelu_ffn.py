@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _reduce
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
@@ -185,23 +187,6 @@ def _ffn_matmul_kernel(
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
-def _ffn_colsum_kernel(
-    X,  # (R, N) input, unit column stride
-    Out,  # (N,) output
-    R, N,  # rows, columns
-    stride_r,  # row stride of X
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows[:, None] < R) & (cols[None, :] < N)
-        acc += tl.load(X + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + cols, tl.sum(acc, 0).to(Out.dtype.element_ty), mask=cols < N)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (contract: gptfast/ops/_backend.py)
 # ----------------------------------------------------------------------------------------------
@@ -227,14 +212,6 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, *, bias=None, aux=None, epilogue=0
     return c
 
 
-def _colsum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    R, N = x.shape
-    out = torch.empty((N,), dtype=dtype, device=x.device)
-    block_n = 32 if _INTERPRET else 128
-    _ffn_colsum_kernel[(triton.cdiv(N, block_n),)](x, out, R, N, x.stride(0), BLOCK_R=32, BLOCK_N=block_n)
-    return out
-
-
 def gelu_ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                      b2: torch.Tensor | None, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     M = x.shape[0]
@@ -255,6 +232,6 @@ def gelu_ffn_backward(dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: 
     dx = _matmul(dh, w1)
     dw1 = _matmul(dh.t(), x)
     dw2 = _matmul(dout.t(), h, b_gelu=True, approximate=approximate)
-    db1 = _colsum(part, w1.dtype) if has_b1 else None
-    db2 = _colsum(dout, w2.dtype) if has_b2 else None
+    db1 = _reduce.colsum(part, w1.dtype) if has_b1 else None
+    db2 = _reduce.colsum(dout, w2.dtype) if has_b2 else None
     return dx, dw1, db1, dw2, db2

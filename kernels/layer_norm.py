@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _reduce
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # 8192 fp32 values over 16 warps is 16 registers per thread per live row tile; wider tiles spill.
 MAX_TILE = 8192
@@ -193,22 +195,6 @@ def _layer_norm_bwd_kernel(
             dx_row += stride_dx
 
 
-@triton.jit
-def _layer_norm_bwd_reduce_kernel(
-    Partial,  # (G, N) fp32 partial sums
-    Out,  # (N,) output, dtype of the parameter
-    G, N,  # partial rows, columns
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
-    for start in range(0, G, BLOCK_G):
-        rows = start + tl.arange(0, BLOCK_G)
-        mask = (rows[:, None] < G) & (cols[None, :] < N)
-        acc += tl.load(Partial + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, 0).to(Out.dtype.element_ty), mask=cols < N)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (contract: gptfast/ops/_backend.py)
 # ----------------------------------------------------------------------------------------------
@@ -235,15 +221,6 @@ def _num_partials(m: int, device: torch.device) -> int:
     return max(1, min(m, 4))
 
 
-def _reduce(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    G, N = partial.shape
-    out = torch.empty((N,), dtype=dtype, device=partial.device)
-    block_n = 32 if _INTERPRET else 128
-    _layer_norm_bwd_reduce_kernel[(triton.cdiv(N, block_n),)](
-        partial, out, G, N, BLOCK_G=32, BLOCK_N=block_n, num_warps=4)
-    return out
-
-
 def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                         mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -261,6 +238,6 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor 
         HAS_WEIGHT=has_weight, HAS_DBIAS=bool(has_bias),
         BLOCK_N=block, ONE_TILE=one_tile, num_warps=warps,
     )
-    dw = _reduce(dw_part, weight.dtype) if has_weight else None
-    db = _reduce(db_part, x.dtype) if has_bias else None
+    dw = _reduce.colsum(dw_part, weight.dtype) if has_weight else None
+    db = _reduce.colsum(db_part, x.dtype) if has_bias else None
     return dx, dw, db

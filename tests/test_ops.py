@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import gptfast
-from gptfast.testing import assert_close, assert_within_pytorch_error
+from gptfast.testing import assert_close, assert_within_pytorch_error, sdpa_bthd
 
 CPU_BACKENDS = [b for b in gptfast.available_backends(device="cpu") if b != "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -55,13 +55,6 @@ def check_against_builtin(ours, builtin, inputs, dtype, *, grad_upstream=None, n
         else:
             assert_within_pytorch_error(a.grad, b.grad, c.grad, factor=3, atol=1e-6 * gscale,
                                         name=f"{name} grad[{i}]")
-
-
-def sdpa_bthd(q, k, v, causal=True, softmax_scale=None):
-    """PyTorch's SDPA in FlashAttention's (B, T, H, D) layout."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- attention

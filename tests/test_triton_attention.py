@@ -23,16 +23,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_OUT_ATOL, FP32_GRAD_ATOL = 2e-5, 1e-4
 
 
-def _math_attention(q, k, v, causal, scale):
-    """softmax(q k^T * scale) v in q's dtype with plain ops; (B, T, H, D) layout."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    s = (q @ k.transpose(-1, -2)) * scale
-    if causal:
-        T = s.shape[-1]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return (torch.softmax(s, dim=-1) @ v).transpose(1, 2)
-
-
 def _inputs(B, T, H, D, layout, scale_inputs=1.0):
     """A maker ``dtype -> [q, k, v]`` of leaves with the same values, in a non-contiguous layout."""
     if layout == "packed":  # slices of one (B, T, 3, H, D) buffer, like a fused QKV projection
@@ -50,8 +40,8 @@ def check_attention(B, T, H, D, causal, dtype, layout="packed", scale_inputs=1.0
     scale = 1.0 / math.sqrt(D)
     x64, xpt, xtr = make(torch.float64), make(dtype), make(dtype)
     assert not xtr[0].is_contiguous() or layout == "contiguous"
-    ref = _math_attention(*x64, causal, scale)
-    pt = _math_attention(*xpt, causal, scale)
+    ref = gptfast.attention_ref(*x64, causal, scale, upcast=False)
+    pt = gptfast.attention_ref(*xpt, causal, scale, upcast=False)
     out = gptfast.attention(*xtr, causal=causal, backend="triton")
     assert out.dtype == dtype and out.shape == (B, T, H, D)
     # non-contiguous upstream gradient (stride(-1) == 1, other strides padded)
@@ -125,7 +115,7 @@ def test_attention_triton_large_logits_stay_finite(causal):
     out.backward(torch.randn_like(out))
     for t in (out, q.grad, k.grad, v.grad):
         assert torch.isfinite(t).all()
-    ref = _math_attention(*(t.detach().double() for t in (q, k, v)), causal, 1 / math.sqrt(D))
+    ref = gptfast.attention_ref(*(t.detach().double() for t in (q, k, v)), causal, 1 / math.sqrt(D))
     assert_close(out, ref, atol=2e-5 * 100, name="x100 out")
 
 

@@ -19,10 +19,6 @@ from gptfast.testing import assert_close, assert_within_pytorch_error  # noqa: E
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _ffn(x, w1, b1, w2, b2, approximate):
-    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
-
-
 def check_gelu_ffn(B, T, K, H, N, dtype, approximate="tanh", has_bias=True, weights="transposed"):
     torch.manual_seed(K * 7 + H)
     x = torch.randn(B, T, K, device=DEVICE)
@@ -42,8 +38,8 @@ def check_gelu_ffn(B, T, K, H, N, dtype, approximate="tanh", has_bias=True, weig
     x64, xpt, xtr = leaves(torch.float64), leaves(dtype), leaves(dtype)
     if weights == "transposed":
         assert not xtr[1].is_contiguous() and not xtr[3].is_contiguous()
-    ref = _ffn(*x64, approximate)
-    pt = _ffn(*xpt, approximate)
+    ref = gptfast.gelu_ffn_ref(*x64, approximate)
+    pt = gptfast.gelu_ffn_ref(*xpt, approximate)
     out = gptfast.gelu_ffn(*xtr, approximate=approximate, backend="triton")
     assert out.dtype == dtype and out.shape == (B, T, N)
     g = torch.randn(B, T, N, device=DEVICE).to(dtype)
