@@ -5,7 +5,8 @@ installed as ``gptfast.kernels``: a top-level ``kernels`` module would collide w
 unrelated ``kernels`` package on PyPI.
 
 The C++ sources in ``csrc/`` ship as package data of ``gptfast.csrc``; they are compiled on
-first use of the ``cpu`` backend (or by ``gptfast build``), not here -- see ``gptfast/_build.py``.
+first use of the ``cpu`` / ``cuda`` backend (or by ``gptfast build [--cuda]``), not here -- see
+``gptfast/_build.py``.
 """
 from setuptools import setup
 
@@ -13,5 +14,5 @@ setup(
     packages=["gptfast", "gptfast.ops", "gptfast.kernels", "gptfast.csrc"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.csrc": "csrc"},
     package_data={"gptfast.csrc": ["*.cpp", "*.h", "*.md", "common/*.h", "cpu/*.cpp", "cpu/*.h",
-                                   "cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "cuda/*.md"]},
+                                   "cuda/*.cpp", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "cuda/*.md"]},
 )

@@ -2,8 +2,7 @@
 // Shapes, dtypes and return values follow the launcher contract in gptfast/ops/_backend.py.
 #include <cmath>
 
-#include "common/checks.h"
-#include "common/cpu_kernels.h"
+#include "common/backend.h"
 
 namespace gptfast {
 
@@ -13,7 +12,7 @@ constexpr int64_t kMaxHeadDim = 256;
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   CHECK_DIM(q, 4);
-  CHECK_CPU(q);
+  CHECK_BACKEND_DEVICE(q);
   CHECK_FLOATING(q);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(D >= 1 && D <= kMaxHeadDim, kOp, ": head dim (q.shape[3]) must be in 1..",
@@ -44,17 +43,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   check_qkv(q, k, v);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ",
                     softmax_scale);
-  return cpu::attention_forward(q, k, v, causal, softmax_scale);
+  return backend::attention_forward(q, k, v, causal, softmax_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double softmax_scale) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double softmax_scale,
+    bool deterministic) {
   check_qkv(q, k, v);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
-  CHECK_CPU(dout);
-  CHECK_CPU(out);
-  CHECK_CPU(lse);
+  CHECK_DEVICE(dout, q.device());  // one GPU of several: all on q's
+  CHECK_DEVICE(out, q.device());
+  CHECK_DEVICE(lse, q.device());
   CHECK_SAME_DTYPE(dout, q);
   CHECK_SAME_DTYPE(out, q);
   CHECK_SHAPE(dout, B, T, H, D);
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   CHECK_ROWS_DISJOINT(dout);
   CHECK_ROWS_DISJOINT(out);
   CHECK_DTYPE(lse, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  return cpu::attention_backward(dout, q, k, v, out, lse, causal, softmax_scale);
+  return backend::attention_backward(dout, q, k, v, out, lse, causal, softmax_scale, deterministic);
 }
 
 }  // namespace gptfast

@@ -1,20 +1,26 @@
 // The gptfast native extension: one pybind11 module binding the launchers of every op.
-// Argument checks live in csrc/<op>.cpp, kernels in csrc/cpu/ (csrc/cuda/ later); errors raised
-// with TORCH_CHECK_* arrive in Python as TypeError / ValueError / RuntimeError.
+// Argument checks live in csrc/<op>.cpp, kernels in csrc/cpu/ or csrc/cuda/: the file is compiled
+// once per backend (common/backend.h). Errors raised with TORCH_CHECK_* arrive in Python as
+// TypeError / ValueError / RuntimeError.
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "common/backend.h"
+#ifdef GPTFAST_CUDA
+#include "cuda/attention.h"
+#else
 #include "common/blas.h"
+#endif
 
 namespace gptfast {
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, bool, double);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, bool, double);
+    const at::Tensor&, bool, double, bool);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
@@ -32,13 +38,15 @@ gelu_ffn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "gptfast native kernels (CPU backend); see gptfast/ops/_backend.py for the contract";
+  m.doc() = "gptfast native kernels; see gptfast/ops/_backend.py for the contract";
+  m.attr("backend") = gptfast::kBackendName;
   m.def("attention_forward", &gptfast::attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("causal"), py::arg("softmax_scale"),
         "FlashAttention-2 forward: (out (B,T,H,D), lse (B,H,T) fp32)");
   m.def("attention_backward", &gptfast::attention_backward, py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("causal"),
-        py::arg("softmax_scale"), "FlashAttention-2 backward: (dq, dk, dv)");
+        py::arg("softmax_scale"), py::arg("deterministic") = false,
+        "FlashAttention-2 backward: (dq, dk, dv); deterministic avoids atomics where a backend uses them");
   m.def("layer_norm_forward", &gptfast::layer_norm_forward, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), "LayerNorm forward: (y, mean, rstd)");
   m.def("layer_norm_backward", &gptfast::layer_norm_backward, py::arg("dy"), py::arg("x"),
@@ -49,6 +57,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_ffn_backward", &gptfast::gelu_ffn_backward, py::arg("dout"), py::arg("x"),
         py::arg("h"), py::arg("w1"), py::arg("w2"), py::arg("has_b1"), py::arg("has_b2"),
         py::arg("approximate"), "GELU-FFN backward: (dx, dw1, db1, dw2, db2)");
+#ifdef GPTFAST_CUDA
+  m.def("attention_smem_bytes", &gptfast::cuda::attention_smem_bytes, py::arg("head_dim"),
+        py::arg("backward"), "Dynamic shared memory (bytes) of the attention kernels for a head dim");
+#else
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");
+#endif
 }

@@ -1,6 +1,5 @@
 // gptfast gelu_ffn: argument checks for the native launchers (bound in bindings.cpp).
-#include "common/checks.h"
-#include "common/cpu_kernels.h"
+#include "common/backend.h"
 
 #include <string>
 
@@ -24,7 +23,7 @@ void check_param(const at::Tensor& t, const char* name, const at::Tensor& x) {
 
 void check_weights(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
   CHECK_DIM(x, 2);
-  CHECK_CPU(x);
+  CHECK_BACKEND_DEVICE(x);
   CHECK_FLOATING(x);
   CHECK_CONTIGUOUS(x);
   CHECK_DIM(w1, 2);
@@ -53,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const a
     check_param(*b2, "b2", x);
     CHECK_SHAPE(*b2, w2.size(0));
   }
-  return cpu::gelu_ffn_forward(x, w1, b1, w2, b2, tanh_approx);
+  return backend::gelu_ffn_forward(x, w1, b1, w2, b2, tanh_approx);
 }
 
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>>
@@ -68,7 +67,7 @@ gelu_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
   CHECK_SHAPE(dout, M, w2.size(0));
   CHECK_SHAPE(h, M, w1.size(0));
   CHECK_CONTIGUOUS(dout);
-  return cpu::gelu_ffn_backward(dout, x, h, w1, w2, has_b1, has_b2, tanh_approx);
+  return backend::gelu_ffn_backward(dout, x, h, w1, w2, has_b1, has_b2, tanh_approx);
 }
 
 }  // namespace gptfast

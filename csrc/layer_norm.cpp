@@ -1,6 +1,5 @@
 // gptfast layer_norm: argument checks for the native launchers (bound in bindings.cpp).
-#include "common/checks.h"
-#include "common/cpu_kernels.h"
+#include "common/backend.h"
 
 namespace gptfast {
 
@@ -22,34 +21,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   CHECK_DIM(x, 2);
-  CHECK_CPU(x);
+  CHECK_BACKEND_DEVICE(x);
   CHECK_FLOATING(x);
   CHECK_CONTIGUOUS(x);
   TORCH_CHECK_VALUE(x.size(1) > 0, kOp, ": the normalised dimension x.shape[-1] must be > 0");
   check_affine(weight, "weight", x);
   check_affine(bias, "bias", x);
   TORCH_CHECK_VALUE(eps >= 0, kOp, ": eps must be non-negative, got ", eps);
-  return cpu::layer_norm_forward(x, weight, bias, eps);
+  return backend::layer_norm_forward(x, weight, bias, eps);
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
   CHECK_DIM(x, 2);
-  CHECK_CPU(x);
+  CHECK_BACKEND_DEVICE(x);
   CHECK_FLOATING(x);
   CHECK_CONTIGUOUS(x);
   const int64_t M = x.size(0), N = x.size(1);
-  CHECK_CPU(dy);
   CHECK_SAME_DTYPE(dy, x);
   CHECK_SHAPE(dy, M, N);
   CHECK_CONTIGUOUS(dy);
   check_affine(weight, "weight", x);
   CHECK_SHAPE(mean, M);
   CHECK_SHAPE(rstd, M);
-  CHECK_CPU(mean);
-  CHECK_CPU(rstd);
-  return cpu::layer_norm_backward(dy, x, weight, mean, rstd, has_bias);
+  CHECK_DEVICE(dy, x.device());  // one GPU of several: all on x's
+  CHECK_DEVICE(mean, x.device());
+  CHECK_DEVICE(rstd, x.device());
+  return backend::layer_norm_backward(dy, x, weight, mean, rstd, has_bias);
 }
 
 }  // namespace gptfast

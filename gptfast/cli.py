@@ -9,6 +9,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 from dataclasses import fields
 
 import torch
@@ -83,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     sub.add_parser("info", help="versions, devices and the backend table")
-    sub.add_parser("build", help="compile the native extension (the cpu backend) now instead of on first use")
+    p = sub.add_parser("build", help="compile the native extensions (cpu; --cuda: cuda) now instead of on first use")
+    p.add_argument("--cuda", action="store_true",
+                   help="build the cuda backend instead (nvcc for $TORCH_CUDA_ARCH_LIST, default 8.0;9.0; "
+                        "minutes); prints every kernel's registers, stack and shared memory and fails on "
+                        "spills in the attention kernels")
+    p.add_argument("--quiet", action="store_true", help="do not echo the compiler's output")
 
     from .bench import add_arguments as _add_bench_args
     p_bench = sub.add_parser(
@@ -147,11 +153,40 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> None:
     from . import _build
 
+    backend = "cuda" if args.cuda else "cpu"
+    start = time.perf_counter()
     try:
-        _build.build(verbose=True)
+        module = _build.build(verbose=not args.quiet, backend=backend)
     except Exception as e:  # compiler/ninja missing or a compile error: one line, exit 1
         print(f"gptfast build: failed: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if args.quiet:
+        print(f"gptfast: native extension {_build.extension_name(backend)} ready in "
+              f"{time.perf_counter() - start:.1f} s ({module.__file__})")
+    if backend == "cuda":
+        report_cuda_resources()
+
+
+def report_cuda_resources() -> None:
+    """The resource-usage table of the CUDA kernels; exit 1 on spills in the attention kernels."""
+    from . import _build
+
+    try:
+        rows = _build.resource_usage()
+    except Exception as e:
+        print(f"gptfast build: cannot read the kernels' resource usage: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    for r in rows:
+        r["smem (dyn)"] = "-" if r["shared_dynamic"] is None else f"{r['shared_dynamic'] / 1024:.1f} KiB"
+    print("\nCUDA kernels (cuobjdump --dump-resource-usage; stack/local > 0 means register spills):")
+    print(format_table(rows, ["kernel", "arch", "registers", "stack", "local", "shared_static", "smem (dyn)"]))
+    bad = _build.spills(rows)
+    if bad:
+        names = ", ".join(f"{r['kernel']} ({r['arch']}: {r['stack']} B stack)" for r in bad)
+        print(f"gptfast build: register spills in attention kernels: {names}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"no spills in the attention kernels ({sum(r['kernel'].startswith(_build.SPILL_FREE_KERNELS) for r in rows)} "
+          f"kernel binaries checked)")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

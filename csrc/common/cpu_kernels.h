@@ -15,7 +15,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const at::Tensor& v, bool causal, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale);
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    bool deterministic);  // ignored: the cpu backward is always deterministic (no atomics)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,

@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/) {
   auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
              dv = at::empty(v.sizes(), opts);

@@ -27,7 +27,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
                        deterministic: bool = False) -> tuple[torch.Tensor, ...]:
     """dq, dk, dv. Always deterministic: one task per (batch, head), no atomics."""
-    return _ext.attention_backward(dout, q, k, v, out, lse, bool(causal), float(softmax_scale))
+    return _ext.attention_backward(dout, q, k, v, out, lse, bool(causal), float(softmax_scale), True)
 
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
