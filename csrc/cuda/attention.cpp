@@ -1,0 +1,130 @@
+// Host side of the CUDA attention kernels (csrc/cuda/attention.cu): tensors -> AttentionParams.
+//
+// The kernels move 16-byte chunks, so they need head_dim % 8 == 0, every stride but the last a
+// multiple of 8 elements and 16-byte aligned base pointers. Inputs that miss this are copied
+// here: a head dim that is not a multiple of 8 is zero-padded up to one (zero columns add
+// nothing to q.k and produce zero output columns, which are cut off again), other misaligned
+// inputs are made contiguous. Outputs are fresh, contiguous tensors (the launcher contract).
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+
+#include "cuda/attention.h"
+#include "cuda/host.h"
+
+namespace gptfast {
+namespace cuda {
+
+namespace {
+constexpr const char* kOp = "gptfast.attention";
+
+bool is_aligned(const at::Tensor& x) {
+  if (x.stride(3) != 1) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (x.size(d) > 1 && x.stride(d) % 8 != 0) return false;
+  }
+  return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+}
+
+// x with its head dim padded to `padded` and a layout the kernels can read.
+at::Tensor prepare(const at::Tensor& x, int64_t padded) {
+  if (x.size(3) != padded) return at::constant_pad_nd(x, {0, padded - x.size(3)}, 0);
+  return is_aligned(x) ? x : x.contiguous();
+}
+
+void check_dtype(const at::Tensor& q) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
+                   ": the cuda backend runs attention on tensor cores in float16 or bfloat16, got ",
+                   q.scalar_type(), "; use backend='triton' or 'reference' for float32/float64");
+}
+
+void set_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             bool causal, double scale) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen = static_cast<int>(q.size(1));
+  p.heads = static_cast<int>(q.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  p.causal = causal;
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor unpad(const at::Tensor& x, int64_t head_dim) {
+  return x.size(3) == head_dim ? x : x.narrow(3, 0, head_dim).contiguous();
+}
+
+int64_t padded_head_dim(int64_t d) { return (d + 7) / 8 * 8; }
+
+void check_sizes(const at::Tensor& q) {
+  // Grid: batch * heads on x (up to 2^31 - 1), query blocks of 64 on y (up to 65535).
+  TORCH_CHECK_VALUE(q.size(1) <= 64LL * 65535, kOp, ": seqlen ", q.size(1), " exceeds the cuda backend's limit ",
+                    64LL * 65535);
+  TORCH_CHECK_VALUE(q.size(0) * q.size(2) <= INT32_MAX, kOp, ": batch * nheads is too large");
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, bool causal, double scale) {
+  check_dtype(q_in);
+  check_sizes(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  const int64_t Dp = padded_head_dim(D);
+  at::Tensor out = at::empty({B, T, H, Dp}, q_in.options());
+  at::Tensor lse = at::empty({B, H, T}, q_in.options().dtype(at::kFloat));
+  if (B * T * H == 0) return {unpad(out, D), lse};
+  const at::Tensor q = prepare(q_in, Dp), k = prepare(k_in, Dp), v = prepare(v_in, Dp);
+  AttentionParams p{};
+  set_qkv(p, q, k, v, causal, scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  GPTFAST_CUDA_LAUNCH_CHECK(attention_forward_launch(p, current_stream()));
+  return {unpad(out, D), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale, bool deterministic) {
+  check_dtype(q_in);
+  check_sizes(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  const int64_t Dp = padded_head_dim(D);
+  const auto opts = q_in.options();
+  at::Tensor dq = at::empty({B, T, H, Dp}, opts), dk = at::empty({B, T, H, Dp}, opts),
+             dv = at::empty({B, T, H, Dp}, opts);
+  if (B * T * H == 0) return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
+  const at::Tensor q = prepare(q_in, Dp), k = prepare(k_in, Dp), v = prepare(v_in, Dp);
+  const at::Tensor out = prepare(out_in, Dp), dout = prepare(dout_in, Dp);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor delta = at::empty({B, H, T}, opts.dtype(at::kFloat));
+  at::Tensor dq_accum;
+  if (!deterministic) dq_accum = at::zeros({B, T, H, Dp}, opts.dtype(at::kFloat));
+
+  AttentionParams p{};
+  set_qkv(p, q, k, v, causal, scale);
+  p.out_in = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.lse_in = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  GPTFAST_CUDA_LAUNCH_CHECK(attention_backward_launch(p, current_stream()));
+  return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
+}
+
+}  // namespace cuda
+}  // namespace gptfast
