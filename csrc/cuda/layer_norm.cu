@@ -1,0 +1,474 @@
+// LayerNorm over the last dimension on NVIDIA GPUs (sm_80+): the kernels and their launchers.
+//
+// Forward, one block per row: pass 1 sums the row, pass 2 sums (x - mean)^2, pass 3 writes
+//   y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(biased var + eps).
+// Two passes for the statistics (not E[x^2] - E[x]^2) keep the variance accurate for rows with a
+// large offset. They cost no memory traffic because each thread keeps its share of the row in
+// registers between the passes (kFwdSlots accesses: rows of up to 32768 halves or 16384 floats,
+// 8192 on the scalar path); only longer rows re-read the remainder (from L1/L2). Saved for
+// backward: mean and rstd per row, fp32.
+//
+// Backward, one kernel over a grid of ~#SM x occupancy blocks, each taking rows blockIdx.x,
+// blockIdx.x + gridDim.x, ...: per row, one pass for mean(g) and mean(g * xhat) (g = dy * w,
+// xhat = (x - mean) * rstd), then dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) from the
+// same registers. A thread always owns the same columns, so it sums dW += dy * xhat and
+// dB += dy for them across its block's rows in fp32 registers and writes them once into its
+// block's row of a (num_blocks, N) fp32 partial buffer; columns beyond the register slots (rows
+// longer than 8192, 4096 on the scalar path) are accumulated in that partial row directly
+// (read-modify-write by the one thread that owns them). A second kernel sums the partials over
+// blocks in a fixed order: dW and dB are deterministic for a given device, with no atomics.
+//
+// Design choices:
+// - One block per row, sized to the row (32..1024 threads, ~4 vectors per thread), rather than a
+//   warp per row for small N: a GPT row of 768..12288 halves is 96..1536 vectors, which a warp
+//   could not hold in registers, and a 32-thread block already is the one-warp case for rows of
+//   up to 128 vectors (its block reduction then costs one shared-memory round trip). One kernel
+//   covers 1..65536.
+// - 16-byte accesses (8 halves or 4 floats) when N is a multiple of the vector width and every
+//   pointer is 16-byte aligned, else a scalar instantiation of the same kernel (kVec = false).
+// - fp32 accumulation everywhere; rstd is 1 / sqrtf (IEEE), not rsqrtf (approximate), since it is
+//   computed once per row. No fast-math: NaN/Inf in a row propagate to that row's outputs.
+// - dtype (fp32/fp16/bf16) and kVec are the only template parameters (6 instantiations per
+//   kernel); weight/bias presence are uniform runtime branches.
+#include "layer_norm.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include "common.cuh"
+#include "static_switch.h"
+
+namespace gptfast {
+namespace cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kFwdMaxThreads = 1024;
+// 512, not 1024: the backward keeps ~16 elements' x, dy, w, dW and dB per thread in registers,
+// more than the 64 registers a 1024-thread block allows.
+constexpr int kBwdMaxThreads = 512;
+// Forward block size target: enough 16-byte loads in flight per thread to cover DRAM latency
+// without making small rows use few, long-running threads (a guess to tune with bench/).
+constexpr int kFwdVecsPerThread = 4;
+// Each backward block writes and the reduce kernel reads a (cols,) fp32 row per output: with at
+// least this many rows per block that costs <= 1/6 of the row traffic of fp16 inputs.
+constexpr int kBwdMinRowsPerBlock = 16;
+// Reduce kernel tile: 32 columns x 32 partial rows per block.
+constexpr int kReduceTile = 32;
+
+// Register budgets, set from ptxas -v (CUDA 13.0, no spills on sm_80 or sm_90; tune with bench/):
+// forward <= 64 registers per thread (1024-thread blocks), backward <= 128 (512 threads). The
+// kernels declare __launch_bounds__(max threads, 1): without the explicit minimum of one block
+// per SM, ptxas spilled a few bytes in the scalar fp32 forward on sm_90 to raise occupancy.
+template <typename T, bool kVec>
+struct Config {
+  // Elements per access.
+  static constexpr int kVecElems = kVec ? 16 / static_cast<int>(sizeof(T)) : 1;
+  // Forward accesses per thread kept in registers between the passes (about 40 registers in
+  // all): 1024 threads x 4 vectors = rows of up to 32768 halves / 16384 floats; scalar path 8192.
+  static constexpr int kFwdSlots = kVec ? kFwdVecsPerThread : 8;
+  // Backward accesses per thread kept in registers (x, dy, w packed; dW and dB sums in fp32):
+  // 16 elements for vectors (113-128 registers), 8 on the scalar path (70-80). With 512 threads,
+  // rows of up to 8192 (4096) elements never touch the partial buffer until the end.
+  static constexpr int kBwdSlots = kVec ? 16 / kVecElems : 8;
+};
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// fp32 partial sums of V columns. Aligned to at most 16 bytes (the widest access), so the
+// partial buffers need only 16-byte alignment: V = 8 is accessed as two float4.
+template <int V>
+struct alignas(V * 4 > 16 ? 16 : V * 4) FloatPack {
+  float v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ float pack_sum(const Pack<T, V> a) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; ++e) s += to_float(a.v[e]);
+  return s;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ float pack_sq_dev(const Pack<T, V> a, float mean) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float d = to_float(a.v[e]) - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+// y for the V columns of vector i; w, b may be null (uniform branches).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V> xv, int i, float mean, float rstd,
+                                                const Pack<T, V>* w, const Pack<T, V>* b) {
+  float y[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) y[e] = (to_float(xv.v[e]) - mean) * rstd;
+  if (w != nullptr) {
+    const Pack<T, V> wv = w[i];
+#pragma unroll
+    for (int e = 0; e < V; ++e) y[e] *= to_float(wv.v[e]);
+  }
+  if (b != nullptr) {
+    const Pack<T, V> bv = b[i];
+#pragma unroll
+    for (int e = 0; e < V; ++e) y[e] += to_float(bv.v[e]);
+  }
+  Pack<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) out.v[e] = from_float<T>(y[e]);
+  return out;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> input_grad(const Pack<T, V> xv, const Pack<T, V> dyv,
+                                                 const Pack<T, V> wv, float mean, float rstd,
+                                                 float mean_g, float mean_gx) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float xhat = (to_float(xv.v[e]) - mean) * rstd;
+    const float g = to_float(dyv.v[e]) * to_float(wv.v[e]);
+    out.v[e] = from_float<T>(rstd * (g - mean_g - xhat * mean_gx));
+  }
+  return out;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024) of one value per thread. Every warp
+// reduces the per-warp sums itself, so every thread gets the result, bitwise the same in all
+// (the xor butterfly adds the same pairs in every lane). The leading barrier makes back-to-back
+// calls on the same `red` safe.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / kWarpSize) ? red[lane] : 0.f;
+  return warp_sum(v);
+}
+
+__device__ __forceinline__ float2 block_sum2(float a, float b, float2* red) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();
+  if (lane == 0) red[warp] = make_float2(a, b);
+  __syncthreads();
+  const float2 v =
+      lane < static_cast<int>(blockDim.x / kWarpSize) ? red[lane] : make_float2(0.f, 0.f);
+  return make_float2(warp_sum(v.x), warp_sum(v.y));
+}
+
+// Grid: one block per row. Block: fwd_threads(). Thread t handles vectors t, t + blockDim.x, ...
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kFwdMaxThreads, 1)
+    layer_norm_fwd_kernel(const LayerNormFwdParams p) {
+  using C = Config<T, kVec>;
+  constexpr int V = C::kVecElems;
+  constexpr int kSlots = C::kFwdSlots;
+  using P = Pack<T, V>;
+  __shared__ float red[kWarpSize];
+
+  const int64_t row = blockIdx.x;
+  const int nvec = p.cols / V;
+  const int tid = threadIdx.x, nthr = blockDim.x;
+  const P* x = static_cast<const P*>(p.x) + row * nvec;
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  P* y = static_cast<P*>(p.y) + row * nvec;
+
+  // Zero-initialised: left undefined where i >= nvec, ptxas moved the array to local memory.
+  P cache[kSlots] = {};
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int i = tid + k * nthr;
+    if (i < nvec) {
+      cache[k] = x[i];
+      sum += pack_sum(cache[k]);
+    }
+  }
+#pragma unroll 1
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sum += pack_sum(x[i]);
+  const float mean = block_sum(sum, red) / static_cast<float>(p.cols);
+
+  float sq = 0.f;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    if (tid + k * nthr < nvec) sq += pack_sq_dev(cache[k], mean);
+  }
+#pragma unroll 1
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sq += pack_sq_dev(x[i], mean);
+  const float var = block_sum(sq, red) / static_cast<float>(p.cols);
+  const float rstd = 1.f / sqrtf(var + p.eps);
+  if (tid == 0) {
+    p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int i = tid + k * nthr;
+    if (i < nvec) y[i] = normalize(cache[k], i, mean, rstd, w, b);
+  }
+#pragma unroll 1
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr)
+    y[i] = normalize(x[i], i, mean, rstd, w, b);
+}
+
+// Grid: num_blocks (<= rows) blocks, block b taking rows b, b + gridDim.x, ... Block:
+// bwd_threads(). Thread t owns vectors t + k * blockDim.x (columns V times that) in every row:
+// slots k < kSlots in registers, the rest through the partial row.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kBwdMaxThreads, 1)
+    layer_norm_bwd_kernel(const LayerNormBwdParams p) {
+  using C = Config<T, kVec>;
+  constexpr int V = C::kVecElems;
+  constexpr int kSlots = C::kBwdSlots;
+  using P = Pack<T, V>;
+  using F = FloatPack<V>;
+  __shared__ float2 red[kWarpSize];
+
+  const int nvec = p.cols / V;
+  const int tid = threadIdx.x, nthr = blockDim.x;
+  const P* w = static_cast<const P*>(p.weight);
+  const int64_t part_offset = static_cast<int64_t>(blockIdx.x) * nvec;
+  F* dw_part = p.dweight_partial != nullptr ? reinterpret_cast<F*>(p.dweight_partial) + part_offset
+                                            : nullptr;
+  F* db_part = p.dbias_partial != nullptr ? reinterpret_cast<F*>(p.dbias_partial) + part_offset
+                                          : nullptr;
+  const float inv_n = 1.f / static_cast<float>(p.cols);
+
+  // Without a weight, g = dy * 1 (exact, NaN-preserving) keeps a single code path.
+  P ones;
+#pragma unroll
+  for (int e = 0; e < V; ++e) ones.v[e] = from_float<T>(1.f);
+
+  P wc[kSlots];
+  float dw_acc[kSlots][V], db_acc[kSlots][V];
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int i = tid + k * nthr;
+    wc[k] = (w != nullptr && i < nvec) ? w[i] : ones;
+#pragma unroll
+    for (int e = 0; e < V; ++e) dw_acc[k][e] = db_acc[k][e] = 0.f;
+  }
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const bool first_row = row == blockIdx.x;
+    const P* x = static_cast<const P*>(p.x) + row * nvec;
+    const P* dy = static_cast<const P*>(p.dy) + row * nvec;
+    P* dx = static_cast<P*>(p.dx) + row * nvec;
+    const float mean = p.mean[row], rstd = p.rstd[row];
+
+    P xc[kSlots] = {}, dyc[kSlots] = {};  // zero-initialised: see layer_norm_fwd_kernel
+    float sg = 0.f, sgx = 0.f;
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int i = tid + k * nthr;
+      if (i < nvec) {
+        xc[k] = x[i];
+        dyc[k] = dy[i];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float xhat = (to_float(xc[k].v[e]) - mean) * rstd;
+          const float d = to_float(dyc[k].v[e]);
+          const float g = d * to_float(wc[k].v[e]);
+          sg += g;
+          sgx += g * xhat;
+          dw_acc[k][e] += d * xhat;
+          db_acc[k][e] += d;
+        }
+      }
+    }
+#pragma unroll 1
+    for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
+      const P xv = x[i], dyv = dy[i];
+      const P wv = w != nullptr ? w[i] : ones;
+      F dwv = {}, dbv = {};  // the block's first row initialises the partial row
+      if (dw_part != nullptr && !first_row) dwv = dw_part[i];
+      if (db_part != nullptr && !first_row) dbv = db_part[i];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float xhat = (to_float(xv.v[e]) - mean) * rstd;
+        const float d = to_float(dyv.v[e]);
+        const float g = d * to_float(wv.v[e]);
+        sg += g;
+        sgx += g * xhat;
+        dwv.v[e] += d * xhat;
+        dbv.v[e] += d;
+      }
+      if (dw_part != nullptr) dw_part[i] = dwv;
+      if (db_part != nullptr) db_part[i] = dbv;
+    }
+    const float2 sums = block_sum2(sg, sgx, red);
+    const float mean_g = sums.x * inv_n, mean_gx = sums.y * inv_n;
+
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int i = tid + k * nthr;
+      if (i < nvec) dx[i] = input_grad(xc[k], dyc[k], wc[k], mean, rstd, mean_g, mean_gx);
+    }
+#pragma unroll 1
+    for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
+      const P wv = w != nullptr ? w[i] : ones;
+      dx[i] = input_grad(x[i], dy[i], wv, mean, rstd, mean_g, mean_gx);
+    }
+  }
+
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int i = tid + k * nthr;
+    if (i < nvec) {
+      F dwv, dbv;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        dwv.v[e] = dw_acc[k][e];
+        dbv.v[e] = db_acc[k][e];
+      }
+      if (dw_part != nullptr) dw_part[i] = dwv;
+      if (db_part != nullptr) db_part[i] = dbv;
+    }
+  }
+}
+
+// out[c] = sum_b partial[b][c] for dW (blockIdx.y 0 when wanted) and dB. Block (32, 32): thread
+// (x, y) sums partial rows y, y + 32, ... of column 32 * blockIdx.x + x; then warp y sums the 32
+// per-thread results of column 32 * blockIdx.x + y through a padded shared tile. Fixed order:
+// deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kReduceTile * kReduceTile)
+    layer_norm_bwd_reduce_kernel(const LayerNormBwdParams p) {
+  __shared__ float tile[kReduceTile][kReduceTile + 1];
+  const bool is_db = blockIdx.y == 1 || p.dweight_partial == nullptr;
+  const float* src = is_db ? p.dbias_partial : p.dweight_partial;
+  T* dst = static_cast<T*>(is_db ? p.dbias : p.dweight);
+
+  const int col0 = blockIdx.x * kReduceTile;
+  const int col = col0 + threadIdx.x;
+  float s = 0.f;
+  if (col < p.cols) {
+#pragma unroll 4
+    for (int b = threadIdx.y; b < p.num_blocks; b += kReduceTile)
+      s += src[static_cast<int64_t>(b) * p.cols + col];
+  }
+  tile[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  s = warp_sum(tile[threadIdx.x][threadIdx.y]);
+  const int out_col = col0 + threadIdx.y;
+  if (threadIdx.x == 0 && out_col < p.cols) dst[out_col] = from_float<T>(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+template <typename T>
+bool use_vec(int cols, std::initializer_list<const void*> ptrs) {
+  if (cols % (16 / static_cast<int>(sizeof(T))) != 0) return false;
+  for (const void* ptr : ptrs)
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;  // nullptr passes
+  return true;
+}
+
+// Warp multiple in [32, max_threads] nearest above want.
+int round_threads(int want, int max_threads) {
+  const int t = (want + kWarpSize - 1) / kWarpSize * kWarpSize;
+  return std::min(std::max(t, kWarpSize), max_threads);
+}
+
+template <typename T, bool kVec>
+int fwd_threads(int cols) {
+  return round_threads(ceil_div(cols / Config<T, kVec>::kVecElems, kFwdVecsPerThread),
+                       kFwdMaxThreads);
+}
+
+// As many threads as fill the register slots, so that rows up to 8192 never take the slow path.
+template <typename T, bool kVec>
+int bwd_threads(int cols) {
+  using C = Config<T, kVec>;
+  return round_threads(ceil_div(cols / C::kVecElems, C::kBwdSlots), kBwdMaxThreads);
+}
+
+bool bwd_use_vec(const LayerNormBwdParams& p) {
+  return FLOAT_SWITCH(p.dtype, [&] {
+    return use_vec<elem_t>(p.cols, {p.dy, p.x, p.dx, p.weight, p.dweight_partial, p.dbias_partial});
+  });
+}
+
+}  // namespace
+
+cudaError_t layer_norm_forward_launch(const LayerNormFwdParams& p, cudaStream_t stream) {
+  if (p.rows < 1 || p.rows > INT32_MAX || p.cols < 1 || p.cols > kLayerNormMaxCols)
+    return cudaErrorInvalidValue;
+  FLOAT_SWITCH(p.dtype, [&] {
+    const bool vec = use_vec<elem_t>(p.cols, {p.x, p.weight, p.bias, p.y});
+    BOOL_SWITCH(vec, kVec, [&] {
+      layer_norm_fwd_kernel<elem_t, kVec>
+          <<<static_cast<unsigned>(p.rows), fwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t layer_norm_backward_num_blocks(const LayerNormBwdParams& p, int* num_blocks) {
+  *num_blocks = 1;
+  if (p.rows < 1 || p.cols < 1 || p.cols > kLayerNormMaxCols) return cudaErrorInvalidValue;
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = FLOAT_SWITCH(p.dtype, [&] {
+    return BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, layer_norm_bwd_kernel<elem_t, kVec>, bwd_threads<elem_t, kVec>(p.cols), 0);
+    });
+  });
+  if (err != cudaSuccess) return err;
+  // Every resident block slot busy, unless that leaves fewer than kBwdMinRowsPerBlock rows per
+  // block (the partial rows would then cost more than the extra parallelism gains); even then at
+  // least two blocks per SM where they fit, and never a block without a row.
+  const int64_t resident = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+  const int64_t amortised =
+      std::max<int64_t>(2 * static_cast<int64_t>(sms),
+                        (p.rows + kBwdMinRowsPerBlock - 1) / kBwdMinRowsPerBlock);
+  const int64_t nb = std::max<int64_t>(1, std::min({resident, amortised, p.rows}));
+  *num_blocks = static_cast<int>(nb);
+  return cudaSuccess;
+}
+
+cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& p, cudaStream_t stream) {
+  // Every block must own at least one row: its first row initialises the partial-row columns
+  // that are accumulated in memory rather than in registers.
+  if (p.rows < 1 || p.cols < 1 || p.cols > kLayerNormMaxCols || p.num_blocks < 1 ||
+      p.num_blocks > p.rows || (p.dweight != nullptr) != (p.dweight_partial != nullptr) ||
+      (p.dbias != nullptr) != (p.dbias_partial != nullptr))
+    return cudaErrorInvalidValue;
+  const int outputs = (p.dweight != nullptr) + (p.dbias != nullptr);
+  cudaError_t err = FLOAT_SWITCH(p.dtype, [&] {
+    BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
+      layer_norm_bwd_kernel<elem_t, kVec>
+          <<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+    });
+    cudaError_t launch_err = cudaGetLastError();
+    if (launch_err == cudaSuccess && outputs > 0) {
+      const dim3 grid(ceil_div(p.cols, kReduceTile), outputs);
+      layer_norm_bwd_reduce_kernel<elem_t><<<grid, dim3(kReduceTile, kReduceTile), 0, stream>>>(p);
+      launch_err = cudaGetLastError();
+    }
+    return launch_err;
+  });
+  return err;
+}
+
+}  // namespace cuda
+}  // namespace gptfast
