@@ -1,0 +1,314 @@
+// Element-wise and reduction kernels of the CUDA GELU feed-forward block
+//   out = GELU(x w1^T + b1) w2^T + b2        (GELU: tanh approximation or exact erf)
+// The four GEMMs, and where cuBLASLt offers them the tanh-GELU epilogues (GELU_AUX_BIAS forward,
+// DGELU_BGRAD backward), run in csrc/cuda/gelu_ffn.cpp; these kernels do the rest, memory-bound:
+//
+//   gelu_forward_kernel   a = GELU(h): the exact-GELU epilogue of the first GEMM (cuBLASLt's GELU
+//                         is the tanh form), the tanh form where that epilogue is not used (fp32,
+//                         sizes it rejects), and the backward's recomputation of GELU(h) (h is
+//                         saved, GELU(h) is not).
+//   gelu_backward_kernel  dh = dA * GELU'(h) in place, a = GELU(h) and per-chunk column partial
+//                         sums of dh for db1, in one pass over (M, H): the dGELU epilogue where
+//                         cuBLASLt's DGELU_BGRAD is not used (exact GELU, fp32, sizes it rejects).
+//   column_partials_kernel / column_finalize_kernel   db2 = column sums of dout, and the second
+//                         stage of db1: partial rows summed in a fixed order, so bias gradients
+//                         are deterministic (no atomics).
+//
+// GELU and GELU' are evaluated in fp32 with PyTorch's formulas (ActivationGeluKernel.cu) using
+// the precise tanhf/erff/expf, never the .approx instructions: NaN propagates, and fp32 results
+// stay fp32-accurate. 16-byte loads/stores (8 x 16-bit or 4 x fp32) when
+// the pointers are 16-byte aligned (and, for the 2-D kernels, the row length is a multiple of 8
+// or 4); scalar otherwise. One instantiation per dtype x GELU variant.
+//
+// No torch headers here: nvcc's host pass over them costs ~40 s per file.
+#include "cuda/gelu_ffn.h"
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/static_switch.h"
+
+namespace gptfast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block, every kernel
+constexpr int kTileX = 32;     // 2-D kernels: threads across columns (one warp)...
+constexpr int kTileY = 8;      // ...times threads across rows
+constexpr int64_t kMaxBlocks1D = 65536;  // grid-stride beyond this
+
+// sqrt(2/pi), 0.044715, 1/sqrt(2), 1/sqrt(2*pi) as PyTorch spells them (fp32-rounded).
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kKappa = 0.044715f;
+constexpr float kInvSqrt2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+
+template <bool kTanh>
+__device__ __forceinline__ float gelu(float x) {
+  if constexpr (kTanh) {
+    const float inner = kSqrt2OverPi * (x + kKappa * x * x * x);
+    return 0.5f * x * (1.f + tanhf(inner));
+  } else {
+    return x * 0.5f * (1.f + erff(x * kInvSqrt2));
+  }
+}
+
+// GELU(x), and dGELU/dx in *grad.
+template <bool kTanh>
+__device__ __forceinline__ float gelu_and_grad(float x, float* grad) {
+  if constexpr (kTanh) {
+    const float x_sq = x * x;
+    const float inner = kSqrt2OverPi * (x + kKappa * x_sq * x);
+    const float t = tanhf(inner);
+    const float left = 0.5f * x;
+    const float right = 1.f + t;
+    const float right_derivative = (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kKappa * x_sq);
+    *grad = 0.5f * right + left * right_derivative;
+    return left * right;
+  } else {
+    const float cdf = 0.5f * (1.f + erff(x * kInvSqrt2));
+    const float pdf = expf(-0.5f * x * x) * kInvSqrt2Pi;
+    *grad = cdf + x * pdf;
+    return x * cdf;
+  }
+}
+
+template <typename T>
+struct Vec {
+  static constexpr int kN = 16 / sizeof(T);  // elements per 16-byte access
+};
+
+// n = Vec<T>::kN elements at p into registers: one 16-byte access when `full` (p 16-byte aligned),
+// else element by element for those of the first `valid`, zero beyond.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, bool full, int64_t valid, T (&out)[Vec<T>::kN]) {
+  if (full) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kN; ++j) out[j] = v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kN; ++j) out[j] = j < valid ? p[j] : from_float<T>(0.f);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, bool full, int64_t valid, const T (&in)[Vec<T>::kN]) {
+  if (full) {
+    uint4 raw;
+    T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kN; ++j) v[j] = in[j];
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kN; ++j)
+      if (j < valid) p[j] = in[j];
+  }
+}
+
+// The 2-D kernels' block covers kTileX * kN columns starting at blockIdx.x * kTileX * kN and the
+// rows of chunk blockIdx.y; thread (x, y) owns columns [col0, col0 + kN) and rows y, y + kTileY, ...
+// This sums the threads' per-column fp32 totals over threadIdx.y (fixed order) and writes the
+// block's partial row segment. Called by all threads of the block.
+template <int kN>
+__device__ __forceinline__ void write_column_partials(const float (&acc)[kN], float* __restrict__ partial_row,
+                                                      int64_t cols) {
+  __shared__ float smem[kTileY][kTileX * kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) smem[threadIdx.y][threadIdx.x * kN + j] = acc[j];
+  __syncthreads();
+  const int t = threadIdx.y * kTileX + threadIdx.x;
+  if (t < kTileX * kN) {
+    float s = 0.f;
+#pragma unroll
+    for (int y = 0; y < kTileY; ++y) s += smem[y][t];
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * (kTileX * kN) + t;
+    if (col < cols) partial_row[col] = s;
+  }
+}
+
+template <typename T, bool kTanh>
+__global__ void __launch_bounds__(kThreads)
+gelu_forward_kernel(const T* __restrict__ h,  // (numel,)
+                    T* __restrict__ a,        // (numel,) GELU(h)
+                    int64_t numel,
+                    bool vectorized) {        // h and a 16-byte aligned
+  constexpr int kN = Vec<T>::kN;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (vectorized) {
+    const int64_t nvec = numel / kN;
+    for (int64_t v = tid; v < nvec; v += stride) {
+      T in[kN], out[kN];
+      load_vec<T>(h + v * kN, true, kN, in);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) out[j] = from_float<T>(gelu<kTanh>(to_float<T>(in[j])));
+      store_vec<T>(a + v * kN, true, kN, out);
+    }
+    tail = nvec * kN;
+  }
+  for (int64_t i = tail + tid; i < numel; i += stride) a[i] = from_float<T>(gelu<kTanh>(to_float<T>(h[i])));
+}
+
+template <typename T, bool kTanh>
+__global__ void __launch_bounds__(kThreads)
+gelu_backward_kernel(const T* __restrict__ h,        // (rows, cols)
+                     T* dh,                          // (rows, cols) dA in, dh out: not __restrict__
+                     T* __restrict__ a,              // (rows, cols) GELU(h)
+                     float* __restrict__ partials,   // (chunks, cols) column sums of dh per chunk, or null
+                     int64_t rows, int64_t cols,
+                     int64_t rows_per_chunk,
+                     bool vectorized) {              // cols % kN == 0 and h, dh, a 16-byte aligned
+  constexpr int kN = Vec<T>::kN;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t row_end = min(rows, row_begin + rows_per_chunk);
+  float acc[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc[j] = 0.f;
+  if (col0 < cols) {
+    const int64_t valid = cols - col0;
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kTileY) {
+      const int64_t off = r * cols + col0;
+      T hv[kN], dv[kN], av[kN];
+      load_vec<T>(h + off, vectorized, valid, hv);
+      load_vec<T>(dh + off, vectorized, valid, dv);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        float g;
+        av[j] = from_float<T>(gelu_and_grad<kTanh>(to_float<T>(hv[j]), &g));
+        dv[j] = from_float<T>(to_float<T>(dv[j]) * g);
+        acc[j] += to_float<T>(dv[j]);  // db1 sums the rounded dh, as the reference does
+      }
+      store_vec<T>(dh + off, vectorized, valid, dv);
+      store_vec<T>(a + off, vectorized, valid, av);
+    }
+  }
+  if (partials != nullptr) write_column_partials<kN>(acc, partials + blockIdx.y * cols, cols);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+column_partials_kernel(const T* __restrict__ x,        // (rows, cols)
+                       float* __restrict__ partials,   // (chunks, cols)
+                       int64_t rows, int64_t cols,
+                       int64_t rows_per_chunk,
+                       bool vectorized) {              // cols % kN == 0 and x 16-byte aligned
+  constexpr int kN = Vec<T>::kN;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t row_end = min(rows, row_begin + rows_per_chunk);
+  float acc[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc[j] = 0.f;
+  if (col0 < cols) {
+    const int64_t valid = cols - col0;
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kTileY) {
+      T xv[kN];
+      load_vec<T>(x + r * cols + col0, vectorized, valid, xv);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) acc[j] += to_float<T>(xv[j]);
+    }
+  }
+  write_column_partials<kN>(acc, partials + blockIdx.y * cols, cols);
+}
+
+// out[j] = sum over chunks of partials[chunk, j], in a fixed order; block (kTileX, kTileY).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+column_finalize_kernel(const float* __restrict__ partials,  // (chunks, cols)
+                       T* __restrict__ out,                 // (cols,)
+                       int64_t chunks, int64_t cols) {
+  __shared__ float smem[kTileY][kTileX + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  float s = 0.f;
+  if (col < cols)
+    for (int64_t c = threadIdx.y; c < chunks; c += kTileY) s += partials[c * cols + col];
+  smem[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.f;
+#pragma unroll
+    for (int y = 0; y < kTileY; ++y) total += smem[y][threadIdx.x];
+    out[col] = from_float<T>(total);
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Second stage of the column sums (partials already written by one of the 2-D kernels).
+template <typename T>
+void launch_finalize(const float* partials, void* out, int64_t chunks, int64_t cols, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div64(cols, kTileX)));
+  column_finalize_kernel<T><<<grid, dim3(kTileX, kTileY), 0, stream>>>(partials, static_cast<T*>(out),
+                                                                       chunks, cols);
+}
+
+}  // namespace
+
+cudaError_t gelu_forward(const GeluForwardParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const bool vectorized = aligned16(p.h) && aligned16(p.a);
+  FLOAT_SWITCH(p.dtype, [&] {
+    BOOL_SWITCH(p.tanh_approx, kTanh, [&] {
+      const int64_t work = vectorized ? ceil_div64(p.numel, Vec<elem_t>::kN) : p.numel;
+      const int64_t blocks = std::min(ceil_div64(work, kThreads), kMaxBlocks1D);
+      gelu_forward_kernel<elem_t, kTanh><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          static_cast<const elem_t*>(p.h), static_cast<elem_t*>(p.a), p.numel, vectorized);
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t gelu_backward(const GeluBackwardParams& p, cudaStream_t stream) {
+  if (p.cols <= 0) return cudaSuccess;
+  if (p.rows <= 0) {  // empty sum
+    if (p.dbias != nullptr) {
+      const size_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
+      return cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(p.cols) * elem, stream);
+    }
+    return cudaSuccess;
+  }
+  const ColumnChunks chunks = column_chunks(p.rows);
+  FLOAT_SWITCH(p.dtype, [&] {
+    BOOL_SWITCH(p.tanh_approx, kTanh, [&] {
+      constexpr int kN = Vec<elem_t>::kN;
+      const bool vectorized = p.cols % kN == 0 && aligned16(p.h) && aligned16(p.dh) && aligned16(p.a);
+      const dim3 grid(static_cast<unsigned>(ceil_div64(p.cols, kTileX * kN)),
+                      static_cast<unsigned>(chunks.count));
+      float* partials = p.dbias != nullptr ? p.workspace : nullptr;
+      gelu_backward_kernel<elem_t, kTanh><<<grid, dim3(kTileX, kTileY), 0, stream>>>(
+          static_cast<const elem_t*>(p.h), static_cast<elem_t*>(p.dh), static_cast<elem_t*>(p.a), partials,
+          p.rows, p.cols, chunks.rows_per_chunk, vectorized);
+      if (partials != nullptr) launch_finalize<elem_t>(partials, p.dbias, chunks.count, p.cols, stream);
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t column_sum(const ColumnSumParams& p, cudaStream_t stream) {
+  if (p.cols <= 0) return cudaSuccess;
+  if (p.rows <= 0) {
+    const size_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
+    return cudaMemsetAsync(p.out, 0, static_cast<size_t>(p.cols) * elem, stream);
+  }
+  const ColumnChunks chunks = column_chunks(p.rows);
+  FLOAT_SWITCH(p.dtype, [&] {
+    constexpr int kN = Vec<elem_t>::kN;
+    const bool vectorized = p.cols % kN == 0 && aligned16(p.x);
+    const dim3 grid(static_cast<unsigned>(ceil_div64(p.cols, kTileX * kN)),
+                    static_cast<unsigned>(chunks.count));
+    column_partials_kernel<elem_t><<<grid, dim3(kTileX, kTileY), 0, stream>>>(
+        static_cast<const elem_t*>(p.x), p.workspace, p.rows, p.cols, chunks.rows_per_chunk, vectorized);
+    launch_finalize<elem_t>(p.workspace, p.out, chunks.count, p.cols, stream);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace gptfast
