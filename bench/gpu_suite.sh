@@ -8,12 +8,13 @@
 #   bash bench/gpu_suite.sh --device cpu --dry-run   # its Python parts, planning only (tests/test_bench.py)
 #   bash bench/gpu_suite.sh --out DIR                # another output folder
 #
-# Stage time limits (s): build 45 + tests 150 + ceilings 15 + attention 120 + layer_norm 50
-# + gelu_ffn 50 + train 90 = 520 < 540, inside the device tool's 10-minute call. A stage that runs
+# Stage time limits (s): build 100 + tests 150 + ceilings 15 + attention 100 + layer_norm 40
+# + gelu_ffn 40 + train 70 = 515 < 540, inside the device tool's 10-minute call. A stage that runs
 # out of time is stopped (SIGTERM, then SIGKILL 10 s later) and keeps the rows it finished: the
 # bench writes results.json after every size. Grids are modest: FlashAttention's grid up to
 # seqlen 8k (the 16k point is in `gptfast bench attention`'s default grid), GPT-2 widths for
-# LayerNorm and GELU-FFN. Backends: triton (add cuda when it has kernels, #7) against eager,
+# LayerNorm and GELU-FFN. Backends: triton and cuda (csrc/cuda, built for sm_90 only here to save
+# build time) against eager,
 # torch.compile (not for attention: compiling SDPA gives SDPA, and costs a compile per shape),
 # flash_attn / Liger when installed; not reference (it builds T x T: slow and memory-bound at 8k).
 # Nothing here changes the card's clocks or settings.
@@ -63,26 +64,28 @@ suite() {
         --format=csv 2>/dev/null || echo "nvidia-smi: not available"
     $PY -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda)"
     $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not importable"
-    TESTS="tests/gpu tests/test_triton_attention.py tests/test_triton_layer_norm.py tests/test_triton_gelu_ffn.py"
+    TESTS="tests/gpu tests/test_triton_attention.py tests/test_triton_layer_norm.py tests/test_triton_gelu_ffn.py tests/test_cuda_backend.py"
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     if [ -n "$DRY" ]; then
         echo "would run: $PY -m gptfast.cli build"
+        echo "would run: $PY -m gptfast.cli build --cuda --quiet"
         echo "would run: $PY -m pytest -q -p no:cacheprovider $TESTS"
     else
-        stage build 45 $PY -m gptfast.cli build
+        stage build 100 bash -c "$PY -m gptfast.cli build --quiet && MAX_JOBS=\$(nproc) $PY -m gptfast.cli build --cuda --quiet"
         stage tests 150 $PY -m pytest -q -p no:cacheprovider --no-header $TESTS
     fi
     stage ceilings 15 $BENCH ceilings $DEV_ARGS $DRY --out "$OUT"
     # FlashAttention's grid to 8k: hidden 2048, heads 2048/D, batch 16384/T; causal and not
     SIZES=""
     for D in 64 128; do for T in 512 1024 2048 4096 8192; do SIZES="$SIZES $((16384 / T)),$T,$((2048 / D)),$D"; done; done
-    stage attention 120 $BENCH attention $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
-        --backends triton,eager,flash_attn --sizes $SIZES
-    stage layer_norm 50 $BENCH layer_norm $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
-        --backends triton,eager,compile,liger
-    stage gelu_ffn 50 $BENCH gelu_ffn $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
-        --backends triton,eager,compile
-    stage train 90 $BENCH train $DEV_ARGS $DRY --out "$OUT" --sizes gpt2,8,1024 \
-        --backends triton,eager,compile
+    stage attention 100 $BENCH attention $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
+        --backends cuda,triton,eager,flash_attn --sizes $SIZES
+    stage layer_norm 40 $BENCH layer_norm $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
+        --backends cuda,triton,eager,compile,liger
+    stage gelu_ffn 40 $BENCH gelu_ffn $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
+        --backends cuda,triton,eager,compile
+    stage train 70 $BENCH train $DEV_ARGS $DRY --out "$OUT" --sizes gpt2,8,1024 \
+        --backends cuda,triton,eager,compile
     echo; echo "== done: $OUT"
 }
 

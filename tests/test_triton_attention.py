@@ -35,14 +35,14 @@ def _inputs(B, T, H, D, layout, scale_inputs=1.0):
     return lambda dt: [t.contiguous().requires_grad_() for t in buf.to(dt).unbind(0)]
 
 
-def check_attention(B, T, H, D, causal, dtype, layout="packed", scale_inputs=1.0):
+def check_attention(B, T, H, D, causal, dtype, layout="packed", scale_inputs=1.0, backend="triton"):
     make = _inputs(B, T, H, D, layout, scale_inputs)
     scale = 1.0 / math.sqrt(D)
     x64, xpt, xtr = make(torch.float64), make(dtype), make(dtype)
     assert not xtr[0].is_contiguous() or layout == "contiguous"
     ref = gptfast.attention_ref(*x64, causal, scale, upcast=False)
     pt = gptfast.attention_ref(*xpt, causal, scale, upcast=False)
-    out = gptfast.attention(*xtr, causal=causal, backend="triton")
+    out = gptfast.attention(*xtr, causal=causal, backend=backend)
     assert out.dtype == dtype and out.shape == (B, T, H, D)
     # non-contiguous upstream gradient (stride(-1) == 1, other strides padded)
     g = torch.randn(B, T, H, D + 8, device=DEVICE)[..., :D].to(dtype)

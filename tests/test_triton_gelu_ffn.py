@@ -19,7 +19,8 @@ from gptfast.testing import assert_close, assert_within_pytorch_error  # noqa: E
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_gelu_ffn(B, T, K, H, N, dtype, approximate="tanh", has_bias=True, weights="transposed"):
+def check_gelu_ffn(B, T, K, H, N, dtype, approximate="tanh", has_bias=True, weights="transposed",
+                   backend="triton"):
     torch.manual_seed(K * 7 + H)
     x = torch.randn(B, T, K, device=DEVICE)
     if weights == "transposed":  # nn.Linear shapes, column-major storage
@@ -40,7 +41,7 @@ def check_gelu_ffn(B, T, K, H, N, dtype, approximate="tanh", has_bias=True, weig
         assert not xtr[1].is_contiguous() and not xtr[3].is_contiguous()
     ref = gptfast.gelu_ffn_ref(*x64, approximate)
     pt = gptfast.gelu_ffn_ref(*xpt, approximate)
-    out = gptfast.gelu_ffn(*xtr, approximate=approximate, backend="triton")
+    out = gptfast.gelu_ffn(*xtr, approximate=approximate, backend=backend)
     assert out.dtype == dtype and out.shape == (B, T, N)
     g = torch.randn(B, T, N, device=DEVICE).to(dtype)
     ref.backward(g.double())

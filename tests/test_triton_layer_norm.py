@@ -19,7 +19,8 @@ from gptfast.testing import assert_close, assert_within_pytorch_error  # noqa: E
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_layer_norm(rows, N, dtype, has_weight=True, has_bias=True, shift=1.0, relative=False):
+def check_layer_norm(rows, N, dtype, has_weight=True, has_bias=True, shift=1.0, relative=False,
+                     backend="triton"):
     torch.manual_seed(N + rows)
     # (2, rows, N) viewed through a transpose of a (rows, 2, N) buffer: not contiguous
     xbuf = torch.randn(rows, 2, N, device=DEVICE) * 2.0 + shift
@@ -35,7 +36,7 @@ def check_layer_norm(rows, N, dtype, has_weight=True, has_bias=True, shift=1.0, 
     assert not xtr[0].is_contiguous()
     ref = F.layer_norm(x64[0], (N,), x64[1], x64[2], 1e-5)
     pt = F.layer_norm(xpt[0], (N,), xpt[1], xpt[2], 1e-5)
-    out = gptfast.layer_norm(xtr[0], xtr[1], xtr[2], eps=1e-5, backend="triton")
+    out = gptfast.layer_norm(xtr[0], xtr[1], xtr[2], eps=1e-5, backend=backend)
     assert out.dtype == dtype and out.shape == ref.shape
     g = torch.randn(2, rows, N + 5, device=DEVICE)[..., :N].to(dtype)  # non-contiguous
     ref.backward(g.double())

@@ -16,8 +16,10 @@ seqlen_q == seqlen_k)::
         -> out (batch, seqlen, nheads, headdim), q.dtype, contiguous
            lse (batch, nheads, seqlen), float32 (float64 for float64 inputs):
                log(sum_j exp(scale * q_i.k_j)) over unmasked j
-    attention_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float)
+    attention_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float,
+                       deterministic: bool = False)
         -> dq, dk, dv   (shapes and dtypes of q, k, v)
+           deterministic: no atomics, bitwise reproducible (backends without atomics ignore it)
 
     A row with no unmasked key (impossible for causal self-attention with seqlen_q == seqlen_k)
     has out = 0, lse = -inf and zero gradients.
@@ -166,7 +168,7 @@ def _cpu_requirement(device: torch.device) -> str | None:
     # Builds the extension on the first call and caches the outcome (gptfast._build): later calls,
     # one per op call under auto, only read the cached result.
     from .. import _build
-    return _build.unavailable_reason()
+    return _build.unavailable_reason("cpu")
 
 
 for _op in OPS:
@@ -175,6 +177,23 @@ for _op in OPS:
         fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward", dtypes=REFERENCE_DTYPES,
         requirement=_cpu_requirement,
         note="C++ kernels (csrc/cpu): OpenMP, vectorised, fp32 accumulation; built on first use",
+    ))
+
+
+def _cuda_requirement(device: torch.device) -> str | None:
+    # Like the cpu backend: builds (minutes of nvcc, once; cached on disk) on the first call.
+    from .. import _build
+    return _build.unavailable_reason("cuda")
+
+
+for _op in OPS:
+    register(Impl(
+        op=_op, backend="cuda", devices=("cuda",), module="gptfast.ops._cuda",
+        fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward",
+        # attention runs on tensor cores (mma.sync) in 16-bit only; float32 goes to triton.
+        dtypes=(torch.float16, torch.bfloat16) if _op == "attention" else KERNEL_DTYPES,
+        requirement=_cuda_requirement,
+        note="CUDA C++ kernels (csrc/cuda): mma.sync FlashAttention-2, cuBLASLt GEMMs; built on first use",
     ))
 
 

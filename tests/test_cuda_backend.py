@@ -1,0 +1,123 @@
+"""The ``cuda`` backend on a machine without a GPU: registry wiring, the build of the CUDA
+extension (nvcc for sm_80 and sm_90), its kernels' resource usage, and its argument checks.
+
+Numerics need a GPU: tests/gpu/test_cuda_gpu.py. Here the extension is built (or found in the
+cache: CI builds it first with ``gptfast build --cuda``) whenever this machine has a CUDA build of
+torch, nvcc and cuBLASLt; without them the build tests are skipped with the reason.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gptfast
+from gptfast import _build
+from gptfast.ops import _backend
+
+OPS = ("attention", "layer_norm", "gelu_ffn")
+
+
+# --- registry: no build needed ----------------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_backend_registered_for_cuda_tensors(op):
+    impl = _backend._REGISTRY[(op, "cuda")]
+    assert impl.devices == ("cuda",) and impl.module == "gptfast.ops._cuda"
+    assert _backend.AUTO_ORDER["cuda"][0] == "cuda"  # auto on a CUDA tensor tries it first
+    expected = (torch.float16, torch.bfloat16) + (() if op == "attention" else (torch.float32,))
+    assert set(impl.dtypes) == set(expected)
+
+
+def test_explicit_cuda_backend_on_cpu_tensors_raises():
+    x = torch.randn(2, 8, 2, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu: runs on cuda, not cpu"):
+        gptfast.attention(x, x, x, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu"):
+        gptfast.layer_norm(torch.randn(4, 8), None, None, backend="cuda")
+    w = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu"):
+        gptfast.gelu_ffn(torch.randn(4, 8), w, None, w, None, backend="cuda")
+    with gptfast.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run on cpu"):
+        gptfast.layer_norm(torch.randn(4, 8), None, None)
+
+
+def test_auto_on_cpu_never_considers_cuda():
+    assert "cuda" not in _backend.AUTO_ORDER["cpu"]
+    assert _backend.resolve("layer_norm", torch.device("cpu"), torch.float32).backend != "cuda"
+
+
+def test_spill_check_flags_attention_kernels_only():
+    rows = [dict(kernel="attention_fwd_kernel<__half, 64>", arch="sm_80", stack=0, local=0),
+            dict(kernel="attention_bwd_dkdv_kernel<__half, 256>", arch="sm_90", stack=24, local=0),
+            dict(kernel="layer_norm_fwd_kernel<float>", arch="sm_80", stack=16, local=0)]
+    assert [r["kernel"] for r in _build.spills(rows)] == ["attention_bwd_dkdv_kernel<__half, 256>"]
+
+
+# --- the CUDA extension: built with nvcc, no GPU needed ----------------------------------------
+
+_reason = _build._precheck("cuda")
+needs_build = pytest.mark.skipif(_reason is not None, reason=f"cuda extension cannot be built here: {_reason}")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    # A compile or link error fails here (not a skip): CI must not pass with broken CUDA code.
+    return _build.load("cuda")
+
+
+@needs_build
+def test_extension_builds_for_both_archs(ext):
+    assert ext.backend == "cuda"
+    rows = _build.resource_usage()
+    archs = {r["arch"] for r in rows}
+    if "TORCH_CUDA_ARCH_LIST" not in __import__("os").environ:
+        assert archs == {"sm_80", "sm_90"}
+    for op, prefix in (("attention", "attention_fwd_kernel"), ("attention", "attention_bwd_dkdv_kernel"),
+                       ("attention", "attention_bwd_dq_kernel"), ("layer_norm", "layer_norm"),
+                       ("gelu_ffn", "gelu")):
+        found = {r["arch"] for r in rows if prefix in r["kernel"]}
+        assert found == archs, f"{op}: no {prefix}* kernel for {archs - found}"
+    # three head-dim instantiations x two dtypes, per arch
+    fwd = {r["kernel"] for r in rows if r["kernel"].startswith("attention_fwd_kernel")}
+    assert len(fwd) == 6
+
+
+@needs_build
+def test_attention_kernels_do_not_spill(ext):
+    rows = _build.resource_usage()
+    assert _build.spills(rows) == []
+    for r in rows:
+        if r["shared_dynamic"] is not None:  # fits the opt-in limit of sm_80 (163 KiB)
+            assert r["shared_dynamic"] + r["shared_static"] <= 163 * 1024, r
+
+
+@needs_build
+def test_extension_rejects_cpu_tensors(ext):
+    q = torch.randn(1, 4, 2, 16, dtype=torch.float16)
+    lse = torch.zeros(1, 2, 4)
+    msg = "must be a CUDA tensor for the cuda backend, got cpu"
+    with pytest.raises(ValueError, match="gptfast.attention: q " + msg):
+        ext.attention_forward(q, q, q, True, 0.25)
+    with pytest.raises(ValueError, match="gptfast.attention: q " + msg):
+        ext.attention_backward(q, q, q, q, q, lse, True, 0.25, False)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="gptfast.layer_norm: x " + msg):
+        ext.layer_norm_forward(x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="gptfast.layer_norm: x " + msg):
+        ext.layer_norm_backward(x, x, None, torch.zeros(4), torch.ones(4), False)
+    w = torch.randn(8, 8)
+    with pytest.raises(ValueError, match="gptfast.gelu_ffn: x " + msg):
+        ext.gelu_ffn_forward(x, w, None, w, None, "tanh")
+    with pytest.raises(ValueError, match="gptfast.gelu_ffn: x " + msg):
+        ext.gelu_ffn_backward(x, x, x, w, w, False, False, "none")
+
+
+@needs_build
+def test_extension_checks_shapes_and_options_before_launching(ext):
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        ext.attention_forward(torch.randn(4, 2, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16), True, 1.0)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        ext.layer_norm_forward(torch.randn(2, 4, 8), None, None, 1e-5)
+    w = torch.randn(8, 8)
+    with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none', got 'erf'"):
+        ext.gelu_ffn_forward(torch.randn(4, 8), w, None, w, None, "erf")
