@@ -48,13 +48,20 @@ constexpr int kBlockM = 64;  // query rows per forward CTA and per backward step
 // --- fragments and tensor-core instructions --------------------------------------------------
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+// memcpy, not a pointer cast, for the bit moves: type-punned pointer accesses are undefined
+// behaviour (a CPU emulation of this file compiled with g++ -O2 computed zeros from them);
+// memcpy of registers compiles to plain moves.
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  return bits;
 }
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  return bits;
 }
 
 // D = A * B + D, 16x8x16, fp32 accumulators.
@@ -332,8 +339,9 @@ __global__ void attention_bwd_delta_kernel(const AttentionParams p) {
   for (int d = lane * 8; d < p.head_dim; d += 32 * 8) {  // 16-byte loads: head_dim % 8 == 0
     const uint4 ov = *reinterpret_cast<const uint4*>(o + d);
     const uint4 dv = *reinterpret_cast<const uint4*>(dout + d);
-    const T* oe = reinterpret_cast<const T*>(&ov);
-    const T* de = reinterpret_cast<const T*>(&dv);
+    T oe[8], de[8];  // see pack2: memcpy, not a type-punned pointer
+    memcpy(oe, &ov, sizeof(ov));
+    memcpy(de, &dv, sizeof(dv));
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
   }

@@ -84,9 +84,7 @@ template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, bool full, int64_t valid, T (&out)[Vec<T>::kN]) {
   if (full) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < Vec<T>::kN; ++j) out[j] = v[j];
+    memcpy(out, &raw, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
   } else {
 #pragma unroll
     for (int j = 0; j < Vec<T>::kN; ++j) out[j] = j < valid ? p[j] : from_float<T>(0.f);
@@ -97,9 +95,7 @@ template <typename T>
 __device__ __forceinline__ void store_vec(T* p, bool full, int64_t valid, const T (&in)[Vec<T>::kN]) {
   if (full) {
     uint4 raw;
-    T* v = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < Vec<T>::kN; ++j) v[j] = in[j];
+    memcpy(&raw, in, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
     *reinterpret_cast<uint4*>(p) = raw;
   } else {
 #pragma unroll
