@@ -176,8 +176,7 @@ def _precheck(backend: str = "cpu") -> str | None:
     if shutil.which(cxx.split()[0]) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)"
     try:
-        from torch.utils.cpp_extension import verify_ninja_availability
-        verify_ninja_availability()
+        _cpp_extension().verify_ninja_availability()
     except Exception:
         return "ninja is not installed (pip install ninja)"
     try:
@@ -203,9 +202,20 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-def _compile(backend: str, verbose: bool) -> ModuleType:
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported with $CUDA_HOME pointing at the toolkit found here: it
+    resolves CUDA_HOME once, at import, and would otherwise pick a wrapper script's folder (and
+    warn about it) on machines whose nvcc on PATH is a wrapper."""
+    if "torch.utils.cpp_extension" not in sys.modules and not os.environ.get("CUDA_HOME"):
+        home = cuda_home()
+        if home:
+            os.environ["CUDA_HOME"] = home
     from torch.utils import cpp_extension
+    return cpp_extension
 
+
+def _compile(backend: str, verbose: bool) -> ModuleType:
+    cpp_extension = _cpp_extension()
     name = extension_name(backend)
     build_dir = build_directory(name)
     srcs = _shimmed_sources(build_dir, backend)
@@ -239,6 +249,11 @@ def load(backend: str = "cpu") -> ModuleType:
         if state.module is None and state.error is None:
             state.error = _precheck(backend)
             if state.error is None:
+                name = extension_name(backend)
+                if backend == "cuda" and not any(build_directory(name).glob(f"{name}*.so")):
+                    # minutes the first time: say why the first op on a CUDA tensor is slow
+                    print(f"gptfast: compiling the cuda backend ({name}, once, about a minute on 2 "
+                          f"cores; `gptfast build --cuda` does it ahead of time)", file=sys.stderr)
                 try:
                     state.module = _compile(backend, verbose=False)
                 except Exception as exc:  # compiler errors, linker errors, import errors
