@@ -7,8 +7,8 @@ file, cached by a hash of its inputs. The tests call the kernels' own launch fun
 ctypes on NaN-guarded buffers and compare every output with a float64 reference.
 
 What this proves: the kernels' index math, tiling, masking (causal, partial blocks, padded head
-dims), online softmax, the fragment bookkeeping between mma.sync calls, cp.async group counting,
-the barrier placement (a shared-memory race detector is on for every launch: any race, out-of-
+dims), online softmax, the fragment bookkeeping between ldmatrix and mma.sync calls, cp.async
+group counting, the barrier placement (a shared-memory race detector is on for every launch: any race, out-of-
 bounds or misaligned access, deadlock or divergent warp collective fails the test), the host-side
 launch logic (grid sizes, instantiation switches, vector/scalar path choice, rows per backward
 block) and the numerics of the chosen algorithms, in fp16 and bf16 (and fp32 for LayerNorm).
@@ -17,8 +17,9 @@ What it does NOT prove:
 - tensor-core arithmetic: an emulated mma.sync sums the 16 products exactly and rounds once to
   fp32; the hardware's accumulation order and internal rounding differ slightly. ex2.approx is
   an exact exp2 here (the hardware is within ~2 ulp).
-- the PTX fragment layout itself: kernel and emulator both take the m16n8k16 register layout from
-  the PTX ISA ("Matrix Fragments for mma.m16n8k16"); a shared misreading would pass here.
+- the PTX register layouts themselves: kernel and emulator both take the m16n8k16 fragment layout
+  and ldmatrix's row-address/register mapping from the PTX ISA ("Matrix Fragments for
+  mma.m16n8k16", "ldmatrix"); a shared misreading would pass here.
 - real concurrency: threads of a block run as coroutines switched only at barriers and warp
   collectives, so memory ordering, fences and the ordering of fp32 atomicAdd (dQ) are not
   exercised beyond two blocks running on two OS threads; the race detector, not the schedule,

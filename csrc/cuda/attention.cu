@@ -17,10 +17,10 @@
 // Two adjacent C tiles (n = 16 columns) therefore hold exactly the A fragment of a k = 16 step,
 // which is how the probabilities P go from the QK^T accumulators into the PV product unchanged.
 //
-// Tiles live in shared memory with rows padded by 8 elements (16 bytes): the fragment loads
-// below then hit 32 distinct banks. Global -> shared copies are 16-byte cp.async with zero-fill
-// for rows past seqlen and columns past head_dim, so the padded instantiations (head dims 64,
-// 128, 256) compute with zeros in the padding and never store it.
+// Tiles live in shared memory with rows padded by 8 elements (16 bytes): the eight 16-byte rows
+// of each ldmatrix then fall in distinct bank groups (no conflicts). Global -> shared copies are
+// 16-byte cp.async with zero-fill for rows past seqlen and columns past head_dim, so the padded
+// instantiations (head dims 64, 128, 256) compute with zeros in the padding and never store it.
 //
 // Forward: one CTA of 4 warps per (64 query rows, batch*head); each warp owns 16 query rows and
 //   keeps its O accumulator (16 x kHeadDim fp32) in registers; K_j and V_j stream through shared
@@ -82,46 +82,60 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Shared-memory tiles are arrays of raw 16-bit elements, row-major with a pitch of `ld` elements.
-__device__ __forceinline__ uint32_t ld_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t pair(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+// Fragments come out of shared memory with ldmatrix: each 8x8 16-bit matrix is 8 row addresses
+// (16 bytes each) supplied by 8 lanes, lane l giving row l % 8 of matrix l / 8, and every lane
+// receives the 32-bit register (row g, columns 2t..2t+1) of each matrix, or with .trans the
+// register (rows 2t..2t+1, column g): exactly the mma.m16n8k16 fragment layout above. One
+// instruction replaces four 32-bit loads (A, B^T) or eight 16-bit loads (the transposed reads).
+// Shared-memory tiles are arrays of raw 16-bit elements, row-major with a pitch of `ld` elements
+// (a multiple of 8: every row address is 16-byte aligned, as ldmatrix requires).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// x2: lanes 0..15 supply the addresses; the others' are ignored (but computed in range).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const uint16_t* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const uint16_t* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
-// A = X[r0 .. r0+15][c0 .. c0+15].
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* X, int ld, int r0, int c0,
-                                       int g, int t) {
-  const uint16_t* p = X + (r0 + g) * ld + c0 + 2 * t;
-  a[0] = ld_u32(p);
-  a[1] = ld_u32(p + 8 * ld);
-  a[2] = ld_u32(p + 8);
-  a[3] = ld_u32(p + 8 * ld + 8);
+// A = X[r0 .. r0+15][c0 .. c0+15]: matrices (rows, cols) (r0, c0) -> a0, (r0+8, c0) -> a1,
+// (r0, c0+8) -> a2, (r0+8, c0+8) -> a3.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* X, int ld, int r0, int c0, int lane) {
+  ldmatrix_x4(a, X + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + c0 + (lane >> 4) * 8);
 }
 
-// A[m][k] = X[k0 + k][m0 + m]: A read transposed out of X.
+// A[m][k] = X[k0 + k][m0 + m], read transposed: X's 8x8 blocks (k0, m0) -> a0, (k0, m0+8) -> a1,
+// (k0+8, m0) -> a2, (k0+8, m0+8) -> a3.
 __device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const uint16_t* X, int ld, int m0, int k0,
-                                             int g, int t) {
-  const uint16_t* p = X + (k0 + 2 * t) * ld + m0 + g;
-  a[0] = pair(p[0], p[ld]);
-  a[1] = pair(p[8], p[ld + 8]);
-  a[2] = pair(p[8 * ld], p[9 * ld]);
-  a[3] = pair(p[8 * ld + 8], p[9 * ld + 8]);
+                                             int lane) {
+  ldmatrix_x4_trans(a, X + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
 }
 
-// B[k][n] = X[n0 + n][k0 + k]: the rows of X are B's columns (K in Q K^T).
+// B[k][n] = X[n0 + n][k0 + k]: the rows of X are B's columns (K in Q K^T); blocks (n0, k0) -> b0,
+// (n0, k0+8) -> b1.
 __device__ __forceinline__ void load_b_rows(uint32_t (&b)[2], const uint16_t* X, int ld, int n0, int k0,
-                                            int g, int t) {
-  const uint16_t* p = X + (n0 + g) * ld + k0 + 2 * t;
-  b[0] = ld_u32(p);
-  b[1] = ld_u32(p + 8);
+                                            int lane) {
+  ldmatrix_x2(b, X + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8);
 }
 
-// B[k][n] = X[k0 + k][n0 + n]: X is B itself, row-major (V in P V).
+// B[k][n] = X[k0 + k][n0 + n]: X is B itself, row-major (V in P V), read transposed; blocks
+// (k0, n0) -> b0, (k0+8, n0) -> b1.
 __device__ __forceinline__ void load_b_cols(uint32_t (&b)[2], const uint16_t* X, int ld, int k0, int n0,
-                                            int g, int t) {
-  const uint16_t* p = X + (k0 + 2 * t) * ld + n0 + g;
-  b[0] = pair(p[0], p[ld]);
-  b[1] = pair(p[8 * ld], p[9 * ld]);
+                                            int lane) {
+  ldmatrix_x2_trans(b, X + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0);
 }
 
 // --- global -> shared copies ------------------------------------------------------------------
@@ -216,11 +230,11 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t a[4];
-      load_a(a, sQ, kPitch, warp * 16, kk * 16, g, t);
+      load_a(a, sQ, kPitch, warp * 16, kk * 16, lane);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         uint32_t bf[2];
-        load_b_rows(bf, sK, kPitch, nt * 8, kk * 16, g, t);
+        load_b_rows(bf, sK, kPitch, nt * 8, kk * 16, lane);
         mma16816<T>(s[nt], a, bf);
       }
     }
@@ -287,7 +301,7 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         uint32_t bf[2];
-        load_b_cols(bf, sV, kPitch, kk * 16, dt * 8, g, t);
+        load_b_cols(bf, sV, kPitch, kk * 16, dt * 8, lane);
         mma16816<T>(o[dt], a, bf);
       }
     }
@@ -437,16 +451,16 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 #pragma unroll 4
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t a[4], bf[2];
-      load_a(a, sK, kPitch, r * 16, kk * 16, g, t);
+      load_a(a, sK, kPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sQ, kPitch, c * 32 + nt * 8, kk * 16, g, t);
+        load_b_rows(bf, sQ, kPitch, c * 32 + nt * 8, kk * 16, lane);
         mma16816<T>(st[nt], a, bf);
       }
-      load_a(a, sV, kPitch, r * 16, kk * 16, g, t);
+      load_a(a, sV, kPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sdO, kPitch, c * 32 + nt * 8, kk * 16, g, t);
+        load_b_rows(bf, sdO, kPitch, c * 32 + nt * 8, kk * 16, lane);
         mma16816<T>(dpt[nt], a, bf);
       }
     }
@@ -478,16 +492,16 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 #pragma unroll 1
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
       uint32_t a[4], bf[2];
-      load_a(a, sPt, kPPitch, r * 16, kk * 16, g, t);
+      load_a(a, sPt, kPPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
-        load_b_cols(bf, sdO, kPitch, kk * 16, c * kHalf + dt * 8, g, t);
+        load_b_cols(bf, sdO, kPitch, kk * 16, c * kHalf + dt * 8, lane);
         mma16816<T>(dv[dt], a, bf);
       }
-      load_a(a, sdSt, kPPitch, r * 16, kk * 16, g, t);
+      load_a(a, sdSt, kPPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
-        load_b_cols(bf, sQ, kPitch, kk * 16, c * kHalf + dt * 8, g, t);
+        load_b_cols(bf, sQ, kPitch, kk * 16, c * kHalf + dt * 8, lane);
         mma16816<T>(dk[dt], a, bf);
       }
     }
@@ -504,10 +518,10 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 #pragma unroll
         for (int kk = 0; kk < 64 / 16; ++kk) {
           uint32_t a[4], bf[2];
-          load_a_trans(a, sdSt, kPPitch, r * 16, kk * 16, g, t);  // A[query][key] = dS^T[key][query]
+          load_a_trans(a, sdSt, kPPitch, r * 16, kk * 16, lane);  // A[query][key] = dS^T[key][query]
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) {
-            load_b_cols(bf, sK, kPitch, kk * 16, c * kHalf + chunk * 32 + nt * 8, g, t);
+            load_b_cols(bf, sK, kPitch, kk * 16, c * kHalf + chunk * 32 + nt * 8, lane);
             mma16816<T>(acc[nt], a, bf);
           }
         }
@@ -600,16 +614,16 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t a[4], bf[2];
-      load_a(a, sQ, kPitch, r * 16, kk * 16, g, t);
+      load_a(a, sQ, kPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sK, kPitch, c * 32 + nt * 8, kk * 16, g, t);
+        load_b_rows(bf, sK, kPitch, c * 32 + nt * 8, kk * 16, lane);
         mma16816<T>(s[nt], a, bf);
       }
-      load_a(a, sdO, kPitch, r * 16, kk * 16, g, t);
+      load_a(a, sdO, kPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sV, kPitch, c * 32 + nt * 8, kk * 16, g, t);
+        load_b_rows(bf, sV, kPitch, c * 32 + nt * 8, kk * 16, lane);
         mma16816<T>(dp[nt], a, bf);
       }
     }
@@ -633,10 +647,10 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
 #pragma unroll
     for (int kk = 0; kk < 64 / 16; ++kk) {
       uint32_t a[4], bf[2];
-      load_a(a, sdS, kPPitch, r * 16, kk * 16, g, t);
+      load_a(a, sdS, kPPitch, r * 16, kk * 16, lane);
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
-        load_b_cols(bf, sK, kPitch, kk * 16, c * kHalf + dt * 8, g, t);
+        load_b_cols(bf, sK, kPitch, kk * 16, c * kHalf + dt * 8, lane);
         mma16816<T>(dq[dt], a, bf);
       }
     }

@@ -3,14 +3,15 @@
     python rewrite.py SRC_DIR DST_DIR        (SRC_DIR: csrc/cuda)
 
 What is rewritten (everything else compiles unchanged against include/emu_shim.h):
-- inline PTX: mma.sync m16n8k16 -> emu_mma, cp.async(.commit_group/.wait_group) -> emu_cp_*,
-  ex2.approx -> emu_ex2; any other asm statement is an error (the emulator would not know it);
+- inline PTX: mma.sync m16n8k16 -> emu_mma, ldmatrix (x2/x4, .trans) -> emu_ldmatrix,
+  cp.async(.commit_group/.wait_group) -> emu_cp_*, ex2.approx -> emu_ex2; any other asm statement
+  is an error (the emulator would not know it);
 - `extern __shared__` -> the emulated block's dynamic shared memory; `__shared__ T a[N]` (and
   [N][M]) -> checked arrays in the block's static shared memory; `float* sName` (shared-memory
   float views, named s* by convention) and helper parameters that receive a static array ->
   checked pointers;
-- 32-bit loads/stores through reinterpret_cast<uint32_t*> and the 16-bit reads of the fragment
-  loaders -> checked accesses (race detector for shared memory, bounds for global memory);
+- 32-bit loads/stores through reinterpret_cast<uint32_t*> -> checked accesses (race detector for
+  shared memory, bounds for global memory);
 - `kernel<<<cfg>>>(args)` -> emu_launch_impl("kernel", kernel, EmuCfg(cfg), args).
 Line numbers are preserved, so the emulator's findings point at csrc/cuda lines.
 A pattern that no longer matches raises RewriteError: update this script with the kernel.
@@ -24,8 +25,6 @@ SOURCES = {
     "attention": ["attention.cu", "attention.h", "common.cuh", "static_switch.h", "types.h"],
     "layer_norm": ["layer_norm.cu", "layer_norm.h", "common.cuh", "static_switch.h", "types.h"],
 }
-# Fragment loaders whose 16-bit element reads `p[...]` hit shared memory.
-PAIR_LOADERS = ["load_a_trans", "load_b_cols"]
 # Helpers that record their call-site line (emu_site) for the emulator's findings.
 SITE_HELPERS = ["load_a", "load_a_trans", "load_b_rows", "load_b_cols", "load_tile", "load_row_stats"]
 
@@ -65,6 +64,12 @@ def rewrite_cu(s):
                  s, "mma f16", count=1)
         s = _sub(r'asm\("mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32.*?\);', "emu_mma<true>(d, a, b);",
                  s, "mma bf16", count=1)
+    if "ldmatrix" in s:
+        for x, trans in (("x4", False), ("x4", True), ("x2", False), ("x2", True)):
+            name = f"ldmatrix {x}{'.trans' if trans else ''}"
+            s = _sub(r'asm volatile\("ldmatrix\.sync\.aligned\.m8n8\.' + x + (r"\.trans" if trans else "")
+                     + r'\.shared\.b16 .*?\);', f"(void)addr; emu_ldmatrix<{x[1]}, {str(trans).lower()}>(r, row);",
+                     s, name, count=1)
     if "cp.async" in s:
         s = _sub(r'asm volatile\("cp\.async\.cg\.shared\.global \[%0\], \[%1\], 16, %2;\\n" ::"r"\(dst\), '
                  r'"l"\(gmem\), "r"\(src_bytes\)\);', "(void)dst; emu_cp_async(smem, gmem, src_bytes);", s,
@@ -97,13 +102,9 @@ def rewrite_cu(s):
         s = re.sub(rf"\b{ty}\* {name}\b", f"EmuShPtr<{ty}> {name}", s)
     s = re.sub(r"\bfloat\* (s[A-Z]\w*)\b", r"EmuShPtr<float> \1", s)  # float views of dynamic smem
 
-    # 32-bit loads and stores through reinterpret_cast, 16-bit reads of the pair loaders.
+    # 32-bit loads and stores through reinterpret_cast.
     s = re.sub(r"\*reinterpret_cast<const uint32_t\*>\(([^;]*?)\);", r"emu_ld32(\1);", s)
     s = re.sub(r"\*reinterpret_cast<uint32_t\*>\(([^;]*?)\) = ", r"emu_st32(\1, __LINE__) = ", s)
-    for fn in PAIR_LOADERS:
-        if f"void {fn}(" in s:
-            s = _sub(r"void " + fn + r"\(.*?\n\}",
-                     lambda m: re.sub(r"\bp\[([^\]]+)\]", r"emu_rd16(p + (\1))", m.group(0)), s, fn, count=1)
     for fn in SITE_HELPERS:
         if f"void {fn}(" in s:
             s = _sub(r"(void " + fn + r"\(.*?)\) \{", r"\1, int emu_line = __builtin_LINE()) { emu_site = emu_line;",

@@ -172,6 +172,7 @@ struct EmuWarp {
   uint32_t a[2][32][4];
   uint32_t b[2][32][2];
   float f[2][32];
+  const uint16_t* p[2][32];  // ldmatrix row addresses
 };
 
 constexpr size_t kEmuStack = 256 * 1024;
@@ -497,6 +498,34 @@ inline void emu_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
     double s = 0;
     for (int k = 0; k < 16; ++k) s += static_cast<double>(A[row][k]) * Bm[k][col];
     d[e] = static_cast<float>(static_cast<double>(d[e]) + s);
+  }
+  W.phase[lane] ^= 1;
+}
+
+// ldmatrix.sync.aligned.m8n8.{x2,x4}[.trans].shared.b16: lane l supplies the address of row l % 8
+// of matrix l / 8 (16 bytes, 16-byte aligned, in shared memory; for x2 only lanes 0..15 count).
+// Every lane gets, per matrix i, the register holding M_i[g][2t..2t+1] (g = lane / 4,
+// t = lane % 4), or with .trans M_i[2t][g] and M_i[2t+1][g]; the low half is the first element.
+template <int N, bool kTrans>
+inline void emu_ldmatrix(uint32_t (&r)[N], const uint16_t* row) {
+  EmuBlock* B = g_blk;
+  const int tid = B->cur, lane = tid % 32;
+  EmuWarp& W = B->warps[tid / 32];
+  const int ph = W.phase[lane];
+  W.p[ph][lane] = row;
+  emu_warp_barrier();
+  if (lane < 8 * N) {
+    if (!emu_is_smem(row)) g_report.add(emu_fmt("[%s] ldmatrix row address outside shared memory (site %d)",
+                                                B->kname, emu_site));
+    else if ((reinterpret_cast<const unsigned char*>(row) - B->smem) % 16 != 0)
+      g_report.add(emu_fmt("[%s] ldmatrix row address not 16-byte aligned (site %d)", B->kname, emu_site));
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < N; ++i) {
+    const uint16_t* const* rows = &W.p[ph][8 * i];
+    const uint16_t lo = kTrans ? emu_rd16(rows[2 * t] + g) : emu_rd16(rows[g] + 2 * t);
+    const uint16_t hi = kTrans ? emu_rd16(rows[2 * t + 1] + g) : emu_rd16(rows[g] + 2 * t + 1);
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   W.phase[lane] ^= 1;
 }
