@@ -59,7 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("approximate"), "GELU-FFN backward: (dx, dw1, db1, dw2, db2)");
 #ifdef GPTFAST_CUDA
   m.def("attention_smem_bytes", &gptfast::cuda::attention_smem_bytes, py::arg("head_dim"),
-        py::arg("backward"), "Dynamic shared memory (bytes) of the attention kernels for a head dim");
+        py::arg("kernel"), "Dynamic shared memory (bytes) for a head dim of kernel 0 (forward), "
+        "1 (dK/dV) or 2 (deterministic dQ)");
 #else
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");

@@ -381,7 +381,8 @@ def resource_usage(path: str | None = None) -> list[dict]:
         row["kernel"] = name
         hd = re.search(r"attention_(fwd|bwd_dkdv|bwd_dq)_kernel<[^,]+, ?(\d+)>", name)
         if hd and module is not None:
-            row["shared_dynamic"] = module.attention_smem_bytes(int(hd.group(2)), hd.group(1) != "fwd")
+            kernel = {"fwd": 0, "bwd_dkdv": 1, "bwd_dq": 2}[hd.group(1)]
+            row["shared_dynamic"] = module.attention_smem_bytes(int(hd.group(2)), kernel)
     return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
 
 

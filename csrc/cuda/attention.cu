@@ -26,8 +26,9 @@
 //   keeps its O accumulator (16 x kHeadDim fp32) in registers; K_j and V_j stream through shared
 //   memory, V_j's copy overlapping the QK^T and softmax of block j, K_{j+1}'s the PV of block j.
 // Backward (three kernels): delta = rowsum(dO * O); then one CTA of 8 warps per 64 key rows loops
-//   over query blocks, recomputes P from the saved logsumexp, accumulates dK and dV in registers
-//   and (default) adds its dQ contribution with fp32 atomics; in deterministic mode a second
+//   over query blocks (Q and dO double-buffered up to head dim 128: the next block's copy overlaps
+//   this block's products), recomputes P from the saved logsumexp, accumulates dK and dV in
+//   registers and (default) adds its dQ contribution with fp32 atomics; in deterministic mode a second
 //   kernel per 64 query rows recomputes P and dS and accumulates dQ in registers instead, so no
 //   float addition depends on scheduling order.
 #include <cfloat>
@@ -370,6 +371,10 @@ template <int kHeadDim> struct BwdConfig {
   static constexpr int kPPitch = kBlockM + 8;
   // K, V, Q, dO tiles; P^T and dS^T (or dS) tiles; logsumexp and delta of the query block.
   static constexpr int kSmemBytes = 4 * 64 * kPitch * 2 + 2 * 64 * kPPitch * 2 + 2 * kBlockM * 4;
+  // The dK/dV kernel double-buffers Q and dO (the next query block's copy overlaps this one's
+  // five products) where the second pair fits sm_80's 163 KiB: up to head dim 128 (122.5 KiB).
+  static constexpr bool kDoubleBuffer = kHeadDim <= 128;
+  static constexpr int kSmemBytesDkdv = kSmemBytes + (kDoubleBuffer ? 2 * 64 * kPitch * 2 : 0);
 };
 
 // Loads the query block's logsumexp (pre-multiplied by log2 e) and delta into shared memory.
@@ -399,12 +404,15 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
   extern __shared__ __align__(16) unsigned char smem[];
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sV = sK + 64 * kPitch;
-  uint16_t* sQ = sV + 64 * kPitch;
-  uint16_t* sdO = sQ + 64 * kPitch;
-  uint16_t* sPt = sdO + 64 * kPitch;   // P^T  (key row, query column), 16-bit
+  uint16_t* sQ0 = sV + 64 * kPitch;
+  uint16_t* sdO0 = sQ0 + 64 * kPitch;
+  uint16_t* sPt = sdO0 + 64 * kPitch;   // P^T  (key row, query column), 16-bit
   uint16_t* sdSt = sPt + 64 * kPPitch;  // dS^T (key row, query column), 16-bit
   float* sLse = reinterpret_cast<float*>(sdSt + 64 * kPPitch);
   float* sDelta = sLse + kBlockM;
+  // Second Q/dO buffers (Cfg::kDoubleBuffer), after everything else (16-byte aligned).
+  uint16_t* sQ1 = reinterpret_cast<uint16_t*>(smem + Cfg::kSmemBytes);
+  uint16_t* sdO1 = sQ1 + 64 * kPitch;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int r = warp % 4, c = warp / 4;
@@ -431,13 +439,28 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
   const int m_blocks = (T_ + kBlockM - 1) / kBlockM;
   const int kv_a = n0 + r * 16 + g;  // this thread's key rows: kv_a and kv_a + 8
 
+  auto load_q_do = [&](int mb, uint16_t* dst_q, uint16_t* dst_do) {
+    load_tile<kBlockM, kHeadDim, kThreads>(dst_q, q, p.q_row_stride, mb * kBlockM, T_, D);
+    load_tile<kBlockM, kHeadDim, kThreads>(dst_do, dout, p.do_row_stride, mb * kBlockM, T_, D);
+    cp_async_commit();
+  };
+  if (Cfg::kDoubleBuffer && m_begin < m_blocks) load_q_do(m_begin, sQ0, sdO0);
+
   for (int mb = m_begin; mb < m_blocks; ++mb) {
     const int m0 = mb * kBlockM;
-    load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_row_stride, m0, T_, D);
-    load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_row_stride, m0, T_, D);
-    cp_async_commit();
+    const bool odd = Cfg::kDoubleBuffer && ((mb - m_begin) & 1);
+    uint16_t* sQ = odd ? sQ1 : sQ0;
+    uint16_t* sdO = odd ? sdO1 : sdO0;
+    if (Cfg::kDoubleBuffer) {
+      // The other buffer was last read in the previous iteration, before its final barrier.
+      if (mb + 1 < m_blocks) load_q_do(mb + 1, odd ? sQ0 : sQ1, odd ? sdO0 : sdO1);
+      else cp_async_commit();  // empty group: wait<1> below still means "this block's copy"
+    } else {
+      load_q_do(mb, sQ, sdO);
+    }
     load_row_stats(sLse, sDelta, p, bh, m0);
-    cp_async_wait<0>();
+    if (Cfg::kDoubleBuffer) cp_async_wait<1>();  // this block's Q/dO (and K/V) have landed
+    else cp_async_wait<0>();
     __syncthreads();
 
     // S^T = K Q^T and dP^T = V dO^T for key rows of strip r, query columns 32c .. 32c+31.
@@ -687,9 +710,10 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
 
 }  // namespace
 
-int attention_smem_bytes(int head_dim, bool backward) {
+int attention_smem_bytes(int head_dim, int kernel) {
   return HEADDIM_SWITCH(head_dim, [&] {
-    return backward ? BwdConfig<kHeadDim>::kSmemBytes : FwdConfig<kHeadDim>::kSmemBytes;
+    return kernel == 0 ? FwdConfig<kHeadDim>::kSmemBytes
+                       : kernel == 1 ? BwdConfig<kHeadDim>::kSmemBytesDkdv : BwdConfig<kHeadDim>::kSmemBytes;
   });
 }
 
@@ -717,9 +741,9 @@ cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t str
       using Cfg = BwdConfig<kHeadDim>;
       const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen, 64));
       auto dkdv = attention_bwd_dkdv_kernel<elem_t, kHeadDim>;
-      cudaError_t e = set_smem(dkdv, Cfg::kSmemBytes);
+      cudaError_t e = set_smem(dkdv, Cfg::kSmemBytesDkdv);
       if (e != cudaSuccess) return e;
-      dkdv<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+      dkdv<<<grid, Cfg::kThreads, Cfg::kSmemBytesDkdv, stream>>>(p);
       e = cudaGetLastError();
       if (e != cudaSuccess) return e;
       if (p.dq_accum != nullptr) {

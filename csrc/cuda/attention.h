@@ -48,8 +48,9 @@ struct AttentionParams {
 
 cudaError_t attention_forward_launch(const AttentionParams& params, cudaStream_t stream);
 cudaError_t attention_backward_launch(const AttentionParams& params, cudaStream_t stream);
-// Dynamic shared memory of the forward (or of each backward main kernel) for a head dim.
-int attention_smem_bytes(int head_dim, bool backward);
+// Dynamic shared memory for a head dim of the forward (kernel 0), the dK/dV kernel (1) or the
+// deterministic dQ kernel (2).
+int attention_smem_bytes(int head_dim, int kernel);
 
 }  // namespace cuda
 }  // namespace gptfast
