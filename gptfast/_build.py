@@ -2,7 +2,7 @@
 
 One set of bindings and argument checks (``csrc/bindings.cpp``, ``csrc/<op>.cpp``) is compiled
 into two extension modules, each with its own kernels: ``cpu`` (``csrc/cpu/``, the host
-compiler, ~30 s) and ``cuda`` (``csrc/cuda/``, nvcc + cuBLASLt, minutes). They are separate so that
+compiler, ~30 s) and ``cuda`` (``csrc/cuda/``, nvcc + cuBLASLt, ~1 min). They are separate so that
 the cpu backend never waits for nvcc and a machine without a CUDA toolkit still has it.
 
 Each is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, JIT) and cached:

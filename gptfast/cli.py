@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="compile the native extensions (cpu; --cuda: cuda) now instead of on first use")
     p.add_argument("--cuda", action="store_true",
                    help="build the cuda backend instead (nvcc for $TORCH_CUDA_ARCH_LIST, default 8.0;9.0; "
-                        "minutes); prints every kernel's registers, stack and shared memory and fails on "
+                        "about a minute); prints every kernel's registers, stack and shared memory and fails on "
                         "spills in the attention kernels")
     p.add_argument("--quiet", action="store_true", help="do not echo the compiler's output")
 

@@ -181,7 +181,7 @@ for _op in OPS:
 
 
 def _cuda_requirement(device: torch.device) -> str | None:
-    # Like the cpu backend: builds (minutes of nvcc, once; cached on disk) on the first call.
+    # Like the cpu backend: builds (about a minute of nvcc, once; cached on disk) on the first call.
     from .. import _build
     return _build.unavailable_reason("cuda")
 

@@ -2,7 +2,7 @@
 
 Same signatures and return values as the reference launchers (the contract in
 ``gptfast/ops/_backend.py``). The CUDA extension is built on first use by :mod:`gptfast._build`
-(minutes of nvcc; ``gptfast build --cuda`` does it ahead of time); importing this module builds
+(about a minute of nvcc; ``gptfast build --cuda`` does it ahead of time); importing this module builds
 it. Argument checks run again in C++ (``csrc/<op>.cpp``), so the extension is also safe to call
 directly: CPU tensors, float64, or a float32 attention raise there with the argument's name.
 
