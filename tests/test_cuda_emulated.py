@@ -1,4 +1,7 @@
-"""Numerics of the CUDA kernels (csrc/cuda/attention.cu, csrc/cuda/layer_norm.cu) on a CPU.
+"""Numerics of the CUDA kernels (csrc/cuda/attention.cu, csrc/cuda/layer_norm.cu, and the element-wise
+and column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
+(cuBLASLt, csrc/cuda/gelu_ffn.cpp) are not emulated: only gelu_ffn.cu's own gelu_forward,
+gelu_backward (dh in place, GELU(h) recomputed, db1 partials) and column_sum (db2) launches.
 
 tests/cuda_emu/ emulates the CUDA features these kernels use (see its README.md): rewrite.py copies
 the current csrc/cuda sources, replacing inline PTX, launches and shared-memory declarations with
@@ -10,13 +13,15 @@ What this proves: the kernels' index math, tiling, masking (causal, partial bloc
 dims), online softmax, the fragment bookkeeping between ldmatrix and mma.sync calls, cp.async
 group counting, the barrier placement (a shared-memory race detector is on for every launch: any race, out-of-
 bounds or misaligned access, deadlock or divergent warp collective fails the test), the host-side
-launch logic (grid sizes, instantiation switches, vector/scalar path choice, rows per backward
-block) and the numerics of the chosen algorithms, in fp16 and bf16 (and fp32 for LayerNorm).
+launch logic (grid sizes, instantiation switches, vector/scalar path choice -- 16-byte accesses
+are checked for alignment and bounds --, rows per backward block, the column sums' chunking) and
+the numerics of the chosen algorithms, in fp16 and bf16 (and fp32 for LayerNorm and GELU).
 
 What it does NOT prove:
 - tensor-core arithmetic: an emulated mma.sync sums the 16 products exactly and rounds once to
   fp32; the hardware's accumulation order and internal rounding differ slightly. ex2.approx is
-  an exact exp2 here (the hardware is within ~2 ulp).
+  an exact exp2 here (the hardware is within ~2 ulp). tanhf/erff/expf are glibc's (within 1 ulp;
+  CUDA's are within 2).
 - the PTX register layouts themselves: kernel and emulator both take the m16n8k16 fragment layout
   and ldmatrix's row-address/register mapping from the PTX ISA ("Matrix Fragments for
   mma.m16n8k16", "ldmatrix"); a shared misreading would pass here.
@@ -34,19 +39,28 @@ and softmax; F.layer_norm), every 16-bit-or-fp32 output must satisfy
 atol = 1e-4 * max(1, max|ref|) for attention and 1e-5 * max(1, max|ref|) for LayerNorm (the floor
 for outputs that PyTorch happens to get exactly right, e.g. dQ = 0 at T = 1). fp32 statistics
 (attention's logsumexp, LayerNorm's mean and rstd) must match float64 to 1e-5 (relative to
-max(1, |ref|)).
+max(1, |ref|)). GELU: `pt` is F.gelu and aten.gelu_backward in the dtype (db1/db2: their .sum(0)),
+the reference PyTorch's formulas in float64; atol = 1e-5 * max(1, max|ref|) for 16-bit and
+1e-7 * max(1, max|ref|) for fp32. db1 must also be the column sum of the kernel's own rounded dh
+(the header's contract), and a NaN in h must give NaN in exactly that a/dh element and db1 column.
 
 Checked by hand with mutated builds of attention.cu (tests/cuda_emu/README.md): removing the
 forward's `__syncthreads()` after the QK^T loop is reported as a race, `cp_async_wait<2>` for
 `<1>` as a read of an in-flight copy, a dK/dV store without its `col < D` check as an
 out-of-bounds store, and a causal mask of `>=` for `>` (forward or backward) fails out or dq/dk
-with errors ~100x over the bound. test_emulator_detects_missing_syncthreads keeps one such check
-(a barrier removed from layer_norm.cu) as a test.
+with errors ~100x over the bound. Of gelu_ffn.cu: the db1 partial row indexed by blockIdx.x for
+blockIdx.y fails db1 (unwritten NaN partials), store_vec without `j < valid` and a forward tail
+loop of `i <= numel` write into guard zones, no `__syncthreads()` in write_column_partials is a
+race, the finalize stepping chunks by 1 for kTileY and `2.f * kKappa` for `3.f` in tanh-GELU' fail
+db1 and dh by >1000x the bound. test_emulator_detects_missing_syncthreads (a barrier removed from
+layer_norm.cu) and test_emulator_detects_misaligned_vector_access (gelu_backward's 16-byte path
+without its `cols % kN == 0` condition) keep two such checks as tests.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -64,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "cuda"
 EMU = Path(__file__).resolve().parent / "cuda_emu"
 CXXFLAGS = ["-std=c++20", "-O2", "-pthread", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-API = {"attention": "attention_api.cpp", "layer_norm": "layer_norm_api.cpp"}
+API = {"attention": "attention_api.cpp", "layer_norm": "layer_norm_api.cpp", "gelu_ffn": "gelu_ffn_api.cpp"}
 
 
 def _load_rewrite():
@@ -204,18 +218,26 @@ def libs(build_root):
 # --- buffers ------------------------------------------------------------------------------------
 
 GUARD = 64  # elements of NaN on each side of every buffer
+_INT_VIEW = {torch.float32: (torch.int32, 0x7FC00000, 1 << 22), torch.float16: (torch.int16, 0x7E00, 1 << 9),
+             torch.bfloat16: (torch.int16, 0x7FC0, 1 << 6)}  # quiet NaN bits, payload range
+_payloads = itertools.count(1)
 
 
 class Buf:
     """A tensor inside a NaN-filled allocation: writes outside it are detected, reads of it give NaN.
 
     The view starts 16-byte aligned plus `misalign` elements, and is registered with the emulator
-    as valid global memory.
+    as valid global memory. Every buffer's NaN carries its own payload, and the guards are compared
+    bit for bit: a kernel that reads past one buffer's end and stores the NaN it got past another's
+    is caught too.
     """
 
     def __init__(self, lib, shape, dtype, init=None, misalign=0):
         n = math.prod(shape)
-        self.flat = torch.full((n + 2 * GUARD + 16,), float("nan"), dtype=dtype)
+        self.flat = torch.empty((n + 2 * GUARD + 16,), dtype=dtype)
+        ity, qnan, span = _INT_VIEW[dtype]
+        self.nan_bits = qnan | (next(_payloads) % (span - 1) + 1)
+        self.flat.view(ity).fill_(self.nan_bits)
         es = self.flat.element_size()
         off = GUARD
         while (self.flat.data_ptr() + off * es) % 16:
@@ -231,7 +253,7 @@ class Buf:
 
     def guards_intact(self):
         g = torch.cat([self.flat[:self.off], self.flat[self.off + self.n:]])
-        return bool(torch.isnan(g.float()).all())
+        return bool((g.view(_INT_VIEW[g.dtype][0]) == self.nan_bits).all())
 
 
 def maxerr(x, ref):
@@ -519,6 +541,207 @@ def test_layer_norm_emulated_nan_propagates(libs):
     run_layer_norm(libs["layer_norm"], 6, 768, FP16, True, True, nan_row=2)
 
 
+# --- GELU feed-forward: gelu_ffn.cu's own kernels (not its cuBLASLt GEMMs) --------------------
+
+L64 = ctypes.c_int64
+SQRT_2_OVER_PI, KAPPA = math.sqrt(2 / math.pi), 0.044715
+
+
+def _gelu_signatures(dll):
+    dll.emu_gelu_forward.argtypes = [P, P, L64, I, I]
+    dll.emu_gelu_backward.argtypes = [P, P, P, P, P, L64, L64, I, I]
+    dll.emu_column_sum.argtypes = [P, P, P, L64, L64, I]
+    dll.emu_column_chunks.argtypes = [L64, ctypes.POINTER(L64), ctypes.POINTER(L64)]
+
+
+def gelu_reference(h, tanh):
+    """float64 GELU(h) and GELU'(h) (PyTorch's formulas, ActivationGeluKernel)."""
+    x = h.double()
+    if tanh:
+        t = torch.tanh(SQRT_2_OVER_PI * (x + KAPPA * x ** 3))
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * KAPPA * x * x)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    return x * cdf, cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _chunks(lib, rows):
+    rpc, count = L64(0), L64(0)
+    lib.dll.emu_column_chunks(rows, ctypes.byref(rpc), ctypes.byref(count))
+    return rpc.value, count.value
+
+
+def _gelu_atol(dtype):
+    """Relative floor of the bounds: fp32 ~1 ulp of the largest |ref| (GELU and its sums are
+    fp32-accurate: precise tanhf/erff/expf, fp32 accumulation), 16-bit as LayerNorm's."""
+    return 1e-7 if dtype == torch.float32 else 1e-5
+
+
+def run_gelu(lib, M, N, dtype, tanh, with_db1=True, misalign=0, nan_at=None, seed=0):
+    """gelu_forward, then gelu_backward on the same h; returns the backward's chunk count.
+
+    nan_at (r, c): h[r, c] = NaN, which must reach a[r, c], dh[r, c] and db1[c] and nothing else.
+    """
+    _gelu_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    torch.manual_seed(seed)
+    h = (torch.randn(M, N) * 2).to(dtype)
+    if nan_at is not None:
+        h[nan_at] = float("nan")
+    dA = torch.randn(M, N).to(dtype)
+    approx = "tanh" if tanh else "none"
+    code = DTYPE_CODE[dtype]
+    bad = torch.zeros(M, N, dtype=torch.bool)
+    if nan_at is not None:
+        bad[nan_at] = True
+    keep, keep_col = ~bad, ~bad.any(0)
+    a_ref, g_ref = gelu_reference(h, tanh)
+
+    def expect_nan(name, out, mask):
+        assert torch.equal(torch.isnan(out), mask), f"{name}: NaN where h has none, or a NaN in h lost"
+
+    # Forward: vector path with a tail (M*N not a multiple of 8 or 4) unless misaligned.
+    hb = Buf(lib, (M, N), dtype, h, misalign)
+    a = Buf(lib, (M, N), dtype, misalign=misalign)
+    rc = lib.dll.emu_gelu_forward(hb.ptr(), a.ptr(), M * N, code, int(tanh))
+    assert rc == 0, f"gelu_forward launch returned cudaError {rc}"
+    lib.finish(a, hb)
+    a_pt = F.gelu(h, approximate=approx)
+    expect_nan("a (forward)", a.t, bad)
+    check("a (forward)", a.t[keep], a_ref[keep], a_pt[keep], 2, _gelu_atol(dtype))
+
+    # Backward: dh = dA * GELU'(h) in place, a recomputed, db1 through the chunked column sums.
+    dh = Buf(lib, (M, N), dtype, dA, misalign)
+    a2 = Buf(lib, (M, N), dtype, misalign=misalign)
+    rpc, nchunks = _chunks(lib, M)
+    ws = Buf(lib, (nchunks, N), torch.float32) if with_db1 else None  # NaN: every partial must be written
+    db1 = Buf(lib, (N,), dtype) if with_db1 else None
+    rc = lib.dll.emu_gelu_backward(hb.ptr(), dh.ptr(), a2.ptr(), db1.ptr() if db1 else None,
+                                   ws.ptr() if ws else None, M, N, code, int(tanh))
+    assert rc == 0, f"gelu_backward launch returned cudaError {rc}"
+    lib.finish(dh, a2, hb, *([ws, db1] if with_db1 else []))
+    dh_ref = dA.double() * g_ref
+    dh_pt = torch.ops.aten.gelu_backward(dA, h, approximate=approx)
+    expect_nan("a (backward)", a2.t, bad)
+    expect_nan("dh", dh.t, bad)
+    check("a (backward)", a2.t[keep], a_ref[keep], a_pt[keep], 2, _gelu_atol(dtype))
+    check("dh", dh.t[keep], dh_ref[keep], dh_pt[keep], 3, _gelu_atol(dtype))
+    if with_db1:
+        expect_nan("db1", db1.t, ~keep_col)
+        check("db1", db1.t[keep_col], dh_ref.sum(0)[keep_col], dh_pt.sum(0)[keep_col], 3, _gelu_atol(dtype))
+        # The contract: db1 sums the rounded dh in fp32; the kernel's own dh, summed in float64.
+        own = dh.t.double().sum(0)[keep_col]
+        slack = torch.finfo(dtype).eps * own.abs() + 1e-6 * dh.t.double().abs().sum(0)[keep_col]
+        assert ((db1.t.double()[keep_col] - own).abs() <= slack).all(), "db1 is not the column sum of dh"
+    return nchunks
+
+
+def run_column_sum(lib, M, N, dtype, misalign=0, seed=0):
+    """column_sum (db2 = column sums of dout); returns the chunk count."""
+    _gelu_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    torch.manual_seed(seed)
+    x = (torch.randn(M, N) + 0.25).to(dtype)
+    xb = Buf(lib, (M, N), dtype, x, misalign)
+    _, nchunks = _chunks(lib, M)
+    ws = Buf(lib, (nchunks, N), torch.float32)
+    out = Buf(lib, (N,), dtype, misalign=misalign)
+    rc = lib.dll.emu_column_sum(xb.ptr(), out.ptr(), ws.ptr(), M, N, DTYPE_CODE[dtype])
+    assert rc == 0, f"column_sum launch returned cudaError {rc}"
+    lib.finish(out, ws, xb)
+    check("db2", out.t, x.double().sum(0), x.sum(0), 3, _gelu_atol(dtype))
+    return nchunks
+
+
+# (M, N, misalign) of the forward: 37 x 333 aligned runs the 16-byte path plus a one-element tail
+# (12321 elements, 7 blocks of 256 threads); 16 x 256 one element off alignment runs scalar.
+GELU_FORWARD_SIZES = [(37, 333, 0), (16, 256, 1)]
+# (M, N, dtype, tanh, db1, misalign) of the backward (and the forward before it). Vector path: N a
+# multiple of 8 (16-bit) or 4 (fp32) and aligned pointers; N = 264 and 132 leave most threads of
+# the second column block idle. Scalar path: N = 333 (last thread: 5 valid columns) or misaligned.
+# M = 70: 3 chunks of 24, 24, 22 rows; M = 100: 4 chunks of 25; M = 16: one chunk.
+GELU_BACKWARD_CASES = [
+    (70, 264, FP16, True, True, 0),
+    (70, 264, BF16, False, True, 0),
+    (100, 132, FP32, True, True, 0),
+    (70, 333, BF16, True, True, 0),
+    (70, 333, FP32, False, True, 0),
+    (37, 333, FP16, False, False, 0),
+    (16, 256, FP16, True, True, 1),
+    (16, 256, BF16, False, False, 0),
+]
+# (M, N, dtype, misalign) of column_sum.
+COLUMN_SUM_CASES = [
+    (70, 333, FP16, 0),
+    (100, 264, BF16, 0),
+    (70, 132, FP32, 0),
+    (33, 40, FP32, 1),
+    (5, 7, BF16, 0),
+]
+
+
+def _dt(dtype):
+    return str(dtype).split(".")[1]
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=_dt)
+@pytest.mark.parametrize("tanh", [True, False], ids=["tanh", "exact"])
+@pytest.mark.parametrize("size", GELU_FORWARD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}{'-misaligned' if s[2] else ''}")
+def test_gelu_forward_emulated(libs, size, tanh, dtype):
+    M, N, misalign = size
+    lib = libs["gelu_ffn"]
+    _gelu_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    torch.manual_seed(1)
+    h = (torch.randn(M, N) * 3).to(dtype)
+    hb = Buf(lib, (M, N), dtype, h, misalign)
+    a = Buf(lib, (M, N), dtype, misalign=misalign)
+    rc = lib.dll.emu_gelu_forward(hb.ptr(), a.ptr(), M * N, DTYPE_CODE[dtype], int(tanh))
+    assert rc == 0, f"gelu_forward launch returned cudaError {rc}"
+    lib.finish(a, hb)
+    check("a", a.t, gelu_reference(h, tanh)[0], F.gelu(h, approximate="tanh" if tanh else "none"), 2,
+          _gelu_atol(dtype))
+
+
+def _gelu_id(c):
+    M, N, dtype, tanh, db1, mis = c
+    flags = f"{'db1' if db1 else 'nodb1'}{'-misaligned' if mis else ''}"
+    return f"M{M}N{N}-{_dt(dtype)}-{'tanh' if tanh else 'exact'}-{flags}"
+
+
+@pytest.mark.parametrize("case", GELU_BACKWARD_CASES, ids=_gelu_id)
+def test_gelu_backward_emulated(libs, case):
+    M = case[0]
+    nchunks = run_gelu(libs["gelu_ffn"], *case)
+    assert nchunks == {16: 1, 37: 2, 70: 3, 100: 4}[M]
+
+
+@pytest.mark.parametrize("case", COLUMN_SUM_CASES,
+                         ids=lambda c: f"M{c[0]}N{c[1]}-{_dt(c[2])}{'-misaligned' if c[3] else ''}")
+def test_column_sum_emulated(libs, case):
+    run_column_sum(libs["gelu_ffn"], *case)
+
+
+@pytest.mark.parametrize("case", [(70, 264, FP16, True, (40, 100)), (37, 333, BF16, False, (36, 332))],
+                         ids=["vector-fp16-tanh", "scalar-bf16-exact"])
+def test_gelu_emulated_nan_propagates(libs, case):
+    M, N, dtype, tanh, at = case
+    run_gelu(libs["gelu_ffn"], M, N, dtype, tanh, nan_at=at)
+
+
+def test_gelu_emulated_empty(libs):
+    """rows = 0: the bias gradients are zero (cudaMemsetAsync), nothing else is touched."""
+    lib = libs["gelu_ffn"]
+    _gelu_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    for dtype in (FP32, BF16):
+        db, out, a = Buf(lib, (40,), dtype), Buf(lib, (40,), dtype), Buf(lib, (8,), dtype)
+        assert lib.dll.emu_gelu_backward(None, None, None, db.ptr(), None, 0, 40, DTYPE_CODE[dtype], 1) == 0
+        assert lib.dll.emu_column_sum(None, out.ptr(), None, 0, 40, DTYPE_CODE[dtype]) == 0
+        assert lib.dll.emu_gelu_forward(None, a.ptr(), 0, DTYPE_CODE[dtype], 0) == 0
+        lib.finish(db, out, a)
+        assert (db.t == 0).all() and (out.t == 0).all() and torch.isnan(a.t).all()
+
+
 # --- the emulator catches what it claims to -----------------------------------------------------
 
 def test_emulator_detects_missing_syncthreads(libs, build_root):
@@ -533,6 +756,18 @@ def test_emulator_detects_missing_syncthreads(libs, build_root):
     mutant = Lib(_done(build_library("layer_norm", build_root, mutate=drop_leading_barrier)))
     with pytest.raises(AssertionError, match="RACE write-after-read"):
         run_layer_norm(mutant, 4, 2048, FP32, True, True)  # 4 warps share `red`
+
+
+def test_emulator_detects_misaligned_vector_access(libs, build_root):
+    """gelu_backward choosing the 16-byte path without `cols % kN == 0`: rows start misaligned."""
+    def drop_cols_check(src):
+        old = "const bool vectorized = p.cols % kN == 0 && aligned16(p.h)"
+        assert old in src, "gelu_backward's vector-path condition not found: update this test"
+        return src.replace(old, "const bool vectorized = aligned16(p.h)", 1)
+
+    mutant = Lib(_done(build_library("gelu_ffn", build_root, mutate=drop_cols_check)))
+    with pytest.raises(AssertionError, match="MISALIGNED global 16-byte load"):
+        run_gelu(mutant, 9, 36, FP16, True)
 
 
 if __name__ == "__main__":

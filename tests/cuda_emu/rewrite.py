@@ -10,8 +10,10 @@ What is rewritten (everything else compiles unchanged against include/emu_shim.h
   [N][M]) -> checked arrays in the block's static shared memory; `float* sName` (shared-memory
   float views, named s* by convention) and helper parameters that receive a static array ->
   checked pointers;
-- 32-bit loads/stores through reinterpret_cast<uint32_t*> -> checked accesses (race detector for
-  shared memory, bounds for global memory);
+- 32-bit loads/stores through reinterpret_cast<uint32_t*> and 16-byte ones through
+  reinterpret_cast<uint4*> -> checked accesses (race detector for shared memory, bounds and
+  alignment for global memory);
+- `#include "cuda/x.h"` (paths relative to csrc/) -> `#include "x.h"`: the copies sit side by side;
 - `kernel<<<cfg>>>(args)` -> emu_launch_impl("kernel", kernel, EmuCfg(cfg), args).
 Line numbers are preserved, so the emulator's findings point at csrc/cuda lines.
 A pattern that no longer matches raises RewriteError: update this script with the kernel.
@@ -24,9 +26,11 @@ from pathlib import Path
 SOURCES = {
     "attention": ["attention.cu", "attention.h", "common.cuh", "static_switch.h", "types.h"],
     "layer_norm": ["layer_norm.cu", "layer_norm.h", "common.cuh", "static_switch.h", "types.h"],
+    "gelu_ffn": ["gelu_ffn.cu", "gelu_ffn.h", "common.cuh", "static_switch.h", "types.h"],
 }
 # Helpers that record their call-site line (emu_site) for the emulator's findings.
-SITE_HELPERS = ["load_a", "load_a_trans", "load_b_rows", "load_b_cols", "load_tile", "load_row_stats"]
+SITE_HELPERS = ["load_a", "load_a_trans", "load_b_rows", "load_b_cols", "load_tile", "load_row_stats", "load_vec",
+                "store_vec"]
 
 
 class RewriteError(RuntimeError):
@@ -105,6 +109,10 @@ def rewrite_cu(s):
     # 32-bit loads and stores through reinterpret_cast.
     s = re.sub(r"\*reinterpret_cast<const uint32_t\*>\(([^;]*?)\);", r"emu_ld32(\1);", s)
     s = re.sub(r"\*reinterpret_cast<uint32_t\*>\(([^;]*?)\) = ", r"emu_st32(\1, __LINE__) = ", s)
+    s = re.sub(r"\*reinterpret_cast<const uint4\*>\(([^;]*?)\);", r"emu_ld128(\1);", s)
+    s = re.sub(r"\*reinterpret_cast<uint4\*>\(([^;]*?)\) = ", r"emu_st128(\1, __LINE__) = ", s)
+    if re.search(r"reinterpret_cast<(?:const )?uint4\*>", re.sub(r"//[^\n]*", "", s)):
+        raise RewriteError("a 16-byte access rewrite.py does not understand")
     for fn in SITE_HELPERS:
         if f"void {fn}(" in s:
             s = _sub(r"(void " + fn + r"\(.*?)\) \{", r"\1, int emu_line = __builtin_LINE()) { emu_site = emu_line;",
@@ -124,12 +132,17 @@ def rewrite_cu(s):
     return s
 
 
+def rewrite_includes(s):
+    """`#include "cuda/x"` -> `#include "x"` (the rewritten copies of one library share a directory)."""
+    return re.sub(r'^#include "cuda/([\w.]+)"', r'#include "\1"', s, flags=re.M)
+
+
 def rewrite(src_dir, dst_dir, lib):
     """Writes the rewritten sources of `lib` (a key of SOURCES) into dst_dir; returns the .cu path."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     for name in SOURCES[lib]:
-        text = (src_dir / name).read_text()
+        text = rewrite_includes((src_dir / name).read_text())
         if name == "common.cuh":
             text = rewrite_common(text)
         elif name.endswith(".cu"):

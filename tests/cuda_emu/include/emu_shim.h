@@ -72,6 +72,11 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }  // int64_t (CUDA's 64-bit overloads)
+inline long max(long a, long b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+// tanhf, erff, expf are the host's (glibc, <= 1 ulp); CUDA's are within 2 ulp.
 
 // ---------------- 16-bit float types (bit layouts as in CUDA) ------------------------------------
 struct __half { uint16_t x; };
@@ -354,6 +359,33 @@ inline EmuStore32 emu_st32(void* p, int line) {
   return EmuStore32{p};
 }
 
+// 16-byte global loads and stores (uint4): bounds against the registered buffers, 16-byte alignment.
+inline void emu_check_global128(const void* p, const char* what, int line) {
+  const char* k = g_blk ? g_blk->kname : "?";
+  if (emu_is_smem(p)) g_report.add(emu_fmt("[%s] 16-byte %s of shared memory at line %d: not emulated", k, what, line));
+  else if (!emu_in_global(p, 16))
+    g_report.add(emu_fmt("[%s] OUT OF BOUNDS global 16-byte %s at line %d (call site %d)", k, what, line, emu_site));
+  if (reinterpret_cast<uintptr_t>(p) % 16)
+    g_report.add(emu_fmt("[%s] MISALIGNED global 16-byte %s at line %d (call site %d)", k, what, line, emu_site));
+}
+inline uint4 emu_ld128(const void* p, int line = __builtin_LINE()) {
+  emu_check_global128(p, "load", line);
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+struct EmuStore128 {
+  void* p;
+  const EmuStore128& operator=(const uint4& v) const {
+    if (p) std::memcpy(p, &v, 16);
+    return *this;
+  }
+};
+inline EmuStore128 emu_st128(void* p, int line) {
+  emu_check_global128(p, "store", line);
+  return EmuStore128{emu_in_global(p, 16) ? p : nullptr};
+}
+
 // Checked element of shared memory: reads and writes go through the race detector.
 template <class T>
 struct EmuShRef {
@@ -561,6 +593,14 @@ inline cudaError_t cudaGetLastError() {
   const cudaError_t e = g_last_error;
   g_last_error = cudaSuccess;
   return e;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
+  if (!emu_in_global(p, n)) {
+    g_report.add(emu_fmt("OUT OF BOUNDS cudaMemsetAsync of %zu B", n));
+    return cudaErrorInvalidValue;
+  }
+  std::memset(p, v, n);
+  return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
