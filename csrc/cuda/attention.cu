@@ -371,10 +371,11 @@ template <int kHeadDim> struct BwdConfig {
   static constexpr int kPPitch = kBlockM + 8;
   // K, V, Q, dO tiles; P^T and dS^T (or dS) tiles; logsumexp and delta of the query block.
   static constexpr int kSmemBytes = 4 * 64 * kPitch * 2 + 2 * 64 * kPPitch * 2 + 2 * kBlockM * 4;
-  // The dK/dV kernel double-buffers Q and dO (the next query block's copy overlaps this one's
-  // five products) where the second pair fits sm_80's 163 KiB: up to head dim 128 (122.5 KiB).
+  // Both kernels double-buffer the tiles they stream (dK/dV: Q and dO; dQ: K and V), so that the
+  // next block's copy overlaps this one's products, where the second pair fits sm_80's 163 KiB:
+  // up to head dim 128 (120.5 KiB). The second pair sits after everything else.
   static constexpr bool kDoubleBuffer = kHeadDim <= 128;
-  static constexpr int kSmemBytesDkdv = kSmemBytes + (kDoubleBuffer ? 2 * 64 * kPitch * 2 : 0);
+  static constexpr int kSmemBytesLaunch = kSmemBytes + (kDoubleBuffer ? 2 * 64 * kPitch * 2 : 0);
 };
 
 // Loads the query block's logsumexp (pre-multiplied by log2 e) and delta into shared memory.
@@ -581,7 +582,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 }
 
 // Deterministic dQ: 64 query rows (blockIdx.y, longest first) of one (batch, head) per CTA, looping
-// over key blocks in a fixed order. Warp w owns query rows 16 * (w % 4) .. +15; for S/dP key
+// over key blocks in a fixed order (K and V double-buffered up to head dim 128). Warp w owns query rows 16 * (w % 4) .. +15; for S/dP key
 // columns 32 * (w / 4) .. +31, for dQ head-dim half w / 4.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const AttentionParams p) {
@@ -590,13 +591,15 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
   constexpr int kHalf = kHeadDim / 2;
   constexpr int kDT = kHalf / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* sV = sK + 64 * kPitch;
-  uint16_t* sQ = sV + 64 * kPitch;
+  uint16_t* sK0 = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sV0 = sK0 + 64 * kPitch;
+  uint16_t* sQ = sV0 + 64 * kPitch;
   uint16_t* sdO = sQ + 64 * kPitch;
   uint16_t* sdS = sdO + 64 * kPitch;  // dS (query row, key column), 16-bit
   float* sLse = reinterpret_cast<float*>(sdS + 2 * 64 * kPPitch);
   float* sDelta = sLse + kBlockM;
+  uint16_t* sK1 = reinterpret_cast<uint16_t*>(smem + Cfg::kSmemBytes);  // Cfg::kDoubleBuffer
+  uint16_t* sV1 = sK1 + 64 * kPitch;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int r = warp % 4, c = warp / 4;
@@ -620,12 +623,27 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
   const int n_blocks = (n_end + 63) / 64;
   const int q_a = r * 16 + g;  // local query rows q_a and q_a + 8
 
+  auto load_k_v = [&](int j, uint16_t* dst_k, uint16_t* dst_v) {
+    load_tile<64, kHeadDim, kThreads>(dst_k, k, p.k_row_stride, j * 64, T_, D);
+    load_tile<64, kHeadDim, kThreads>(dst_v, v, p.v_row_stride, j * 64, T_, D);
+    cp_async_commit();
+  };
+  if (Cfg::kDoubleBuffer && n_blocks > 0) load_k_v(0, sK0, sV0);
+
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * 64;
-    load_tile<64, kHeadDim, kThreads>(sK, k, p.k_row_stride, n0, T_, D);
-    load_tile<64, kHeadDim, kThreads>(sV, v, p.v_row_stride, n0, T_, D);
-    cp_async_commit();
-    cp_async_wait<0>();
+    const bool odd = Cfg::kDoubleBuffer && (j & 1);
+    uint16_t* sK = odd ? sK1 : sK0;
+    uint16_t* sV = odd ? sV1 : sV0;
+    if (Cfg::kDoubleBuffer) {
+      // The other buffer was last read in the previous iteration, before its final barrier.
+      if (j + 1 < n_blocks) load_k_v(j + 1, odd ? sK0 : sK1, odd ? sV0 : sV1);
+      else cp_async_commit();  // empty group: wait<1> below still means "this block's copy"
+      cp_async_wait<1>();
+    } else {
+      load_k_v(j, sK, sV);
+      cp_async_wait<0>();
+    }
     __syncthreads();
 
     float s[4][4], dp[4][4];
@@ -712,8 +730,7 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
 
 int attention_smem_bytes(int head_dim, int kernel) {
   return HEADDIM_SWITCH(head_dim, [&] {
-    return kernel == 0 ? FwdConfig<kHeadDim>::kSmemBytes
-                       : kernel == 1 ? BwdConfig<kHeadDim>::kSmemBytesDkdv : BwdConfig<kHeadDim>::kSmemBytes;
+    return kernel == 0 ? FwdConfig<kHeadDim>::kSmemBytes : BwdConfig<kHeadDim>::kSmemBytesLaunch;
   });
 }
 
@@ -741,9 +758,9 @@ cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t str
       using Cfg = BwdConfig<kHeadDim>;
       const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen, 64));
       auto dkdv = attention_bwd_dkdv_kernel<elem_t, kHeadDim>;
-      cudaError_t e = set_smem(dkdv, Cfg::kSmemBytesDkdv);
+      cudaError_t e = set_smem(dkdv, Cfg::kSmemBytesLaunch);
       if (e != cudaSuccess) return e;
-      dkdv<<<grid, Cfg::kThreads, Cfg::kSmemBytesDkdv, stream>>>(p);
+      dkdv<<<grid, Cfg::kThreads, Cfg::kSmemBytesLaunch, stream>>>(p);
       e = cudaGetLastError();
       if (e != cudaSuccess) return e;
       if (p.dq_accum != nullptr) {
@@ -754,9 +771,9 @@ cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t str
         return cudaGetLastError();
       }
       auto dq = attention_bwd_dq_kernel<elem_t, kHeadDim>;
-      e = set_smem(dq, Cfg::kSmemBytes);
+      e = set_smem(dq, Cfg::kSmemBytesLaunch);
       if (e != cudaSuccess) return e;
-      dq<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+      dq<<<grid, Cfg::kThreads, Cfg::kSmemBytesLaunch, stream>>>(p);
       return cudaGetLastError();
     });
   });
