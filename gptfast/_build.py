@@ -12,8 +12,8 @@ in ``$GPTFAST_BUILD_DIR`` when set, else in ``gptfast/`` under torch's extension
 build isolation would pull a second multi-GB torch into the build environment, whose ABI need not
 match the torch that imports the extension.
 
-The CUDA build targets ``$TORCH_CUDA_ARCH_LIST`` or, when unset, ``8.0;9.0`` (sm_80 and sm_90
-machine code). It needs no GPU, only a CUDA build of torch, nvcc (``$CUDA_HOME``, else
+The CUDA build targets ``$TORCH_CUDA_ARCH_LIST`` or, when unset, ``8.0;9.0+PTX`` (sm_80 and sm_90
+machine code, and PTX for newer GPUs). It needs no GPU, only a CUDA build of torch, nvcc (``$CUDA_HOME``, else
 ``/usr/local/cuda``, else nvcc on PATH) and cuBLASLt's header and library (the toolkit's, or the
 ``nvidia-cublas`` wheel that CUDA builds of torch install).
 
@@ -39,7 +39,9 @@ __all__ = ["build", "load", "unavailable_reason", "sources", "source_dir", "exte
            "build_directory", "BACKENDS", "DEFAULT_CUDA_ARCH_LIST"]
 
 BACKENDS = ("cpu", "cuda")
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+# sm_80 and sm_90 machine code, plus compute_90 PTX that the driver compiles for newer GPUs
+# (sm_100, sm_120), which cannot run sm_90 machine code.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 # -O3 and OpenMP; no -march=native (the kernels dispatch to AVX2/AVX-512 clones at load time, see
 # csrc/common/vec_math.h) and no -ffast-math (it would break NaN propagation).
@@ -170,6 +172,29 @@ def cublaslt() -> tuple[str, str] | None:
     return None
 
 
+def cuda_arch_list() -> str:
+    """``$TORCH_CUDA_ARCH_LIST`` when set, else DEFAULT_CUDA_ARCH_LIST."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCH_LIST
+
+
+def gencode_flags(arch_list: str) -> list[str]:
+    """nvcc flags for an arch list in torch's notation ("8.0;9.0+PTX", "9.0a", spaces or ';')."""
+    flags = []
+    for arch in re.split(r"[;\s]+", arch_list.strip()):
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        num = arch.removesuffix("+PTX").replace(".", "")
+        if not re.fullmatch(r"\d+[a-z]?", num):
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {arch!r} (expected e.g. 8.0, 9.0a, 9.0+PTX)")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    if not flags:
+        raise ValueError("TORCH_CUDA_ARCH_LIST is empty")
+    return flags
+
+
 def _precheck(backend: str = "cpu") -> str | None:
     """A one-line reason when the build cannot even start."""
     cxx = os.environ.get("CXX", "c++")
@@ -228,13 +253,15 @@ def _compile(backend: str, verbose: bool) -> ModuleType:
     # script's folder); point it, and nvcc's children, at the toolkit found above.
     cpp_extension.CUDA_HOME = home
     os.environ["CUDA_HOME"] = home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     inc, lib = cublaslt()
     libdir = str(Path(lib).parent)
     # -idirafter: the wheel's include dir also carries CUDA runtime headers; the toolkit's win.
     cflags = ["-O3", "-DGPTFAST_CUDA", "-idirafter", inc]
     ldflags = [f"-L{libdir}", f"-l:{Path(lib).name}", f"-Wl,-rpath,{libdir}"]
-    return cpp_extension.load(name=name, sources=srcs, extra_cflags=cflags, extra_cuda_cflags=CUDA_CFLAGS,
+    # Explicit -gencode flags: cpp_extension then adds none of its own, and TORCH_CUDA_ARCH_LIST
+    # is read here without being set for the rest of the process.
+    cuda_cflags = CUDA_CFLAGS + gencode_flags(cuda_arch_list())
+    return cpp_extension.load(name=name, sources=srcs, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
                               extra_ldflags=ldflags, extra_include_paths=[str(source_dir())],
                               build_directory=str(build_dir), with_cuda=True, verbose=verbose)
 
@@ -280,7 +307,7 @@ def unavailable_reason(backend: str = "cpu") -> str | None:
 def _describe(module: ModuleType) -> str:
     if module.backend == "cpu":
         return f"attention GEMMs: {module.blas_source()}"
-    return f"CUDA archs: {os.environ.get('TORCH_CUDA_ARCH_LIST', DEFAULT_CUDA_ARCH_LIST)}"
+    return f"CUDA archs: {cuda_arch_list()}"
 
 
 def build(verbose: bool = True, backend: str = "cpu") -> ModuleType:
@@ -379,13 +406,18 @@ def resource_usage(path: str | None = None) -> list[dict]:
         rows.append(row)
     for row, name in zip(rows, _short_kernel_names([r["kernel"] for r in rows])):
         row["kernel"] = name
-        hd = re.search(r"attention_(fwd|bwd_dkdv|bwd_dq)_kernel<[^,]+, ?(\d+)>", name)
-        if hd and module is not None:
-            kernel = {"fwd": 0, "bwd_dkdv": 1, "bwd_dq": 2}[hd.group(1)]
+        hd = re.search(r"attention_(fwd|bwd_dkdv|bwd_dq)_kernel<[^,]+, ?(\d+)(?:, ?(true|false))?>", name)
+        if hd and module is not None:  # kernel codes of attention_smem_bytes (csrc/cuda/attention.h)
+            kernel = 0 if hd.group(1) == "fwd" else 2 if hd.group(3) == "true" else 1
             row["shared_dynamic"] = module.attention_smem_bytes(int(hd.group(2)), kernel)
     return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
 
 
+def is_spill_checked(kernel: str) -> bool:
+    """Whether a kernel (short or, without c++filt, mangled name) is one of SPILL_FREE_KERNELS."""
+    return any(name in kernel for name in SPILL_FREE_KERNELS)
+
+
 def spills(rows: list[dict]) -> list[dict]:
     """The rows of SPILL_FREE_KERNELS that use stack or local memory."""
-    return [r for r in rows if r["kernel"].startswith(SPILL_FREE_KERNELS) and (r["stack"] or r["local"])]
+    return [r for r in rows if is_spill_checked(r["kernel"]) and (r["stack"] or r["local"])]

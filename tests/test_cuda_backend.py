@@ -46,11 +46,24 @@ def test_auto_on_cpu_never_considers_cuda():
     assert _backend.resolve("layer_norm", torch.device("cpu"), torch.float32).backend != "cuda"
 
 
+def test_gencode_flags_from_the_arch_list():
+    assert _build.gencode_flags("8.0;9.0+PTX") == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    assert _build.gencode_flags(" 9.0a ") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    with pytest.raises(ValueError, match="cannot read 'sm_90'"):
+        _build.gencode_flags("sm_90")
+
+
 def test_spill_check_flags_attention_kernels_only():
     rows = [dict(kernel="attention_fwd_kernel<__half, 64>", arch="sm_80", stack=0, local=0),
             dict(kernel="attention_bwd_dkdv_kernel<__half, 256>", arch="sm_90", stack=24, local=0),
             dict(kernel="layer_norm_fwd_kernel<float>", arch="sm_80", stack=16, local=0)]
     assert [r["kernel"] for r in _build.spills(rows)] == ["attention_bwd_dkdv_kernel<__half, 256>"]
+    # without c++filt the names stay mangled: still checked
+    mangled = [dict(kernel="_ZN7gptfast4cuda12_GLOBAL__N_120attention_fwd_kernelI6__halfLi64EEEvNS0_15AttentionParamsE",
+                    arch="sm_80", stack=8, local=0)]
+    assert _build.spills(mangled) == mangled
 
 
 # --- the CUDA extension: built with nvcc, no GPU needed ----------------------------------------

@@ -282,6 +282,7 @@ P, I, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
 def _attn_signatures(dll):
+    dll.emu_attention_set_max_smem.argtypes = [I]
     dll.emu_attention_forward.argtypes = [P, P, P, P, I, I, I, I, F32, I, I, P, P]
     dll.emu_attention_backward.argtypes = [P, P, P, P, I, I, I, I, F32, I, I, P, P, P, P, P, P, P, P]
 
@@ -405,6 +406,18 @@ def _case_id(c):
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=_case_id)
 def test_attention_emulated(libs, case):
     run_attention(libs["attention"], *case)
+
+
+@pytest.mark.parametrize("D,deterministic", [(64, False), (128, True)], ids=["D64-atomic", "D128-det"])
+def test_attention_emulated_single_buffered_backward(libs, D, deterministic):
+    """A GPU with 99 KiB of shared memory per block (sm_86/89/120) gets the backward kernels
+    without double buffering (the default here models sm_90, which gets them double-buffered)."""
+    dll = libs["attention"].dll
+    dll.emu_attention_set_max_smem(99 * 1024)
+    try:
+        run_attention(libs["attention"], 1, 130, 2, D, True, FP16, deterministic, seed=5)
+    finally:
+        dll.emu_attention_set_max_smem(227 * 1024)
 
 
 def test_attention_emulated_large_scores(libs):

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <cfloat>
 #include <cmath>
 
 #include "cuda/attention.h"
@@ -31,7 +32,21 @@ bool is_aligned(const at::Tensor& x) {
 // x with its head dim padded to `padded` and a layout the kernels can read.
 at::Tensor prepare(const at::Tensor& x, int64_t padded) {
   if (x.size(3) != padded) return at::constant_pad_nd(x, {0, padded - x.size(3)}, 0);
-  return is_aligned(x) ? x : x.contiguous();
+  if (is_aligned(x)) return x;
+  // contiguous() would return x itself when x is contiguous but starts off a 16-byte boundary
+  // (a view at an odd storage offset): copy into a fresh, aligned allocation instead.
+  return x.is_contiguous() ? x.clone(at::MemoryFormat::Contiguous) : x.contiguous();
+}
+
+// The device's opt-in shared memory per block, and a clear error when `kernel` needs more.
+int check_smem(const at::Tensor& q, int64_t head_dim_padded, int kernel, const char* what) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
+  const int need = attention_smem_bytes(static_cast<int>(head_dim_padded), kernel);
+  TORCH_CHECK_NOT_IMPLEMENTED(need <= optin, kOp, ": the cuda backend's ", what, " needs ", need,
+                              " bytes of shared memory per block for head dim ", q.size(3), "; this GPU ",
+                              "allows ", optin, ". Use backend='triton' for this shape on this GPU");
+  return optin;
 }
 
 void check_dtype(const at::Tensor& q) {
@@ -64,6 +79,10 @@ at::Tensor unpad(const at::Tensor& x, int64_t head_dim) {
 
 int64_t padded_head_dim(int64_t d) { return (d + 7) / 8 * 8; }
 
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::abs(scale) <= FLT_MAX, kOp, ": softmax_scale ", scale, " overflows float32");
+}
+
 void check_sizes(const at::Tensor& q) {
   // Grid: batch * heads on x (up to 2^31 - 1), query blocks of 64 on y (up to 65535).
   TORCH_CHECK_VALUE(q.size(1) <= 64LL * 65535, kOp, ": seqlen ", q.size(1), " exceeds the cuda backend's limit ",
@@ -76,15 +95,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
                                                      const at::Tensor& v_in, bool causal, double scale) {
   check_dtype(q_in);
   check_sizes(q_in);
+  check_scale(scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);
+  const int max_smem = check_smem(q_in, Dp, 0, "forward");
   at::Tensor out = at::empty({B, T, H, Dp}, q_in.options());
   at::Tensor lse = at::empty({B, H, T}, q_in.options().dtype(at::kFloat));
   if (B * T * H == 0) return {unpad(out, D), lse};
   const at::Tensor q = prepare(q_in, Dp), k = prepare(k_in, Dp), v = prepare(v_in, Dp);
   AttentionParams p{};
   set_qkv(p, q, k, v, causal, scale);
+  p.max_smem_per_block = max_smem;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   GPTFAST_CUDA_LAUNCH_CHECK(attention_forward_launch(p, current_stream()));
@@ -96,9 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale, bool deterministic) {
   check_dtype(q_in);
   check_sizes(q_in);
+  check_scale(scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);
+  const int max_smem = check_smem(q_in, Dp, 1, "backward");  // the single-buffered variant
   const auto opts = q_in.options();
   at::Tensor dq = at::empty({B, T, H, Dp}, opts), dk = at::empty({B, T, H, Dp}, opts),
              dv = at::empty({B, T, H, Dp}, opts);
@@ -112,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
   AttentionParams p{};
   set_qkv(p, q, k, v, causal, scale);
+  p.max_smem_per_block = max_smem;
   p.out_in = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);

@@ -371,11 +371,14 @@ template <int kHeadDim> struct BwdConfig {
   static constexpr int kPPitch = kBlockM + 8;
   // K, V, Q, dO tiles; P^T and dS^T (or dS) tiles; logsumexp and delta of the query block.
   static constexpr int kSmemBytes = 4 * 64 * kPitch * 2 + 2 * 64 * kPPitch * 2 + 2 * kBlockM * 4;
-  // Both kernels double-buffer the tiles they stream (dK/dV: Q and dO; dQ: K and V), so that the
-  // next block's copy overlaps this one's products, where the second pair fits sm_80's 163 KiB:
-  // up to head dim 128 (120.5 KiB). The second pair sits after everything else.
-  static constexpr bool kDoubleBuffer = kHeadDim <= 128;
-  static constexpr int kSmemBytesLaunch = kSmemBytes + (kDoubleBuffer ? 2 * 64 * kPitch * 2 : 0);
+  // Both kernels can double-buffer the tiles they stream (dK/dV: Q and dO; dQ: K and V), so that
+  // the next block's copy overlaps this one's products; the second pair sits after everything
+  // else. That variant is compiled up to head dim 128 (120.5 KiB, within sm_80/sm_90's opt-in
+  // limits) and chosen at launch when the device allows it: sm_86/89/120 allow 99 KiB per block,
+  // where head dim 128 runs single-buffered (86.5 KiB) and 256 (150.5 KiB) cannot run at all.
+  static constexpr bool kCanDouble = kHeadDim <= 128;
+  static constexpr int kSmemBytesDouble = kSmemBytes + 2 * 64 * kPitch * 2;
+  template <bool kDouble> static constexpr int smem_bytes() { return kDouble ? kSmemBytesDouble : kSmemBytes; }
 };
 
 // Loads the query block's logsumexp (pre-multiplied by log2 e) and delta into shared memory.
@@ -396,7 +399,7 @@ __device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const
 
 // dK, dV for 64 key rows (blockIdx.y) of one (batch, head) (blockIdx.x); dQ with atomics when
 // p.dq_accum is set. Warp w owns key rows 16 * (w % 4) .. +15 and, for dK/dV, head-dim half w / 4.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDouble>
 __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kPitch = Cfg::kPitch, kPPitch = Cfg::kPPitch, kThreads = Cfg::kThreads;
@@ -411,7 +414,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
   uint16_t* sdSt = sPt + 64 * kPPitch;  // dS^T (key row, query column), 16-bit
   float* sLse = reinterpret_cast<float*>(sdSt + 64 * kPPitch);
   float* sDelta = sLse + kBlockM;
-  // Second Q/dO buffers (Cfg::kDoubleBuffer), after everything else (16-byte aligned).
+  // Second Q/dO buffers (kDouble), after everything else (16-byte aligned).
   uint16_t* sQ1 = reinterpret_cast<uint16_t*>(smem + Cfg::kSmemBytes);
   uint16_t* sdO1 = sQ1 + 64 * kPitch;
 
@@ -445,14 +448,14 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
     load_tile<kBlockM, kHeadDim, kThreads>(dst_do, dout, p.do_row_stride, mb * kBlockM, T_, D);
     cp_async_commit();
   };
-  if (Cfg::kDoubleBuffer && m_begin < m_blocks) load_q_do(m_begin, sQ0, sdO0);
+  if (kDouble && m_begin < m_blocks) load_q_do(m_begin, sQ0, sdO0);
 
   for (int mb = m_begin; mb < m_blocks; ++mb) {
     const int m0 = mb * kBlockM;
-    const bool odd = Cfg::kDoubleBuffer && ((mb - m_begin) & 1);
+    const bool odd = kDouble && ((mb - m_begin) & 1);
     uint16_t* sQ = odd ? sQ1 : sQ0;
     uint16_t* sdO = odd ? sdO1 : sdO0;
-    if (Cfg::kDoubleBuffer) {
+    if (kDouble) {
       // The other buffer was last read in the previous iteration, before its final barrier.
       if (mb + 1 < m_blocks) load_q_do(mb + 1, odd ? sQ0 : sQ1, odd ? sdO0 : sdO1);
       else cp_async_commit();  // empty group: wait<1> below still means "this block's copy"
@@ -460,7 +463,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
       load_q_do(mb, sQ, sdO);
     }
     load_row_stats(sLse, sDelta, p, bh, m0);
-    if (Cfg::kDoubleBuffer) cp_async_wait<1>();  // this block's Q/dO (and K/V) have landed
+    if (kDouble) cp_async_wait<1>();  // this block's Q/dO (and K/V) have landed
     else cp_async_wait<0>();
     __syncthreads();
 
@@ -584,7 +587,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 // Deterministic dQ: 64 query rows (blockIdx.y, longest first) of one (batch, head) per CTA, looping
 // over key blocks in a fixed order (K and V double-buffered up to head dim 128). Warp w owns query rows 16 * (w % 4) .. +15; for S/dP key
 // columns 32 * (w / 4) .. +31, for dQ head-dim half w / 4.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDouble>
 __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kPitch = Cfg::kPitch, kPPitch = Cfg::kPPitch, kThreads = Cfg::kThreads;
@@ -598,7 +601,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
   uint16_t* sdS = sdO + 64 * kPitch;  // dS (query row, key column), 16-bit
   float* sLse = reinterpret_cast<float*>(sdS + 2 * 64 * kPPitch);
   float* sDelta = sLse + kBlockM;
-  uint16_t* sK1 = reinterpret_cast<uint16_t*>(smem + Cfg::kSmemBytes);  // Cfg::kDoubleBuffer
+  uint16_t* sK1 = reinterpret_cast<uint16_t*>(smem + Cfg::kSmemBytes);  // kDouble
   uint16_t* sV1 = sK1 + 64 * kPitch;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -628,14 +631,14 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
     load_tile<64, kHeadDim, kThreads>(dst_v, v, p.v_row_stride, j * 64, T_, D);
     cp_async_commit();
   };
-  if (Cfg::kDoubleBuffer && n_blocks > 0) load_k_v(0, sK0, sV0);
+  if (kDouble && n_blocks > 0) load_k_v(0, sK0, sV0);
 
   for (int j = 0; j < n_blocks; ++j) {
     const int n0 = j * 64;
-    const bool odd = Cfg::kDoubleBuffer && (j & 1);
+    const bool odd = kDouble && (j & 1);
     uint16_t* sK = odd ? sK1 : sK0;
     uint16_t* sV = odd ? sV1 : sV0;
-    if (Cfg::kDoubleBuffer) {
+    if (kDouble) {
       // The other buffer was last read in the previous iteration, before its final barrier.
       if (j + 1 < n_blocks) load_k_v(j + 1, odd ? sK0 : sK1, odd ? sV0 : sV1);
       else cp_async_commit();  // empty group: wait<1> below still means "this block's copy"
@@ -730,7 +733,10 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
 
 int attention_smem_bytes(int head_dim, int kernel) {
   return HEADDIM_SWITCH(head_dim, [&] {
-    return kernel == 0 ? FwdConfig<kHeadDim>::kSmemBytes : BwdConfig<kHeadDim>::kSmemBytesLaunch;
+    using Cfg = BwdConfig<kHeadDim>;
+    if (kernel == 0) return FwdConfig<kHeadDim>::kSmemBytes;
+    if (kernel == 1) return Cfg::kSmemBytes;
+    return Cfg::kCanDouble ? Cfg::kSmemBytesDouble : -1;
   });
 }
 
@@ -748,6 +754,33 @@ cudaError_t attention_forward_launch(const AttentionParams& p, cudaStream_t stre
   });
 }
 
+namespace {
+// The dK/dV kernel, then dQ (conversion of the atomics' buffer, or the deterministic kernel).
+template <typename T, int kHeadDim, bool kDouble>
+cudaError_t launch_backward_main(const AttentionParams& p, cudaStream_t stream) {
+  using Cfg = BwdConfig<kHeadDim>;
+  constexpr int kSmem = Cfg::template smem_bytes<kDouble>();
+  const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen, 64));
+  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kDouble>;
+  cudaError_t e = set_smem(dkdv, kSmem);
+  if (e != cudaSuccess) return e;
+  dkdv<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  if (p.dq_accum != nullptr) {
+    const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * p.heads * p.head_dim;
+    const int blocks = static_cast<int>(n / 256 + 1 < 65536 ? n / 256 + 1 : 65536);
+    attention_bwd_dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, reinterpret_cast<T*>(p.dq), n);
+    return cudaGetLastError();
+  }
+  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDouble>;
+  e = set_smem(dq, kSmem);
+  if (e != cudaSuccess) return e;
+  dq<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+}  // namespace
+
 cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t stream) {
   return FP16_SWITCH(p.is_bf16, [&] {
     const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen * p.heads;
@@ -756,25 +789,10 @@ cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t str
     if (err != cudaSuccess) return err;
     return HEADDIM_SWITCH(p.head_dim, [&] {
       using Cfg = BwdConfig<kHeadDim>;
-      const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen, 64));
-      auto dkdv = attention_bwd_dkdv_kernel<elem_t, kHeadDim>;
-      cudaError_t e = set_smem(dkdv, Cfg::kSmemBytesLaunch);
-      if (e != cudaSuccess) return e;
-      dkdv<<<grid, Cfg::kThreads, Cfg::kSmemBytesLaunch, stream>>>(p);
-      e = cudaGetLastError();
-      if (e != cudaSuccess) return e;
-      if (p.dq_accum != nullptr) {
-        const int64_t n = rows * p.head_dim;
-        const int blocks = static_cast<int>(n / 256 + 1 < 65536 ? n / 256 + 1 : 65536);
-        attention_bwd_dq_convert_kernel<elem_t><<<blocks, 256, 0, stream>>>(
-            p.dq_accum, reinterpret_cast<elem_t*>(p.dq), n);
-        return cudaGetLastError();
+      if constexpr (Cfg::kCanDouble) {
+        if (Cfg::kSmemBytesDouble <= p.max_smem_per_block) return launch_backward_main<elem_t, kHeadDim, true>(p, stream);
       }
-      auto dq = attention_bwd_dq_kernel<elem_t, kHeadDim>;
-      e = set_smem(dq, Cfg::kSmemBytesLaunch);
-      if (e != cudaSuccess) return e;
-      dq<<<grid, Cfg::kThreads, Cfg::kSmemBytesLaunch, stream>>>(p);
-      return cudaGetLastError();
+      return launch_backward_main<elem_t, kHeadDim, false>(p, stream);
     });
   });
 }

@@ -24,6 +24,9 @@ struct AttentionParams {
   float scale_log2;  // softmax scale * log2(e): the kernels work with exp2
   bool causal;
   bool is_bf16;
+  // The device's opt-in shared-memory limit per block (bytes): the backward double-buffers its
+  // streamed tiles only where that variant fits (attention_smem_bytes).
+  int max_smem_per_block;
 
   // Forward outputs: out (batch, seqlen, heads, head_dim) contiguous; lse (batch, heads, seqlen).
   void* out;
@@ -48,8 +51,8 @@ struct AttentionParams {
 
 cudaError_t attention_forward_launch(const AttentionParams& params, cudaStream_t stream);
 cudaError_t attention_backward_launch(const AttentionParams& params, cudaStream_t stream);
-// Dynamic shared memory for a head dim of the forward (kernel 0), the dK/dV kernel (1) or the
-// deterministic dQ kernel (2).
+// Dynamic shared memory for a head dim: forward (kernel 0), backward kernels single-buffered (1)
+// or double-buffered (2; -1 where that variant is not compiled).
 int attention_smem_bytes(int head_dim, int kernel);
 
 }  // namespace cuda

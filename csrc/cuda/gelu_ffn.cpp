@@ -51,11 +51,19 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <cublasLt.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+
+// at::cuda::getCUDABlasLtWorkspace{,Size} exist from torch 2.9 (pytorch/pytorch#156495).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define GPTFAST_TORCH_HAS_LT_WORKSPACE 1
+#else
+#define GPTFAST_TORCH_HAS_LT_WORKSPACE 0
+#endif
 
 namespace gptfast {
 namespace cuda {
@@ -184,9 +192,18 @@ LtResult lt_matmul(const char* what, const at::Tensor& A, const at::Tensor& B, c
            "cublasLtMatrixLayoutCreate", what);
   check_lt(cublasLtMatrixLayoutCreate(&c_layout.handle, dtype, n, m, n), "cublasLtMatrixLayoutCreate", what);
 
+#if GPTFAST_TORCH_HAS_LT_WORKSPACE
   // PyTorch's own cuBLASLt workspace for this stream (what its addmm uses): no allocation here.
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
+#else
+  // Older torch has no accessor: 4 MiB from the caching allocator, alive until this function
+  // returns, after the launch (stream-ordered reuse makes that safe).
+  const size_t workspace_size = size_t{4} << 20;
+  const at::Tensor workspace_buffer =
+      at::empty({static_cast<int64_t>(workspace_size)}, C.options().dtype(at::kByte));
+  void* workspace = workspace_buffer.data_ptr();
+#endif
   PreferenceDesc pref;
   check_lt(cublasLtMatmulPreferenceCreate(&pref.handle), "cublasLtMatmulPreferenceCreate", what);
   set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size),

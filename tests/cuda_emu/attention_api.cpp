@@ -5,6 +5,11 @@
 
 using gptfast::cuda::AttentionParams;
 
+// The device's opt-in shared memory per block that the launches see (default: sm_90's 227 KiB;
+// 99 KiB, as on sm_86/89/120, selects the backward's single-buffered kernels).
+static int g_max_smem = 227 * 1024;
+EMU_API void emu_attention_set_max_smem(int bytes) { g_max_smem = bytes; }
+
 static void fill(AttentionParams& p, const void* q, const void* k, const void* v, const int64_t* st, int B, int T,
                  int H, int D, float scale, int causal, int bf16) {
   p.q = q, p.k = k, p.v = v;
@@ -16,6 +21,7 @@ static void fill(AttentionParams& p, const void* q, const void* k, const void* v
   p.scale_log2 = static_cast<float>(static_cast<double>(scale) * M_LOG2E);  // as csrc/cuda/attention.cpp
   p.causal = causal;
   p.is_bf16 = bf16;
+  p.max_smem_per_block = g_max_smem;
 }
 
 EMU_API int emu_attention_forward(const void* q, const void* k, const void* v, const int64_t* st, int B, int T,
