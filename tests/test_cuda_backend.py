@@ -41,6 +41,13 @@ def test_explicit_cuda_backend_on_cpu_tensors_raises():
         gptfast.layer_norm(torch.randn(4, 8), None, None)
 
 
+def test_gpus_older_than_sm80_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = _backend._REGISTRY[("attention", "cuda")].unavailable_reason(torch.device("cuda"))
+    assert reason == "needs compute capability 8.0 or newer (mma.sync bf16, cp.async); this GPU is 7.5"
+
+
 def test_auto_on_cpu_never_considers_cuda():
     assert "cuda" not in _backend.AUTO_ORDER["cpu"]
     assert _backend.resolve("layer_norm", torch.device("cpu"), torch.float32).backend != "cuda"

@@ -181,10 +181,12 @@ for _op in OPS:
 
 
 def _cuda_requirement(device: torch.device) -> str | None:
-    # mma.sync.m16n8k16 with fp32 accumulation on bf16, cp.async and ldmatrix need sm_80.
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"needs compute capability 8.0 or newer (mma.sync bf16, cp.async); this GPU is {major}.{minor}"
+    # mma.sync.m16n8k16 with fp32 accumulation on bf16, cp.async and ldmatrix need sm_80. (Without
+    # a visible GPU -- planning a GPU run, `gptfast bench --dry-run` -- only the build counts.)
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs compute capability 8.0 or newer (mma.sync bf16, cp.async); this GPU is {major}.{minor}"
     # Like the cpu backend: builds (about a minute of nvcc, once; cached on disk) on the first call.
     from .. import _build
     return _build.unavailable_reason("cuda")
