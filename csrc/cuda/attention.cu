@@ -364,6 +364,38 @@ __global__ void attention_bwd_delta_kernel(const AttentionParams p) {
   if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen + i] = acc;
 }
 
+// The two score-sized products of both backward kernels, over the head dim:
+//   acc1 += A1[a0 .. a0+15] B1[b0 .. b0+31]^T   and   acc2 += A2[a0 ..] B2[b0 ..]^T
+// (16 rows x 32 columns per warp; dK/dV kernel: S^T = K Q^T, dP^T = V dO^T; dQ kernel: S = Q K^T,
+// dP = dO V^T). kUnroll bounds the unroll of the head-dim loop (registers, see the callers).
+template <typename T, int kHeadDim, int kUnroll>
+__device__ __forceinline__ void two_score_products(float (&acc1)[4][4], const uint16_t* A1, const uint16_t* B1,
+                                                   float (&acc2)[4][4], const uint16_t* A2, const uint16_t* B2,
+                                                   int a0, int b0, int lane) {
+  constexpr int kPitch = kHeadDim + 8;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc1[i][e] = acc2[i][e] = 0.f;
+  }
+#pragma unroll kUnroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t a[4], bf[2];
+    load_a(a, A1, kPitch, a0, kk * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      load_b_rows(bf, B1, kPitch, b0 + nt * 8, kk * 16, lane);
+      mma16816<T>(acc1[nt], a, bf);
+    }
+    load_a(a, A2, kPitch, a0, kk * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      load_b_rows(bf, B2, kPitch, b0 + nt * 8, kk * 16, lane);
+      mma16816<T>(acc2[nt], a, bf);
+    }
+  }
+}
+
 // 64 key rows per dK/dV CTA (and per step of the dQ kernel), 64 query rows per step.
 template <int kHeadDim> struct BwdConfig {
   static constexpr int kThreads = 256;
@@ -470,27 +502,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
     // S^T = K Q^T and dP^T = V dO^T for key rows of strip r, query columns 32c .. 32c+31.
     // Unrolled by 4 only: with 128 registers of dK/dV live, a full unroll spilled at 256.
     float st[4][4], dpt[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-    }
-#pragma unroll 4
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[4], bf[2];
-      load_a(a, sK, kPitch, r * 16, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sQ, kPitch, c * 32 + nt * 8, kk * 16, lane);
-        mma16816<T>(st[nt], a, bf);
-      }
-      load_a(a, sV, kPitch, r * 16, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sdO, kPitch, c * 32 + nt * 8, kk * 16, lane);
-        mma16816<T>(dpt[nt], a, bf);
-      }
-    }
+    two_score_products<T, kHeadDim, 4>(st, sK, sQ, dpt, sV, sdO, r * 16, c * 32, lane);
     // P^T = exp2(scale_log2 * S^T - lse_log2[query]);  dS^T = P^T * (dP^T - delta[query]).
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
@@ -649,28 +661,9 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
     }
     __syncthreads();
 
+    // S = Q K^T and dP = dO V^T for query rows of strip r, key columns 32c .. 32c+31.
     float s[4][4], dp[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[4], bf[2];
-      load_a(a, sQ, kPitch, r * 16, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sK, kPitch, c * 32 + nt * 8, kk * 16, lane);
-        mma16816<T>(s[nt], a, bf);
-      }
-      load_a(a, sdO, kPitch, r * 16, kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        load_b_rows(bf, sV, kPitch, c * 32 + nt * 8, kk * 16, lane);
-        mma16816<T>(dp[nt], a, bf);
-      }
-    }
+    two_score_products<T, kHeadDim, kHeadDim / 16>(s, sQ, sK, dp, sdO, sV, r * 16, c * 32, lane);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const int kl = c * 32 + nt * 8 + 2 * t;

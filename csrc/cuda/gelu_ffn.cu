@@ -125,6 +125,18 @@ __device__ __forceinline__ void write_column_partials(const float (&acc)[kN], fl
   }
 }
 
+// This thread's part of the 2-D kernels' grid (see write_column_partials): its first column and
+// the rows [row_begin, row_end) of its block's chunk.
+struct ChunkTile {
+  int64_t col0, row_begin, row_end;
+};
+template <int kN>
+__device__ __forceinline__ ChunkTile chunk_tile(int64_t rows, int64_t rows_per_chunk) {
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  return {(static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN, row_begin,
+          min(rows, row_begin + rows_per_chunk)};
+}
+
 template <typename T, bool kTanh>
 __global__ void __launch_bounds__(kThreads)
 gelu_forward_kernel(const T* __restrict__ h,  // (numel,)
@@ -159,9 +171,7 @@ gelu_backward_kernel(const T* __restrict__ h,        // (rows, cols)
                      int64_t rows_per_chunk,
                      bool vectorized) {              // cols % kN == 0 and h, dh, a 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
-  const int64_t row_end = min(rows, row_begin + rows_per_chunk);
+  const auto [col0, row_begin, row_end] = chunk_tile<kN>(rows, rows_per_chunk);
   float acc[kN];
 #pragma unroll
   for (int j = 0; j < kN; ++j) acc[j] = 0.f;
@@ -194,9 +204,7 @@ column_partials_kernel(const T* __restrict__ x,        // (rows, cols)
                        int64_t rows_per_chunk,
                        bool vectorized) {              // cols % kN == 0 and x 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
-  const int64_t row_end = min(rows, row_begin + rows_per_chunk);
+  const auto [col0, row_begin, row_end] = chunk_tile<kN>(rows, rows_per_chunk);
   float acc[kN];
 #pragma unroll
   for (int j = 0; j < kN; ++j) acc[j] = 0.f;
