@@ -1,25 +1,62 @@
-// Which kernels this build of the extension binds. The same bindings and argument checks
-// (csrc/bindings.cpp, csrc/<op>.cpp) are compiled twice by gptfast/_build.py: once for the cpu
-// backend (csrc/cpu/), once with -DGPTFAST_CUDA for the cuda backend (csrc/cuda/), so that each
-// backend loads, and fails to build, on its own.
+// Which kernels this build of the extension binds, and their entry points. The same bindings and
+// argument checks (csrc/bindings.cpp, csrc/<op>.cpp) are compiled twice by gptfast/_build.py:
+// once for the cpu backend (kernels in csrc/cpu/, namespace gptfast::cpu), once with
+// -DGPTFAST_CUDA for the cuda backend (csrc/cuda/, gptfast::cuda), so that each backend loads,
+// and fails to build, on its own. The kernel files include this header too, so both sets of
+// definitions are checked against the one declaration list below. Inputs are validated by
+// csrc/<op>.cpp; signatures and return values follow the launcher contract in
+// gptfast/ops/_backend.py.
 #pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
 
 #include "common/checks.h"
 
 #ifdef GPTFAST_CUDA
-#include "common/cuda_kernels.h"
-namespace gptfast {
-namespace backend = cuda;
-constexpr const char* kBackendName = "cuda";
-}  // namespace gptfast
+#define GPTFAST_KERNELS cuda
+#define GPTFAST_BACKEND_NAME "cuda"
 #define CHECK_BACKEND_DEVICE(x)                                                                  \
   TORCH_CHECK_VALUE((x).is_cuda(), kOp, ": ", #x,                                                \
                     " must be a CUDA tensor for the cuda backend, got ", (x).device())
 #else
-#include "common/cpu_kernels.h"
-namespace gptfast {
-namespace backend = cpu;
-constexpr const char* kBackendName = "cpu";
-}  // namespace gptfast
+#define GPTFAST_KERNELS cpu
+#define GPTFAST_BACKEND_NAME "cpu"
 #define CHECK_BACKEND_DEVICE(x) CHECK_CPU(x)
 #endif
+
+namespace gptfast {
+namespace GPTFAST_KERNELS {
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, bool causal, double scale);
+// deterministic: no atomics (ignored by the cpu kernels, which never use them)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool deterministic);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps);
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias);
+
+std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                    const std::optional<at::Tensor>& b1,
+                                                    const at::Tensor& w2,
+                                                    const std::optional<at::Tensor>& b2,
+                                                    bool tanh_approx);
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>>
+gelu_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h,
+                  const at::Tensor& w1, const at::Tensor& w2, bool has_b1, bool has_b2,
+                  bool tanh_approx);
+
+}  // namespace GPTFAST_KERNELS
+
+namespace backend = GPTFAST_KERNELS;
+constexpr const char* kBackendName = GPTFAST_BACKEND_NAME;
+}  // namespace gptfast

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../common/blas.h"
-#include "../common/cpu_kernels.h"
+#include "../common/backend.h"
 #include "../common/vec_math.h"
 
 namespace gptfast {

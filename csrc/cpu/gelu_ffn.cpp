@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/cpu_kernels.h"
+#include "../common/backend.h"
 #include "../common/vec_math.h"
 
 namespace gptfast {

@@ -12,6 +12,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "common/backend.h"
 #include "cuda/attention.h"
 #include "cuda/host.h"
 
@@ -89,13 +90,18 @@ void check_sizes(const at::Tensor& q) {
                     64LL * 65535);
   TORCH_CHECK_VALUE(q.size(0) * q.size(2) <= INT32_MAX, kOp, ": batch * nheads is too large");
 }
+
+// What only this backend requires, beyond the shared checks of csrc/attention.cpp.
+void check_cuda_inputs(const at::Tensor& q, double scale) {
+  check_dtype(q);
+  check_sizes(q);
+  check_scale(scale);
+}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal, double scale) {
-  check_dtype(q_in);
-  check_sizes(q_in);
-  check_scale(scale);
+  check_cuda_inputs(q_in, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);
@@ -116,9 +122,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale, bool deterministic) {
-  check_dtype(q_in);
-  check_sizes(q_in);
-  check_scale(scale);
+  check_cuda_inputs(q_in, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);

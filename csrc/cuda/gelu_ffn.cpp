@@ -40,7 +40,7 @@
 // (length = rows of D) is indexed by our output column -- b1 (H,), b2 (N,) -- and DGELU_BGRAD's
 // bias gradient (a reduction over the columns of D) is the sum over our rows: db1 = sum_i dh[i, :].
 // The auxiliary matrix has D's layout: our row-major (M, H) h with leading dimension H.
-#include "common/cuda_kernels.h"
+#include "common/backend.h"
 #include "cuda/gelu_ffn.h"
 #include "cuda/host.h"
 

@@ -10,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common/cuda_kernels.h"
+#include "common/backend.h"
 #include "cuda/host.h"
 #include "cuda/layer_norm.h"
 
