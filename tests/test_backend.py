@@ -140,7 +140,8 @@ def test_available_backends_and_table():
 def test_import_is_lazy():
     """`import gptfast` must not import triton nor build/load the native extension."""
     code = ("import sys, gptfast; bad = [m for m in sys.modules if m == 'triton' or m.startswith('gptfast_C') "
-            "or m.startswith('gptfast.kernels.') or m in ('gptfast.ops._cpu', 'gptfast._build')]; "
+            "or m.startswith('gptfast_cuda') or m.startswith('gptfast.kernels.') "
+            "or m in ('gptfast.ops._cpu', 'gptfast.ops._cuda', 'gptfast.ops._native', 'gptfast._build')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,65 @@
+"""Launchers of the native backends, written once for both builds of ``csrc/``: ``cpu`` (kernels in
+``csrc/cpu/``) and ``cuda`` (``csrc/cuda/``). ``gptfast.ops._cpu`` and ``gptfast.ops._cuda`` each
+:func:`bind` one :class:`NativeLaunchers` into their namespace; creating it builds (or loads from
+the cache) that backend's extension through :mod:`gptfast._build`.
+
+Same signatures and return values as the reference launchers (the contract in
+``gptfast/ops/_backend.py``). Argument checks run again in C++ (``csrc/<op>.cpp``), so the
+extensions are also safe to call directly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _build
+
+LAUNCHERS = ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward",
+             "gelu_ffn_forward", "gelu_ffn_backward")
+
+
+class NativeLaunchers:
+    """The six launchers of one native backend, bound to its extension module (``.ext``)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.ext = _build.load(backend)
+
+    def attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (B, T, H, D) in q.dtype, lse (B, H, T) fp32 (fp64 for fp64 inputs on cpu)."""
+        return self.ext.attention_forward(q, k, v, bool(causal), float(softmax_scale))
+
+    def attention_backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
+                           deterministic: bool = False) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv. Deterministic (no atomics) when asked for here or through
+        ``torch.use_deterministic_algorithms(True)``; the cpu kernels always are."""
+        deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+        return self.ext.attention_backward(dout, q, k, v, out, lse, bool(causal), float(softmax_scale),
+                                           deterministic)
+
+    def layer_norm_forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32 (fp64 for fp64 inputs on cpu)."""
+        return self.ext.layer_norm_forward(x, weight, bias, float(eps))
+
+    def layer_norm_backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                            mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool):
+        """dx (M, N), dweight (N,) or None, dbias (N,) or None."""
+        return self.ext.layer_norm_backward(dy, x, weight, mean, rstd, bool(has_bias))
+
+    def gelu_ffn_forward(self, x, w1, b1, w2, b2, approximate: str):
+        """out (M, N), h (M, H) = x @ w1.T + b1, both in x.dtype."""
+        return self.ext.gelu_ffn_forward(x, w1, b1, w2, b2, approximate)
+
+    def gelu_ffn_backward(self, dout, x, h, w1, w2, has_b1: bool, has_b2: bool, approximate: str):
+        """dx, dw1, db1 or None, dw2, db2 or None."""
+        return self.ext.gelu_ffn_backward(dout, x, h, w1, w2, bool(has_b1), bool(has_b2), approximate)
+
+
+def bind(backend: str, namespace: dict) -> None:
+    """Put ``backend``'s launchers into a module's namespace (``attention_forward``, ..., what the
+    registry looks up by name), with its extension module as ``_ext``."""
+    launchers = NativeLaunchers(backend)
+    namespace.update({name: getattr(launchers, name) for name in LAUNCHERS})
+    namespace.update(_ext=launchers.ext, __all__=list(LAUNCHERS))
