@@ -1,9 +1,10 @@
 """The ``cuda`` backend on a machine without a GPU: registry wiring, the build of the CUDA
 extension (nvcc for sm_80 and sm_90), its kernels' resource usage, and its argument checks.
 
-Numerics need a GPU: tests/gpu/test_cuda_gpu.py. Here the extension is built (or found in the
-cache: CI builds it first with ``gptfast build --cuda``) whenever this machine has a CUDA build of
-torch, nvcc and cuBLASLt; without them the build tests are skipped with the reason.
+Numerics: on a GPU, tests/gpu/test_kernels_gpu.py and tests/gpu/test_cuda_gpu.py; on the CPU,
+tests/test_cuda_emulated.py. Here the extension is built (or found in the cache: CI builds it
+first with ``gptfast build --cuda``) whenever this machine has a CUDA build of torch, nvcc and
+cuBLASLt; without them the build tests are skipped with the reason.
 """
 from __future__ import annotations
 
