@@ -74,6 +74,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gptfast
+from gptfast.ops.attention import attention_backward_reference, attention_forward_reference
+from gptfast.ops.gelu_ffn import gelu, gelu_grad
+from gptfast.ops.layer_norm import layer_norm_backward_reference, layer_norm_forward_reference
+from gptfast.testing import assert_within_pytorch_error, max_abs_diff
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "cuda"
 EMU = Path(__file__).resolve().parent / "cuda_emu"
@@ -256,18 +262,13 @@ class Buf:
         return bool((g.view(_INT_VIEW[g.dtype][0]) == self.nan_bits).all())
 
 
-def maxerr(x, ref):
-    return (x.double() - ref).abs().max().item() if ref.numel() else 0.0
-
-
 def check(name, out, ref, pt, factor, atol_rel):
-    """DESIGN.md's rule: max|out - ref| <= factor * max|pt - ref| + atol."""
+    """DESIGN.md's rule (gptfast.testing): max|out - ref| <= factor * max|pt - ref| + atol, with
+    atol = atol_rel * max(1, max|ref|). Returns max|out - ref|."""
     assert not torch.isnan(out).any(), f"{name}: NaN in the kernel's output"
-    err, pt_err = maxerr(out, ref), maxerr(pt, ref)
     atol = atol_rel * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    bound = factor * pt_err + atol
-    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} ({factor} x PyTorch's {pt_err:.3g} + {atol:.2g})"
-    return err
+    assert_within_pytorch_error(out, ref, pt, factor=factor, atol=atol, name=name)
+    return max_abs_diff(out, ref)
 
 
 def check_fp32(name, out, ref, rtol=1e-5):
@@ -288,32 +289,18 @@ def _attn_signatures(dll):
 
 
 def attention_reference(q, k, v, do, causal, scale):
-    """float64 out, lse (B, H, T), dq, dk, dv; inputs (B, T, H, D)."""
-    qh, kh, vh, doh = (x.double().transpose(1, 2) for x in (q, k, v, do))
-    s = qh @ kh.transpose(-1, -2) * scale
-    T = q.shape[1]
-    if causal:
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None])
-    o = p @ vh
-    dv = p.transpose(-1, -2) @ doh
-    dp = doh @ vh.transpose(-1, -2)
-    ds = p * (dp - (doh * o).sum(-1, keepdim=True))
-    dq, dk = ds @ kh * scale, ds.transpose(-1, -2) @ qh * scale
-    return o.transpose(1, 2), lse, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    """float64 out, lse (B, H, T), dq, dk, dv: gptfast's reference launchers on float64 inputs."""
+    q, k, v, do = (x.double() for x in (q, k, v, do))
+    out, lse = attention_forward_reference(q, k, v, causal, scale)
+    return (out, lse, *attention_backward_reference(do, q, k, v, out, lse, causal, scale))
 
 
 def attention_pytorch(q, k, v, do, causal, scale):
     """PyTorch in the inputs' dtype (the FlashAttention tests' `pt`): out, dq, dk, dv."""
-    q, k, v = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
-    s = q @ k.transpose(-1, -2) * scale
-    if causal:
-        T = s.shape[-1]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    o = torch.softmax(s, -1) @ v
-    o.backward(do.transpose(1, 2))
-    return o.detach().transpose(1, 2), q.grad.transpose(1, 2), k.grad.transpose(1, 2), v.grad.transpose(1, 2)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = gptfast.attention_ref(*leaves, causal, scale, upcast=False)
+    out.backward(do)
+    return (out.detach(), *(x.grad for x in leaves))
 
 
 def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contiguous", seed=0, qscale=1.0):
@@ -463,11 +450,8 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
     assert rc == 0, f"forward launch returned cudaError {rc}"
     lib.finish(y, mean, rstd, *ins)
 
-    xd = x.double()
-    mu = xd.mean(-1)
-    rs = 1 / torch.sqrt(xd.var(-1, unbiased=False) + eps)
-    xhat = (xd - mu[:, None]) * rs[:, None]
-    y_ref = xhat * (w.double() if has_w else 1) + (b.double() if has_b else 0)
+    xd, wd, bd = (None if t is None else t.double() for t in (x, w, b))
+    y_ref, mu, rs = layer_norm_forward_reference(xd, wd, bd, eps)
     if nan_row is not None:  # NaN propagates into its row only, the other rows stay exact
         assert torch.isnan(y.t[nan_row]).all() and math.isnan(mean.t[nan_row]) and math.isnan(rstd.t[nan_row])
         keep = torch.arange(M) != nan_row
@@ -502,14 +486,12 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
     assert rc == 0, f"backward launch returned cudaError {rc}"
     lib.finish(dx, dyb, mean, rstd, *ins, *[t for t in (dw, db, dwp, dbp) if t is not None])
 
-    dyd = dy.double()
-    g = dyd * (w.double() if has_w else 1)
-    dx_ref = rs[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dx_ref, dw_ref, db_ref = layer_norm_backward_reference(dy.double(), xd, wd, mu, rs, has_b)
     check("dx", dx.t, dx_ref, xr.grad, 3, 1e-5)
     if has_w:
-        check("dw", dw.t, (dyd * xhat).sum(0), wr.grad, 3, 1e-5)
+        check("dw", dw.t, dw_ref, wr.grad, 3, 1e-5)
     if has_b:
-        check("db", db.t, dyd.sum(0), br.grad, 3, 1e-5)
+        check("db", db.t, db_ref, br.grad, 3, 1e-5)
     return nb.value
 
 
@@ -557,7 +539,6 @@ def test_layer_norm_emulated_nan_propagates(libs):
 # --- GELU feed-forward: gelu_ffn.cu's own kernels (not its cuBLASLt GEMMs) --------------------
 
 L64 = ctypes.c_int64
-SQRT_2_OVER_PI, KAPPA = math.sqrt(2 / math.pi), 0.044715
 
 
 def _gelu_signatures(dll):
@@ -568,13 +549,9 @@ def _gelu_signatures(dll):
 
 
 def gelu_reference(h, tanh):
-    """float64 GELU(h) and GELU'(h) (PyTorch's formulas, ActivationGeluKernel)."""
-    x = h.double()
-    if tanh:
-        t = torch.tanh(SQRT_2_OVER_PI * (x + KAPPA * x ** 3))
-        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * KAPPA * x * x)
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    return x * cdf, cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    """float64 GELU(h) and GELU'(h): gptfast.ops.gelu_ffn's gelu / gelu_grad on float64."""
+    x, approx = h.double(), "tanh" if tanh else "none"
+    return gelu(x, approx), gelu_grad(x, approx)
 
 
 def _chunks(lib, rows):
