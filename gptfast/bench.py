@@ -45,13 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops.gelu_ffn import gelu_ffn_ref
-from .testing import assert_close, assert_within_pytorch_error, sdpa_bthd
+from .testing import (assert_close, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
+                      gelu_ffn_magnitudes, layer_norm_magnitudes, sdpa_bthd)
 
 OPS = ("attention", "layer_norm", "gelu_ffn", "train")
 PHASES = ("fwd", "bwd", "fwd-bwd")
 BASELINES = ("eager", "compile", "flash_attn", "liger")
-# fp32 checks: absolute tolerances for O(1) values, scaled by max(1, max|ref|) (as tests/test_ops.py)
-FP32_OUT_ATOL, FP32_GRAD_ATOL = 2e-5, 1e-4
 # Rotate input sets until they hold this many bytes (beyond any L2/LLC here), at most MAX_SETS.
 ROTATE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
 MAX_SETS = 8
@@ -184,6 +183,14 @@ class Case:
             return lambda q, k, v: sdpa_bthd(q, k, v, causal)
         return {"layer_norm": layer_norm_eager, "gelu_ffn": gelu_ffn_eager}[self.op]
 
+    def magnitudes(self, inputs64: list[torch.Tensor], grad64: torch.Tensor | None) -> list[float | None]:
+        """gptfast.testing's term magnitudes of this case's output and input gradients."""
+        if self.op == "attention":
+            return attention_magnitudes(*inputs64, grad64, self.causal)
+        if self.op == "layer_norm":
+            return layer_norm_magnitudes(*inputs64, grad64, 1e-5)
+        return gelu_ffn_magnitudes(*inputs64, grad64, "tanh")
+
     def gptfast_fn(self, backend: str) -> Callable:
         import gptfast
         if self.op == "attention":
@@ -253,18 +260,11 @@ def check_case(case: Case, fn: Callable, device: torch.device, dtype: torch.dtyp
             pt, out = eager(*xpt), fn(*xus)
     if out.dtype != dtype or out.shape != ref.shape:
         raise AssertionError(f"output {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(ref.shape)}")
-    scale = max(1.0, ref.detach().abs().max().item())
-    if dtype == torch.float32:
-        assert_close(out, ref, atol=FP32_OUT_ATOL * scale, name="out")
-    else:
-        assert_within_pytorch_error(out, ref, pt, factor=2, atol=1e-6 * scale, name="out")
+    magnitudes = case.magnitudes(x64, g.double() if backward else None)
     if backward:
-        for i, (a, r, c) in enumerate(zip(out_g, ref_g, pt_g)):
-            gscale = max(1.0, r.abs().max().item())
-            if dtype == torch.float32:
-                assert_close(a, r, atol=FP32_GRAD_ATOL * gscale, name=f"grad[{i}]")
-            else:
-                assert_within_pytorch_error(a, r, c, factor=3, atol=1e-6 * gscale, name=f"grad[{i}]")
+        assert_results_match(out, ref, pt, out_g, ref_g, pt_g, magnitudes=magnitudes)
+    else:
+        assert_results_match(out, ref, pt, magnitudes=magnitudes)
     return size_label(case.op, p)
 
 

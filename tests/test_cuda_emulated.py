@@ -36,8 +36,9 @@ Tolerances (DESIGN.md "Testing rules"): with `ref` the float64 result on the sam
 and `pt` PyTorch's result computed in the kernel's dtype (naive attention with fp16/bf16 matmuls
 and softmax; F.layer_norm), every 16-bit-or-fp32 output must satisfy
     max|out - ref| <= 2 * max|pt - ref| + atol    (3x for gradients),
-atol = 1e-4 * max(1, max|ref|) for attention and 1e-5 * max(1, max|ref|) for LayerNorm (the floor
-for outputs that PyTorch happens to get exactly right, e.g. dQ = 0 at T = 1). fp32 statistics
+atol = gptfast.testing.rounding_atol of the magnitude of the summed terms for attention and
+LayerNorm (gptfast.testing.*_magnitudes: the floor for outputs that PyTorch happens to get exactly
+right, e.g. dQ = 0 at T = 1, scaled by what was summed rather than by the result). fp32 statistics
 (attention's logsumexp, LayerNorm's mean and rstd) must match float64 to 1e-5 (relative to
 max(1, |ref|)). GELU: `pt` is F.gelu and aten.gelu_backward in the dtype (db1/db2: their .sum(0)),
 the reference PyTorch's formulas in float64; atol = 1e-5 * max(1, max|ref|) for 16-bit and
@@ -78,7 +79,8 @@ import gptfast
 from gptfast.ops.attention import attention_backward_reference, attention_forward_reference
 from gptfast.ops.gelu_ffn import gelu, gelu_grad
 from gptfast.ops.layer_norm import layer_norm_backward_reference, layer_norm_forward_reference
-from gptfast.testing import assert_within_pytorch_error, max_abs_diff
+from gptfast.testing import (assert_within_pytorch_error, attention_magnitudes, layer_norm_magnitudes, max_abs_diff,
+                             rounding_atol)
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "cuda"
@@ -262,11 +264,16 @@ class Buf:
         return bool((g.view(_INT_VIEW[g.dtype][0]) == self.nan_bits).all())
 
 
-def check(name, out, ref, pt, factor, atol_rel):
+def check(name, out, ref, pt, factor, atol_rel=None, *, magnitude=None):
     """DESIGN.md's rule (gptfast.testing): max|out - ref| <= factor * max|pt - ref| + atol, with
-    atol = atol_rel * max(1, max|ref|). Returns max|out - ref|."""
+    atol = rounding_atol(magnitude) for the reductions (attention, LayerNorm: the magnitude of the
+    summed terms, gptfast.testing.*_magnitudes) or atol_rel * max(1, max|ref|) for the element-wise
+    GELU kernels, whose terms are the result itself. Returns max|out - ref|."""
     assert not torch.isnan(out).any(), f"{name}: NaN in the kernel's output"
-    atol = atol_rel * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    if magnitude is not None:
+        atol = rounding_atol(magnitude, out.dtype)
+    else:
+        atol = atol_rel * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     assert_within_pytorch_error(out, ref, pt, factor=factor, atol=atol, name=name)
     return max_abs_diff(out, ref)
 
@@ -353,10 +360,12 @@ def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contigu
 
     o_ref, lse_ref, dq_ref, dk_ref, dv_ref = attention_reference(q, k, v, do, causal, scale)
     o_pt, dq_pt, dk_pt, dv_pt = attention_pytorch(q, k, v, do, causal, scale)
-    errs = {"out": check("out", out.t, o_ref, o_pt, 2, 1e-4)}
+    mags = attention_magnitudes(q, k, v, do, causal, scale)
+    errs = {"out": check("out", out.t, o_ref, o_pt, 2, magnitude=mags[0])}
     check_fp32("lse", lse.t, lse_ref)
-    for name, x, ref, pt in (("dq", dq.t, dq_ref, dq_pt), ("dk", dk.t, dk_ref, dk_pt), ("dv", dv.t, dv_ref, dv_pt)):
-        errs[name] = check(name, x, ref, pt, 3, 1e-4)
+    for name, x, ref, pt, m in zip(("dq", "dk", "dv"), (dq.t, dk.t, dv.t), (dq_ref, dk_ref, dv_ref),
+                                   (dq_pt, dk_pt, dv_pt), mags[1:]):
+        errs[name] = check(name, x, ref, pt, 3, magnitude=m)
     return errs
 
 
@@ -456,7 +465,7 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
         assert torch.isnan(y.t[nan_row]).all() and math.isnan(mean.t[nan_row]) and math.isnan(rstd.t[nan_row])
         keep = torch.arange(M) != nan_row
         y_pt = F.layer_norm(x[keep], (N,), w, b, eps)
-        check("y", y.t[keep], y_ref[keep], y_pt, 2, 1e-5)
+        check("y", y.t[keep], y_ref[keep], y_pt, 2, magnitude=layer_norm_magnitudes(x[keep], w, b, None, eps)[0])
         check_fp32("mean", mean.t[keep], mu[keep])
         check_fp32("rstd", rstd.t[keep], rs[keep])
         return None
@@ -466,7 +475,8 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
     br = b.detach().requires_grad_() if has_b else None
     y_pt = F.layer_norm(xr, (N,), wr, br, eps)
     y_pt.backward(dy)
-    check("y", y.t, y_ref, y_pt.detach(), 2, 1e-5)
+    mags = layer_norm_magnitudes(x, w, b, dy, eps)
+    check("y", y.t, y_ref, y_pt.detach(), 2, magnitude=mags[0])
     check_fp32("mean", mean.t, mu)
     check_fp32("rstd", rstd.t, rs)
 
@@ -487,11 +497,11 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
     lib.finish(dx, dyb, mean, rstd, *ins, *[t for t in (dw, db, dwp, dbp) if t is not None])
 
     dx_ref, dw_ref, db_ref = layer_norm_backward_reference(dy.double(), xd, wd, mu, rs, has_b)
-    check("dx", dx.t, dx_ref, xr.grad, 3, 1e-5)
+    check("dx", dx.t, dx_ref, xr.grad, 3, magnitude=mags[1])
     if has_w:
-        check("dw", dw.t, dw_ref, wr.grad, 3, 1e-5)
+        check("dw", dw.t, dw_ref, wr.grad, 3, magnitude=mags[2])
     if has_b:
-        check("db", db.t, db_ref, br.grad, 3, 1e-5)
+        check("db", db.t, db_ref, br.grad, 3, magnitude=mags[3])
     return nb.value
 
 

@@ -14,22 +14,23 @@ import torch
 import torch.nn.functional as F
 
 import gptfast
-from gptfast.testing import assert_close, assert_within_pytorch_error, sdpa_bthd
+from gptfast.testing import (assert_close, assert_results_match, attention_magnitudes, gelu_ffn_magnitudes,
+                             layer_norm_magnitudes, sdpa_bthd)
 
 CPU_BACKENDS = [b for b in gptfast.available_backends(device="cpu") if b != "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# fp32 absolute tolerances, for O(1) inputs
-FP32_OUT_ATOL, FP32_GRAD_ATOL = 2e-5, 1e-4
 
 
 def _leaves(tensors, dtype):
     return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
 
 
-def check_against_builtin(ours, builtin, inputs, dtype, *, grad_upstream=None, name=""):
-    """Compare ``ours(*inputs)`` with ``builtin(*inputs)``: output and the gradient of each input.
+def check_against_builtin(ours, builtin, inputs, dtype, magnitudes, *, grad_upstream=None, name=""):
+    """Compare ``ours(*inputs)`` with ``builtin(*inputs)``: output and the gradient of each input,
+    by gptfast.testing's rule (PyTorch's own error + rounding of the summed terms).
 
     ``inputs`` are fp32 tensors (or None); each variant gets its own leaves in its dtype.
+    ``magnitudes(*float64 inputs, float64 upstream grad)`` is the op's ``*_magnitudes``.
     ``grad_upstream(out)`` makes the upstream gradient (default: a random tensor like out).
     """
     x64, xpt, xours = _leaves(inputs, torch.float64), _leaves(inputs, dtype), _leaves(inputs, dtype)
@@ -41,20 +42,9 @@ def check_against_builtin(ours, builtin, inputs, dtype, *, grad_upstream=None, n
     ref.backward(g_low.to(torch.float64))
     pt.backward(g_low)
     out.backward(g_low)
-    scale = max(1.0, ref.detach().abs().max().item())
-    if dtype == torch.float32:
-        assert_close(out, ref, atol=FP32_OUT_ATOL * scale, name=f"{name} out")
-    else:
-        assert_within_pytorch_error(out, ref, pt, factor=2, atol=1e-6 * scale, name=f"{name} out")
-    for i, (a, b, c) in enumerate(zip(xours, x64, xpt)):
-        if a is None:
-            continue
-        gscale = max(1.0, b.grad.abs().max().item())
-        if dtype == torch.float32:
-            assert_close(a.grad, b.grad, atol=FP32_GRAD_ATOL * gscale, name=f"{name} grad[{i}]")
-        else:
-            assert_within_pytorch_error(a.grad, b.grad, c.grad, factor=3, atol=1e-6 * gscale,
-                                        name=f"{name} grad[{i}]")
+    grads = lambda xs: [None if x is None else x.grad for x in xs]  # noqa: E731
+    assert_results_match(out, ref, pt, grads(xours), grads(x64), grads(xpt),
+                         magnitudes=magnitudes(*x64, g_low.double()), name=name)
 
 
 # --------------------------------------------------------------------------- attention
@@ -68,6 +58,7 @@ def test_attention_matches_sdpa(backend, dtype, causal, seqlen, headdim, seed):
     q, k, v = (torch.randn(shape) for _ in range(3))
     check_against_builtin(lambda q, k, v: gptfast.attention(q, k, v, causal=causal, backend=backend),
                           lambda q, k, v: sdpa_bthd(q, k, v, causal), [q, k, v], dtype,
+                          lambda q, k, v, g: attention_magnitudes(q, k, v, g, causal),
                           name=f"attention T={seqlen} D={headdim}")
 
 
@@ -112,6 +103,7 @@ def test_layer_norm_matches_torch(backend, dtype, hidden, affine, seed):
     b = torch.randn(hidden) if "bias" in affine else None
     check_against_builtin(lambda x, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend),
                           lambda x, w, b: F.layer_norm(x, (hidden,), w, b, 1e-5), [x, w, b], dtype,
+                          lambda x, w, b, g: layer_norm_magnitudes(x, w, b, g, 1e-5),
                           name=f"layer_norm N={hidden} {affine}")
 
 
@@ -142,7 +134,8 @@ def test_gelu_ffn_matches_torch(backend, dtype, approximate, m, k, hid, n, biase
     check_against_builtin(
         lambda *a: gptfast.gelu_ffn(*a, approximate=approximate, backend=backend),
         lambda *a: gptfast.gelu_ffn_ref(*a, approximate=approximate),
-        [x, w1, b1, w2, b2], dtype, name=f"gelu_ffn {m}x{k}x{hid}x{n}")
+        [x, w1, b1, w2, b2], dtype, lambda *a: gelu_ffn_magnitudes(*a, approximate=approximate),
+        name=f"gelu_ffn {m}x{k}x{hid}x{n}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -3,7 +3,8 @@
 Interpreter-sized (TRITON_INTERPRET=1 on CPU): hidden sizes {123, 768, 1000} (plus one row wider
 than the kernel's single tile, which takes the chunked path), weight/bias present or absent,
 fp16 and fp32, non-contiguous 3-D input and upstream gradient. Ground truth: F.layer_norm in
-float64; fp16 within 2x/3x PyTorch's own fp16 error, fp32 within tight absolute tolerances.
+float64; within 2x/3x PyTorch's own error in the dtype plus the rounding of the summed terms
+(gptfast.testing's rule; fp32 too).
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import gptfast  # noqa: E402
-from gptfast.testing import assert_close, assert_within_pytorch_error  # noqa: E402
+from gptfast.testing import assert_close, assert_results_match, layer_norm_magnitudes  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_layer_norm(rows, N, dtype, has_weight=True, has_bias=True, shift=1.0, relative=False,
-                     backend="triton"):
+def check_layer_norm(rows, N, dtype, has_weight=True, has_bias=True, shift=1.0, backend="triton"):
     torch.manual_seed(N + rows)
     # (2, rows, N) viewed through a transpose of a (rows, 2, N) buffer: not contiguous
     xbuf = torch.randn(rows, 2, N, device=DEVICE) * 2.0 + shift
@@ -42,21 +42,11 @@ def check_layer_norm(rows, N, dtype, has_weight=True, has_bias=True, shift=1.0, 
     ref.backward(g.double())
     pt.backward(g)
     out.backward(g)
-    name = f"N={N} {dtype} w={has_weight} b={has_bias}"
-    if dtype == torch.float32 and not relative:
-        assert_close(out, ref, atol=2e-5 * max(1.0, ref.abs().max().item()), name=f"{name} y")
-    else:
-        assert_within_pytorch_error(out, ref, pt, factor=2, atol=1e-6, name=f"{name} y")
-    for gname, a, r, p in zip(("dx", "dw", "db"), xtr, x64, xpt):
-        if a is None:
-            continue
-        gscale = max(1.0, r.grad.abs().max().item())
-        assert a.grad.dtype == dtype
-        if dtype == torch.float32 and not relative:
-            assert_close(a.grad, r.grad, atol=1e-5 * gscale, name=f"{name} {gname}")
-        else:
-            assert_within_pytorch_error(a.grad, r.grad, p.grad, factor=3, atol=1e-6 * gscale,
-                                        name=f"{name} {gname}")
+    grads = lambda xs: [None if t is None else t.grad for t in xs]  # noqa: E731
+    assert all(a.dtype == dtype for a in grads(xtr) if a is not None)
+    assert_results_match(out, ref, pt, grads(xtr), grads(x64), grads(xpt),
+                         magnitudes=layer_norm_magnitudes(*x64, g, 1e-5),
+                         name=f"N={N} {dtype} w={has_weight} b={has_bias}")
 
 
 GRID = [
@@ -85,8 +75,9 @@ def test_layer_norm_triton_bf16():
 
 def test_layer_norm_triton_large_offset_is_stable():
     # mean 1e3, std 2: a one-pass E[x^2]-mean^2 would lose every digit in fp32. fp32's own
-    # rounding of the mean is then ~1e-4 of the output, so compare with PyTorch's fp32 error.
-    check_layer_norm(3, 768, torch.float32, shift=1e3, relative=True)
+    # rounding of the mean is then ~1e-4 of the output: PyTorch's fp32 error and the |x| / std
+    # in the terms' magnitude allow that, and nothing like a lost variance.
+    check_layer_norm(3, 768, torch.float32, shift=1e3)
 
 
 def test_layer_norm_triton_saves_fp32_stats():
