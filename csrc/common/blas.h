@@ -8,10 +8,12 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "vec_math.h"
@@ -89,12 +91,34 @@ inline void loops_gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int
   }
 }
 
+// The leading dimension (row pitch) of a row-major operand stored as rows x cols. BLAS requires
+// ld >= cols even when there is a single row, whose pitch is never used: a caller may legitimately
+// hand a tensor's seqlen stride at seqlen 1 (any value, e.g. 1 for a permuted view), so a
+// one-row operand gets the smallest valid pitch instead. A pitch below cols with several rows
+// (overlapping rows) or one beyond int range is a caller's bug: MKL would print "Parameter N was
+// incorrect on entry to SGEMM" on stderr, skip the product and leave garbage in C, so it is an
+// exception here, never a silent wrong answer.
+inline int64_t checked_ld(const char* which, int64_t ld, int64_t rows, int64_t cols) {
+  if (rows <= 1) ld = std::max<int64_t>(ld, cols);
+  TORCH_CHECK(ld >= std::max<int64_t>(1, cols) && ld <= std::numeric_limits<int>::max(),
+              "gptfast internal error: BLAS operand ", which, " (", rows, " x ", cols,
+              ") has row pitch ", ld, "; it must be in [max(1, ", cols, "), INT_MAX]");
+  return ld;
+}
+
 // Column-major BLAS call for row-major operands: row-major C = op(A) op(B) is column-major
 // C^T = op(B)^T op(A)^T, so the operands swap and keep their transpose flags.
 template <typename T>
 inline void call(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                  const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
+  TORCH_CHECK(m <= std::numeric_limits<int>::max() && n <= std::numeric_limits<int>::max() &&
+                  k <= std::numeric_limits<int>::max(),
+              "gptfast internal error: GEMM size ", m, " x ", n, " x ", k, " exceeds BLAS's int range");
+  // A is stored m x k (k x m when transposed), B k x n (n x k), C m x n.
+  lda = checked_ld("A", lda, ta ? k : m, ta ? m : k);
+  ldb = checked_ld("B", ldb, tb ? n : k, tb ? k : n);
+  ldc = checked_ld("C", ldc, m, n);
   const Blas& bl = get();
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);

@@ -46,7 +46,9 @@
 
 // Row-major tiles go to BLAS with the seqlen stride as leading dimension, which must be >= the
 // row length: broadcast (stride 0) or overlapping rows would be rejected by BLAS (silently, with
-// garbage results), so they are refused here; the Python op copies such inputs first.
+// garbage results), so they are refused here; the Python op copies such inputs first. At seqlen
+// <= 1 the stride is never stepped, so any value is accepted: blas::call gives a one-row operand
+// a valid pitch itself (and throws, rather than let BLAS skip a product, on any invalid one).
 #define CHECK_ROWS_DISJOINT(x)                                                                   \
   TORCH_CHECK_VALUE((x).size(1) <= 1 || (x).stride(1) >= (x).size(-1), kOp, ": ", #x,             \
                     " must not have broadcast or overlapping rows (seqlen stride ", (x).stride(1),  \

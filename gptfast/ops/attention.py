@@ -55,16 +55,21 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         acc = _acc_dtype(dtype)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
     s = _masked_scores(q, k, causal, scale)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # an all -inf row softmaxes to NaN; it means "no keys"
+    # An all -inf row softmaxes to NaN; it means "no keys" and gives 0. Only those rows: a NaN
+    # (or inf) in a visible score is the inputs' NaN and must reach exactly the rows that see it.
+    no_keys = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s, dim=-1).masked_fill(no_keys, 0.0)
     out = torch.matmul(p, v.transpose(1, 2)).transpose(1, 2)  # (B, T, H, D)
     return out.to(dtype)
 
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     # Rows with lse = -inf have no unmasked key: their probabilities are 0, not exp(-inf + inf).
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(s - safe_lse.unsqueeze(-1))
-    return p.masked_fill(~torch.isfinite(lse).unsqueeze(-1), 0.0)
+    # Only those: lse = NaN (a NaN score) or +inf (an infinite one) must give NaN probabilities,
+    # as SDPA and every kernel do, so that the reference never hides a NaN.
+    no_keys = (lse == float("-inf")).unsqueeze(-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    return p.masked_fill(no_keys, 0.0)
 
 
 def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
