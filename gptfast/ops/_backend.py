@@ -24,7 +24,7 @@ seqlen_q == seqlen_k)::
     A row with no unmasked key (impossible for causal self-attention with seqlen_q == seqlen_k)
     has out = 0, lse = -inf and zero gradients.
 
-layer_norm (x: (M, N) contiguous; weight, bias: (N,) or None, dtype of x)::
+layer_norm (x: (M, N) contiguous; weight, bias: (N,) contiguous or None, dtype of x)::
 
     layer_norm_forward(x, weight, bias, eps: float)
         -> y (M, N) x.dtype, mean (M,), rstd (M,): float32 (float64 for float64 inputs)
@@ -32,7 +32,7 @@ layer_norm (x: (M, N) contiguous; weight, bias: (N,) or None, dtype of x)::
         -> dx (M, N) x.dtype, dweight (N,) or None (when weight is None), dbias (N,) or None
 
 gelu_ffn (x: (M, K) contiguous; w1: (H, K), w2: (N, H) in nn.Linear layout, any strides;
-b1: (H,) or None, b2: (N,) or None; all of x's dtype; approximate in {"tanh", "none"})::
+b1: (H,) or None, b2: (N,) or None, contiguous; all of x's dtype; approximate in {"tanh", "none"})::
 
     gelu_ffn_forward(x, w1, b1, w2, b2, approximate: str)
         -> out (M, N) x.dtype, h (M, H) x.dtype: the pre-activation x @ w1.T + b1

@@ -185,5 +185,8 @@ def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     check_same("gelu_ffn", "x", x, w1=w1, b1=b1, w2=w2, b2=b2)
     lead = x.shape[:-1]
     x2d = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
+    # Kernels read the biases as dense vectors (the triton epilogue read a strided b2 as if dense,
+    # found by tests/test_fuzz.py); .contiguous() is free when they already are.
+    b1, b2 = (None if t is None else t.contiguous() for t in (b1, b2))
     out, _ = gelu_ffn_fwd_op(x2d, w1, b1, w2, b2, approximate, _backend.checked_name(backend))
     return out.view(*lead, w2.shape[0])

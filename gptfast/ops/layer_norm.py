@@ -168,5 +168,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     check_same("layer_norm", "x", x, weight=weight, bias=bias)
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).contiguous()
+    # Kernels read weight and bias as dense vectors (a strided or expanded one was read as if
+    # dense: found by tests/test_fuzz.py); .contiguous() is free when they already are.
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     y, _, _ = layer_norm_fwd_op(x2d, weight, bias, float(eps), _backend.checked_name(backend))
     return y.view(shape)
