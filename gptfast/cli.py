@@ -1,11 +1,15 @@
 """The ``gptfast`` command: ``train``, ``sample``, ``info``, ``build`` and ``bench``.
 
-Bad input (a missing data path, an unknown preset, no checkpoint) ends the command with a
-one-line ``gptfast: error: ...`` message and exit status 2, never a traceback.
+Bad input (a missing data path, an unknown preset, a damaged checkpoint, a full disk, ...) ends the
+command with a one-line ``gptfast <cmd>: error: ...`` message and exit status 2, never a traceback:
+every such error is a :class:`gptfast.data.UserError`. A run that diverged (non-finite loss) exits
+with 1. Ctrl-C exits with 130; during training it first checkpoints the step reached and says
+where. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -14,10 +18,10 @@ from dataclasses import fields
 
 import torch
 
-from .data import DataError
+from .data import DataError, UserError
 from .model import PRESETS
-from .train import (ConfigError, TrainConfig, load_checkpoint, model_from_checkpoint,
-                    resolve_device, sample_text, train)
+from .train import (ConfigError, TrainConfig, TrainingInterrupted, check_backend_env, check_seed,
+                    load_checkpoint, model_from_checkpoint, resolve_device, sample_text, train)
 
 # Help text per TrainConfig field; the flag is the field name with dashes.
 _TRAIN_HELP = {
@@ -107,10 +111,25 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    # Every option is checked before the checkpoint is read (seconds for a large one).
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    check_seed(args.seed)
+    check_seed(args.seed + args.num_samples - 1, "--seed + --num-samples - 1")  # sample i uses seed + i
+    check_backend_env()
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = model_from_checkpoint(load_checkpoint(args.ckpt, device), device)
+    if args.prompt:
+        try:
+            tokenizer.encode(args.prompt)
+        except DataError as e:
+            raise DataError(f"--prompt: {e}") from None
     for i in range(args.num_samples):
         if i:
             print("---")
@@ -161,7 +180,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(f"gptfast build: failed: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.quiet:
-        print(f"gptfast: native extension {_build.extension_name(backend)} ready in "
+        print(f"gptfast: native extension {module.__name__} ready in "
               f"{time.perf_counter() - start:.1f} s ({module.__file__})")
     if backend == "cuda":
         report_cuda_resources()
@@ -213,8 +232,17 @@ def main(argv: list[str] | None = None) -> None:
                 "bench": cmd_bench}
     try:
         handlers[args.command](args)
-    except (DataError, ConfigError) as e:
-        parser.exit(2, f"gptfast {args.command}: error: {e}\n")
+    except UserError as e:  # ConfigError, DataError, CheckpointError, TrainingDiverged
+        parser.exit(e.exit_status, f"gptfast {args.command}: error: {_one_line(e)}\n")
+    except TrainingInterrupted as e:  # Ctrl-C in training, after the checkpoint was written
+        parser.exit(130, f"gptfast {args.command}: {e}\n")
+    except KeyboardInterrupt:  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+        parser.exit(130, f"gptfast {args.command}: interrupted\n")
+
+
+def _one_line(e: BaseException) -> str:
+    # A message that quotes a library's multi-line text would break the one-line promise.
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

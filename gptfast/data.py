@@ -50,7 +50,18 @@ _SNIFF_BYTES = 8192
 _UNIGRAM_MAX_TOKENS = 1 << 24
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """A problem with what the user gave gptfast -- options, data, a checkpoint, the out-dir, the
+    disk -- as opposed to a bug in gptfast. The message names the problem and the way out; the
+    CLI prints it as one line ``gptfast <cmd>: error: <message>`` and exits with ``exit_status``,
+    never with a traceback (tracebacks are kept for bugs). The base of every gptfast user error:
+    it lives here because data.py is the lowest module the commands share.
+    """
+
+    exit_status = 2
+
+
+class DataError(UserError):
     """The data given to ``gptfast train`` cannot be used; the message says why."""
 
 
@@ -72,7 +83,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "bytes":
-            return list(text.encode("utf-8"))
+            try:
+                return list(text.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                # Lone surrogates: what Python makes of undecodable bytes in argv or a file name.
+                bad = sorted(set(text[e.start:e.end]))
+                raise DataError(f"characters {bad!r} cannot be encoded as UTF-8 (position {e.start}); "
+                                f"the model reads UTF-8 bytes") from None
         if self.kind == "chars":
             stoi = {s: i for i, s in enumerate(self.itos)}
             missing = sorted({c for c in text if c not in stoi})
@@ -196,11 +213,7 @@ class Dataset:
         ``rng``, so the caller decides what the batch is a function of.
         """
         data = self.train if split == "train" else self.val
-        if len(data) <= block_size:
-            raise DataError(
-                f"the {split} split has {len(data)} tokens, fewer than block_size + 1 = "
-                f"{block_size + 1}; use more data or a smaller --block-size"
-            )
+        self.check_block_size(block_size, (split,))
         starts = rng.integers(0, len(data) - block_size, size=batch_size)
         windows = np.stack([data.window(int(s), block_size + 1) for s in starts])
         if windows.max() >= self.vocab_size:
@@ -210,6 +223,20 @@ class Dataset:
             )
         batch = torch.from_numpy(windows)
         return batch[:, :-1], batch[:, 1:]
+
+    def check_block_size(self, block_size: int, splits: Sequence[str] = ("train", "val")) -> None:
+        """Raise DataError unless each split holds a window of ``block_size + 1`` tokens.
+
+        ``gptfast train`` calls this before the first step: the validation split is first read
+        at the first evaluation, hundreds of steps in, too late to learn that it is too short.
+        """
+        for split in splits:
+            n = len(self.train if split == "train" else self.val)
+            if n <= block_size:
+                raise DataError(
+                    f"the {split} split has {n} tokens, fewer than block_size + 1 = "
+                    f"{block_size + 1}; use more data or a smaller --block-size"
+                )
 
     def unigram_entropy(self) -> float:
         """Entropy in nats of the validation split's token distribution.
@@ -222,7 +249,14 @@ class Dataset:
         chunk = 1 << 20
         for i in range(0, total, chunk):
             tokens = self.val.window(i, min(chunk, total - i))
-            counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
+            chunk_counts = np.bincount(tokens, minlength=self.vocab_size)
+            if len(chunk_counts) > self.vocab_size:
+                # Found here, before training, rather than by a batch at the first evaluation.
+                raise DataError(
+                    f"token id {len(chunk_counts) - 1} in the val data is outside the vocabulary "
+                    f"of size {self.vocab_size} (set vocab_size in meta.pkl)"
+                )
+            counts += chunk_counts
         p = counts[counts > 0] / max(total, 1)
         return float(-(p * np.log(p)).sum())
 
@@ -291,12 +325,7 @@ def load_token_dir(path: Path) -> Dataset:
     vocab_size, tokenizer = GPT2_VOCAB, Tokenizer("gpt2")
     meta_path = path / "meta.pkl"
     if meta_path.exists():
-        # meta.pkl is a pickle written by nanoGPT's prepare.py; only load data you trust.
-        with open(meta_path, "rb") as f:
-            meta = pickle.load(f)
-        vocab_size = int(meta.get("vocab_size", GPT2_VOCAB))
-        if "itos" in meta:
-            tokenizer = Tokenizer("chars", tuple(meta["itos"][i] for i in range(len(meta["itos"]))))
+        vocab_size, tokenizer = _read_meta(meta_path)
     splits = {}
     for split in ("train", "val"):
         file = path / f"{split}.bin"
@@ -306,6 +335,39 @@ def load_token_dir(path: Path) -> Dataset:
     n_train, n_val = len(splits["train"]), len(splits["val"])
     description = f"token files in {path} ({n_train:,} train / {n_val:,} val tokens, vocab {vocab_size})"
     return Dataset(splits["train"], splits["val"], vocab_size, tokenizer, description)
+
+
+def _read_meta(path: Path) -> tuple[int, Tokenizer]:
+    """(vocab size, tokenizer) from a nanoGPT ``meta.pkl``: ``vocab_size`` and optionally ``itos``."""
+    # meta.pkl is a pickle written by nanoGPT's prepare.py; only load data you trust.
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror})") from None
+    except Exception as e:
+        # Unpickling damaged or foreign bytes raises almost any type (UnpicklingError, EOFError,
+        # ValueError, ImportError, AttributeError, ...); each means the same: not a meta.pkl.
+        raise DataError(f"--data {path}: not a readable meta.pkl ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}); fix or delete it") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"--data {path}: expected a dict with vocab_size (and itos), "
+                        f"got {type(meta).__name__}")
+    try:
+        vocab_size = int(meta.get("vocab_size", GPT2_VOCAB))
+    except (TypeError, ValueError):
+        raise DataError(f"--data {path}: vocab_size {meta['vocab_size']!r} is not an integer") from None
+    if vocab_size < 1:
+        raise DataError(f"--data {path}: vocab_size must be >= 1, got {vocab_size}")
+    if "itos" not in meta:
+        return vocab_size, Tokenizer("gpt2")
+    try:
+        itos = tuple(meta["itos"][i] for i in range(len(meta["itos"])))
+    except (TypeError, KeyError, IndexError):
+        raise DataError(f"--data {path}: itos must map every id 0..n-1 to its string") from None
+    if not all(isinstance(s, str) for s in itos):
+        raise DataError(f"--data {path}: itos must map ids to strings")
+    return vocab_size, Tokenizer("chars", itos)
 
 
 def builtin_corpus_files(max_bytes: int = BUILTIN_CORPUS_BYTES) -> list[Path]:
@@ -342,13 +404,16 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory")
-    if path.is_file():
-        return load_text_file(path)
-    if not path.is_dir():
-        raise DataError(f"--data {path}: not a regular file or directory")
-    has_bins = [(path / f"{s}.bin").exists() for s in ("train", "val")]
-    if all(has_bins):
-        return load_token_dir(path)
-    if any(has_bins):
-        raise DataError(f"--data {path}: has only one of train.bin and val.bin; need both")
-    return load_text_dir(path)
+    try:
+        if path.is_file():
+            return load_text_file(path)
+        if not path.is_dir():
+            raise DataError(f"--data {path}: not a regular file or directory")
+        has_bins = [(path / f"{s}.bin").exists() for s in ("train", "val")]
+        if all(has_bins):
+            return load_token_dir(path)
+        if any(has_bins):
+            raise DataError(f"--data {path}: has only one of train.bin and val.bin; need both")
+        return load_text_dir(path)
+    except OSError as e:  # unreadable files (permissions, I/O errors): the user's data, not a bug
+        raise DataError(f"--data {path}: cannot read {e.filename or path} ({e.strerror or e})") from None

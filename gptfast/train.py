@@ -17,16 +17,31 @@ dropout is not bit-identical to a straight one (weights, optimizer and batches a
 MFU (model FLOPs utilisation) is ``flops_per_token * tokens/s / peak``. The peak is the
 datasheet dense bf16/fp16 tensor-core rate for a few known GPUs; anywhere else (every CPU) it is
 *measured* by timing a matmul at start, so there MFU is relative to the matmul throughput this
-machine actually reached, not to a datasheet.
+machine actually reached, not to a datasheet. The measurement draws its matrices from a private
+generator: it runs after the checkpoint's RNG state is restored, and must not move it.
+
+Faults are found before the first step where they can be: the data (both splits must hold
+``block_size + 1`` tokens), the out-dir (created, and a file written to and removed from it) and
+its free space (against the checkpoint's estimated size). A non-finite loss stops the run before
+the optimizer step and before any save, so the last good checkpoint stays. Checkpoints are written
+atomically (temp file, fsync, rename, fsync of the directory) and carry a sha256 of their tensors
+and values, checked on load. On the main thread of a single process, Ctrl-C finishes the current
+step, writes a checkpoint of it and raises :class:`TrainingInterrupted`; a second Ctrl-C stops at
+once.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
+import hashlib
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,9 +51,9 @@ import torch
 from tqdm import tqdm
 
 from . import dist as gdist
-from .data import Dataset, DataError, Tokenizer, load_dataset
+from .data import Dataset, DataError, Tokenizer, UserError, load_dataset
 from .model import GPT, PRESETS, GPTConfig, config_dict
-from .ops._backend import OPS, requested_backend, resolve
+from .ops._backend import BACKENDS, OPS, checked_name, requested_backend, resolve
 
 CHECKPOINT_NAME = "ckpt.pt"
 
@@ -79,9 +94,54 @@ GPU_PEAK_FLOPS = (
 # Model-shaping options: on --resume they come from the checkpoint and may not be changed.
 _ARCH_FIELDS = ("preset", "block_size", "dropout")
 
+# Seeds go to torch.manual_seed (which takes up to 2**64 - 1, after adding the rank or the sample
+# index) and numpy's default_rng (non-negative only): 0 .. 2**63 - 1 leaves room for both.
+SEED_MAX = 2**63 - 1
 
-class ConfigError(ValueError):
-    """The options given to ``gptfast train`` are inconsistent; the message says why."""
+# What a gptfast train checkpoint holds; load_checkpoint rejects a file without these.
+_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "model_args", "train_args", "iter",
+                    "best_val_loss", "tokenizer", "rng")
+_CHECKSUM_KEY = "checksum"
+# Added to the tensors' size in the free-space estimate: the pickled structure, configs, tokenizer.
+_CHECKPOINT_OVERHEAD_BYTES = 1 << 20
+
+
+class ConfigError(UserError):
+    """The options given to ``gptfast train``/``sample`` are inconsistent; the message says why."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be read (missing pieces, damaged, not gptfast's) or written (disk full,
+    I/O error); the message names the file."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; training stopped before the step and before any save.
+
+    Exit status 1, not 2: the options were valid, the run failed (as a failed ``gptfast build``).
+    """
+
+    exit_status = 1
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after a checkpoint of the step reached was written.
+
+    A KeyboardInterrupt, so that code that does not know gptfast still stops on it.
+    """
+
+    def __init__(self, iter_num: int, checkpoint: Path | None):
+        self.iter = iter_num
+        self.checkpoint = checkpoint
+        where = (f"saved {checkpoint} (continue with: gptfast train --resume --out-dir {checkpoint.parent})"
+                 if checkpoint is not None else "no checkpoint written")
+        super().__init__(f"interrupted at step {iter_num}; {where}")
+
+
+def check_seed(value: int, option: str = "--seed") -> None:
+    """ConfigError unless ``value`` is a seed every generator here accepts (0 .. SEED_MAX)."""
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{option} must be in 0 .. 2**63 - 1, got {value}")
 
 
 @dataclass
@@ -126,6 +186,13 @@ class TrainConfig:
             if value is None and name in base:
                 values[name] = base[name]
         values["preset"] = preset
+        if values["backend"] is not None:
+            # The spellings the API accepts (" CPU " is "cpu"), normalised once here.
+            try:
+                values["backend"] = checked_name(values["backend"])
+            except ValueError:
+                raise ConfigError(f"--backend {values['backend']!r}: unknown; choose from "
+                                  f"{', '.join(('auto',) + BACKENDS)}") from None
         if values["block_size"] is None:
             values["block_size"] = PRESETS[preset].block_size
         if values["lr_decay_iters"] is None:
@@ -137,14 +204,33 @@ class TrainConfig:
         return cfg
 
     def _validate(self) -> None:
+        """ConfigError, naming the option, for any value that cannot give a meaningful run.
+
+        Checked before anything is loaded: ``--lr inf`` used to train to NaN and overwrite the
+        last good checkpoint. Comparisons are written so that NaN fails them.
+        """
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
         for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "sample_tokens"):
+                raise ConfigError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+                raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                hint = " (0 disables clipping)" if name == "grad_clip" else ""
+                raise ConfigError(f"{flag(name)} must be a finite number >= 0{hint}, got {value}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -195,20 +281,32 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch.device that gptfast can train and sample on (cpu, an existing cuda)."""
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"--device {name!r}: {e}") from None
+        raise ConfigError(f"--device {name!r}: {' '.join(str(e).split())}") from None
+    if device.type not in ("cpu", "cuda"):
+        # meta, mps, xpu, ...: no gptfast backend runs there (every backend is cpu or cuda).
+        raise ConfigError(f"--device {name}: gptfast runs on cpu or cuda devices, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available in this PyTorch build / machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul in ``dtype``, timed for about ``seconds`` after one warm-up."""
+    """FLOP/s of a square matmul in ``dtype``, timed for about ``seconds`` after one warm-up.
+
+    RNG-neutral: the matrices come from a private generator. On --resume this runs after the
+    checkpoint's RNG state is restored; drawing from the default generator shifted every later
+    dropout mask (a max parameter difference of 0.013 on the small preset).
+    """
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
     sync()
@@ -261,30 +359,235 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path if path.is_file() else path / CHECKPOINT_NAME
 
 
+def checkpoint_digest(ckpt: dict) -> str:
+    """sha256 over a checkpoint's contents (all but its checksum entry), in a fixed order.
+
+    Covers every tensor's bytes (with its key path, dtype and shape) and every plain value's
+    repr: a flipped byte in a tensor's storage is read back by torch.load without complaint, so
+    only this catches it. Dict entries are visited sorted by key, lists in order.
+    """
+    h = hashlib.sha256()
+
+    def visit(path: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{path}:{t.dtype}:{tuple(value.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().data)
+        elif isinstance(value, dict):
+            for key, item in sorted(value.items(), key=lambda kv: str(kv[0])):
+                visit(f"{path}/{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{path}[{i}]", item)
+        else:
+            h.update(f"{path}={type(value).__name__}:{value!r};".encode())
+
+    visit("", {k: v for k, v in ckpt.items() if k != _CHECKSUM_KEY})
+    return "sha256:" + h.hexdigest()
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """Read a checkpoint written by ``gptfast train`` (a file, or the out-dir holding ckpt.pt)."""
+    """Read a checkpoint written by ``gptfast train`` (a file, or the out-dir holding ckpt.pt).
+
+    Raises CheckpointError, naming the file, for anything that is not a whole, undamaged gptfast
+    checkpoint: a directory, an empty, truncated or random file, another program's torch.save
+    output, or tensors that do not match the stored checksum. Checkpoints written before
+    checksums were added (no "checksum" entry) load as before.
+    """
     file = checkpoint_path(path)
+    if file.is_dir():
+        raise CheckpointError(f"{file} is a directory, not a checkpoint file")
     if not file.exists():
         raise ConfigError(f"no checkpoint at {file} (train one with: gptfast train --out-dir {file.parent})")
-    # weights_only: a checkpoint is tensors and plain values, never arbitrary pickled objects.
-    ckpt = torch.load(file, map_location=device, weights_only=True)
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{file} is empty, not a checkpoint")
+    try:
+        # weights_only: a checkpoint is tensors and plain values, never arbitrary pickled objects.
+        ckpt = torch.load(file, map_location=device, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {file} ({e.strerror or e})") from None
+    except Exception as e:
+        # torch.load reports a bad file as whatever its zip reader or unpickler meets
+        # (RuntimeError, UnpicklingError, EOFError, ValueError, ...): all mean the same here.
+        raise CheckpointError(f"{file} is not a readable checkpoint: damaged, truncated, or not "
+                              f"written by torch.save ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "train_args" not in ckpt:
-        raise ConfigError(f"{file} is not a gptfast train checkpoint")
+        raise CheckpointError(f"{file} is not a gptfast train checkpoint")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{file} is an incomplete gptfast train checkpoint (no {', '.join(missing)})")
+    stored = ckpt.get(_CHECKSUM_KEY)
+    if stored is not None and stored != checkpoint_digest(ckpt):
+        raise CheckpointError(f"{file} is damaged: its contents do not match the checksum written "
+                              f"with it; restore a copy or train again")
+    shapes = {"model": dict, "optimizer": dict, "model_args": dict, "train_args": dict,
+              "tokenizer": dict, "rng": dict, "iter": int}
+    wrong = [k for k, kind in shapes.items() if not isinstance(ckpt[k], kind)]
+    if wrong or ckpt["tokenizer"].get("kind") not in ("bytes", "chars", "gpt2"):
+        raise CheckpointError(f"{file} is not a gptfast train checkpoint (bad {', '.join(wrong) or 'tokenizer'})")
+    try:
+        GPTConfig(**ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its model_args do not describe a gptfast GPT ({e})") from None
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
     """The trained model (in eval mode) and its tokenizer."""
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing/unexpected keys, wrong shapes
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_args "
+                              f"({' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval(), Tokenizer.from_state_dict(ckpt["tokenizer"])
 
 
 def _save_atomically(obj: dict, file: Path) -> None:
-    # Write then rename: an interrupted save leaves the previous checkpoint intact.
+    """Write ``obj`` to ``file`` so that a crash or a full disk leaves the previous file intact.
+
+    Temp file, flush + fsync, rename over ``file``, fsync of the directory (without the fsyncs
+    a power loss can leave the renamed file empty). A ``<name>.tmp`` left by an earlier crash is
+    removed first (on a full disk it is what keeps the disk full), and the temp file is removed
+    on any failure. OSError (ENOSPC, EDQUOT, EIO, ...) becomes a one-line CheckpointError.
+    """
     tmp = file.with_name(file.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, file)
+    try:
+        tmp.unlink(missing_ok=True)
+        # Through a Python file object: torch.save(obj, path) reports a full disk as
+        # "basic_ios::clear" / "unexpected pos", losing errno; f.write raises OSError(ENOSPC).
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(_write_error(e, file)) from None
+        raise
+    _fsync_dir(file.parent)
+
+
+def _write_error(e: OSError, file: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        what = f"no space left on device: {file}"
+    elif e.errno == getattr(errno, "EDQUOT", None):
+        what = f"disk quota exceeded: {file}"
+    else:
+        what = f"cannot write {file} ({e.strerror or e})"
+    return f"{what}; the checkpoint was not written (a previous one is unchanged)"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename durable. Not every platform can open a directory (Windows): best effort.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create ``--out-dir`` and prove it writable (a file created and removed), or ConfigError.
+
+    Checked before training: a read-only or misnamed out-dir used to surface at the first save.
+    A ``ckpt.pt.tmp`` left by a crashed save is removed (it can be most of a full disk).
+    """
+    if out_dir.is_file():
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out-dir {out_dir}: cannot create the directory ({e.strerror or e})") from None
+    probe = out_dir / f".gptfast-write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"gptfast")
+        probe.unlink()
+        (out_dir / (CHECKPOINT_NAME + ".tmp")).unlink(missing_ok=True)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise ConfigError(f"--out-dir {out_dir} is not writable ({e.strerror or e})") from None
+
+
+def estimated_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Bytes a checkpoint of ``model`` takes: its state dict, AdamW's two moments per trained
+    parameter, and a margin for the rest (configs, tokenizer, pickle structure)."""
+    seen, state = set(), 0
+    for t in model.state_dict().values():  # tied weights (wte/lm_head) are stored once
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            state += t.numel() * t.element_size()
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state + moments + _CHECKPOINT_OVERHEAD_BYTES
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    """ConfigError if ``out_dir``'s file system has less than ``needed`` bytes free.
+
+    The previous checkpoint stays until the new one is renamed over it, so a whole new one must
+    fit next to it: ``needed`` is one checkpoint, not the difference.
+    """
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise ConfigError(f"--out-dir {out_dir}: {_format_bytes(free)} free, but a checkpoint needs "
+                          f"about {_format_bytes(needed)}; free some space or choose another --out-dir")
+
+
+def check_backend_env() -> None:
+    """ConfigError if GPTFAST_BACKEND names no backend (checked up front: the ops would raise a
+    ValueError at their first call, deep inside a step or a sample)."""
+    try:
+        requested_backend(None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _deferred_sigint(enabled: bool):
+    """Yields a list that becomes non-empty once Ctrl-C is pressed; the loop polls it.
+
+    The first SIGINT only asks the loop to stop after the current step (a KeyboardInterrupt in
+    the middle of ``optimizer.step()`` would leave half-updated weights to checkpoint); a second
+    one raises KeyboardInterrupt at once. Only on the main thread (where signals are delivered)
+    and only over Python's default handler: a SIG_IGN (a background job) or an application's own
+    handler is left alone.
+    """
+    requested: list[bool] = []
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        # os.write, not print: the handler may run in the middle of tqdm's write to stderr.
+        os.write(2, b"\ngptfast train: stopping after this step to write a checkpoint "
+                    b"(Ctrl-C again to stop now, without one)\n")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _merge_resume(given: TrainConfig, ckpt: dict) -> TrainConfig:
@@ -313,8 +616,11 @@ def train(config: TrainConfig) -> TrainResult:
     """Train (or, with ``config.resume``, continue training) a GPT; see the module docstring."""
     given = config
     ckpt = None
+    out_dir = Path(given.out_dir or DEFAULTS["out_dir"]).expanduser()
+    if out_dir.is_file():  # else --resume would take the file for the checkpoint itself
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a directory")
     if given.resume:
-        ckpt = load_checkpoint(given.out_dir or DEFAULTS["out_dir"])
+        ckpt = load_checkpoint(out_dir)
         given = _merge_resume(given, ckpt)
     cfg = given.resolved()
     device = resolve_device(cfg.device)
@@ -323,6 +629,7 @@ def train(config: TrainConfig) -> TrainResult:
     if ckpt is not None and Tokenizer.from_state_dict(ckpt["tokenizer"]).kind != data.tokenizer.kind:
         raise DataError(f"--data gives {data.tokenizer.kind} tokens but the checkpoint was trained "
                         f"on {ckpt['tokenizer']['kind']} tokens")
+    prepare_out_dir(Path(cfg.out_dir).expanduser())  # every rank: mkdir and a probe are harmless
     info, device = gdist.setup(device)
     try:
         with backend_context(cfg.backend, device):
@@ -338,18 +645,27 @@ def backend_context(name: str | None, device: torch.device):
     """``gptfast.use_backend(name)`` (no change when ``name`` is None), checked up front.
 
     An explicit backend that cannot run one of the ops on ``device`` is reported now, with the
-    registry's reason, rather than as an exception from inside the first training step.
+    registry's reason, rather than as an exception from inside the first training step. With
+    ``name`` None, GPTFAST_BACKEND is checked instead. Only the named backend's availability is
+    asked: asking for every backend's would build the native extension for ``--backend reference``.
     """
     if name is None:
+        check_backend_env()
         return contextlib.nullcontext()
     import gptfast
+    from .ops._backend import _REGISTRY
 
-    rows = gptfast.backend_table((device.type,))
-    known = {"auto"} | {row["backend"] for row in rows}
-    if name not in known:
-        raise ConfigError(f"--backend {name!r}: unknown; choose from {', '.join(sorted(known))}")
-    unavailable = [f"{row['op']}: {row['reason']}" for row in rows
-                   if row["backend"] == name and not row["available"]]
+    try:
+        name = checked_name(name)  # the spellings the API accepts
+    except ValueError:
+        raise ConfigError(f"--backend {name!r}: unknown; choose from {', '.join(('auto',) + BACKENDS)}") from None
+    unavailable = []
+    if name != "auto":  # auto falls back per op, so it always runs
+        for op in OPS:
+            impl = _REGISTRY.get((op, name))
+            reason = "not implemented" if impl is None else impl.unavailable_reason(device)
+            if reason is not None:
+                unavailable.append(f"{op}: {reason}")
     if unavailable:
         raise ConfigError(f"--backend {name} cannot run on {device.type} ({'; '.join(unavailable)})")
     return gptfast.use_backend(name)
@@ -362,9 +678,7 @@ def resolved_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str
 
 def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
          device: torch.device, dtype: torch.dtype, info: gdist.DistInfo = gdist.DistInfo()) -> TrainResult:
-    out_dir = Path(cfg.out_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.out_dir).expanduser()  # created and checked by prepare_out_dir
     if not info.is_main:  # rank 0 alone logs and shows progress
         cfg = dataclasses.replace(cfg, quiet=True)
     if device.type == "cuda":
@@ -383,14 +697,21 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
     if model_config.vocab_size < data.vocab_size:
         raise DataError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
                         f"({model_config.vocab_size})")
+    data.check_block_size(model_config.block_size)  # val is first read at the first evaluation
     model = GPT(model_config).to(device)
+    if info.is_main:
+        check_free_space(out_dir, estimated_checkpoint_bytes(model))
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter, best_val = 0, math.inf
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # parts that do not fit together
+            raise CheckpointError(f"{out_dir / CHECKPOINT_NAME}: its state does not fit its model "
+                                  f"({' '.join(str(e).split())[:200]})") from None
         start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
         # Restored last: building the model above consumed random numbers.
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
@@ -458,10 +779,14 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         eval_model.train()
         return total / cfg.eval_iters
 
+    checkpoint_file = out_dir / CHECKPOINT_NAME
+    last_saved = start_iter if ckpt is not None else None  # the step of the checkpoint on disk
+
     def save(iter_num: int, val_loss: float) -> None:
+        nonlocal last_saved
         rng_state = {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-        _save_atomically({
+        obj = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
@@ -474,7 +799,16 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
             "unigram_loss": unigram,
             "tokenizer": data.tokenizer.state_dict(),
             "rng": rng_state,
-        }, out_dir / CHECKPOINT_NAME)
+        }
+        obj[_CHECKSUM_KEY] = checkpoint_digest(obj)
+        _save_atomically(obj, checkpoint_file)
+        last_saved = iter_num
+
+    def diverged(what: str, value: float, iter_num: int) -> TrainingDiverged:
+        kept = (f"the last checkpoint ({checkpoint_file}, step {last_saved}) is kept"
+                if last_saved is not None else "no checkpoint was written")
+        return TrainingDiverged(f"step {iter_num}: the {what} is {value}; stopped without saving, "
+                                f"{kept}; try a lower --lr (now {cfg.lr:g}) or more --warmup-iters")
 
     model.train()
     bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="step",
@@ -482,59 +816,72 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
     val_loss = train_loss = math.nan
     recent_losses: list[float] = []  # training losses since the last evaluation
     timed_tokens, timed_seconds, smooth_dt = 0, 0.0, None
-    for it in range(start_iter, cfg.max_iters):
-        t0 = time.perf_counter()
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x_all, y_all = data.get_batch("train", cfg.batch_size * cfg.grad_accum, block,
-                                      gdist.batch_rng(cfg.seed, it, info.rank, info.world_size))
-        loss_sum = 0.0
-        for micro, (x, y) in enumerate(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum))):
-            # DDP: all-reduce gradients once per step, in the last micro-batch's backward.
-            sync = (step_model.no_sync() if info.enabled and micro < cfg.grad_accum - 1
-                    else contextlib.nullcontext())
-            with sync:
-                with autocast:
-                    _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                # Each micro-batch's loss is a mean; dividing makes the accumulated gradient the
-                # gradient of the mean over the whole step.
-                scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-        loss_sum = gdist.all_mean(loss_sum, info, device)  # the logged loss is the global batch's
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        recent_losses.append(loss_sum / cfg.grad_accum)
-        dt = time.perf_counter() - t0
+    # Under DDP a rank that stopped on its own would leave the others waiting in an all-reduce:
+    # there Ctrl-C keeps its default effect (torchrun stops every rank).
+    with _deferred_sigint(not info.enabled) as stop_requested, contextlib.closing(bar):
+        for it in range(start_iter, cfg.max_iters):
+            t0 = time.perf_counter()
+            lr = lr_at(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x_all, y_all = data.get_batch("train", cfg.batch_size * cfg.grad_accum, block,
+                                          gdist.batch_rng(cfg.seed, it, info.rank, info.world_size))
+            loss_sum = 0.0
+            for micro, (x, y) in enumerate(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum))):
+                # DDP: all-reduce gradients once per step, in the last micro-batch's backward.
+                sync = (step_model.no_sync() if info.enabled and micro < cfg.grad_accum - 1
+                        else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    # Each micro-batch's loss is a mean; dividing makes the accumulated gradient the
+                    # gradient of the mean over the whole step.
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            loss_sum = gdist.all_mean(loss_sum, info, device)  # the logged loss is the global batch's
+            if not math.isfinite(loss_sum):
+                # Before the optimizer step and any save: the weights and the checkpoint stay good.
+                raise diverged("training loss", loss_sum / cfg.grad_accum, it + 1)
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            recent_losses.append(loss_sum / cfg.grad_accum)
+            dt = time.perf_counter() - t0
 
-        # The first step of a run pays for warm-up (allocation, compilation): not timed.
-        if it > start_iter:
-            timed_tokens += tokens_per_iter
-            timed_seconds += dt
-            # Smooth the step time, not the rate: a mean of rates would hide slow steps.
-            smooth_dt = dt if smooth_dt is None else 0.9 * smooth_dt + 0.1 * dt
-        postfix = {"loss": f"{recent_losses[-1]:.3f}", "lr": f"{lr:.1e}"}
-        if smooth_dt is not None:
-            smooth_tps = tokens_per_iter / smooth_dt
-            postfix["tok/s"] = f"{smooth_tps:,.0f}"
-            postfix[mfu_label] = f"{100 * flops_per_token * smooth_tps / peak:.1f}%"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update()
+            # The first step of a run pays for warm-up (allocation, compilation): not timed.
+            if it > start_iter:
+                timed_tokens += tokens_per_iter
+                timed_seconds += dt
+                # Smooth the step time, not the rate: a mean of rates would hide slow steps.
+                smooth_dt = dt if smooth_dt is None else 0.9 * smooth_dt + 0.1 * dt
+            postfix = {"loss": f"{recent_losses[-1]:.3f}", "lr": f"{lr:.1e}"}
+            if smooth_dt is not None:
+                smooth_tps = tokens_per_iter / smooth_dt
+                postfix["tok/s"] = f"{smooth_tps:,.0f}"
+                postfix[mfu_label] = f"{100 * flops_per_token * smooth_tps / peak:.1f}%"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update()
 
-        iter_num = it + 1
-        if info.is_main and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
-            val_loss, train_loss = evaluate(), sum(recent_losses) / len(recent_losses)
-            recent_losses.clear()
-            best_val = min(best_val, val_loss)
-            save(iter_num, val_loss)
-            log(f"step {iter_num}: val loss {val_loss:.4f} (unigram baseline {unigram:.4f}), "
-                f"train loss {train_loss:.4f} (mean since last eval), lr {lr:.2e}; "
-                f"saved {out_dir / CHECKPOINT_NAME}")
-    bar.close()
+            iter_num = it + 1
+            if info.is_main and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
+                val_loss, train_loss = evaluate(), sum(recent_losses) / len(recent_losses)
+                recent_losses.clear()
+                if not math.isfinite(val_loss):  # finite training loss, but the step broke the weights
+                    raise diverged("validation loss", val_loss, iter_num)
+                best_val = min(best_val, val_loss)
+                save(iter_num, val_loss)
+                log(f"step {iter_num}: val loss {val_loss:.4f} (unigram baseline {unigram:.4f}), "
+                    f"train loss {train_loss:.4f} (mean since last eval), lr {lr:.2e}; "
+                    f"saved {checkpoint_file}")
+            if stop_requested:  # Ctrl-C: this step is complete, checkpoint it and stop
+                if info.is_main and last_saved != iter_num:
+                    if not all(torch.isfinite(p).all() for p in model.parameters()):
+                        raise diverged("model", "not finite", iter_num)
+                    save(iter_num, val_loss)
+                raise TrainingInterrupted(iter_num, checkpoint_file if info.is_main else None)
     if start_iter >= cfg.max_iters and info.is_main:  # nothing left to train: where the checkpoint stands
         val_loss = evaluate()
         log(f"step {start_iter}: already trained to --max-iters {cfg.max_iters}; val loss {val_loss:.4f}")

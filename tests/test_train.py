@@ -108,6 +108,9 @@ def test_resume_past_max_iters_only_evaluates(tmp_path):
     (dict(dtype="int8"), "--dtype must be one of"),
     (dict(backend="bogus"), "--backend 'bogus': unknown"),
     (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(lr=math.inf), r"--lr must be a finite number > 0, got inf"),
+    (dict(dropout=1.0), r"--dropout must be in \[0, 1\), got 1.0"),
+    (dict(device="meta"), "--device meta: gptfast runs on cpu or cuda devices, not meta"),
 ])
 def test_bad_options_raise_a_clear_error(tmp_path, options, message):
     with pytest.raises(ConfigError, match=message):
