@@ -60,10 +60,9 @@ def _worst(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, tuple[i
         i = tuple(int(v) for v in idx)
         return float("inf"), i, float(a[i]), float(e[i])
     diff = (a - e).abs()
-    diff[nan_a] = 0.0
-    # inf - inf is nan: equal infinities match, anything else is an infinite error
-    inf_mismatch = torch.isnan(diff)
-    diff[inf_mismatch] = float("inf")
+    diff[nan_a | (a == e)] = 0.0  # NaN where expected; equal infinities (inf - inf is NaN) match
+    # any other NaN difference is inf against a finite value or the opposite inf: an infinite error
+    diff[torch.isnan(diff)] = float("inf")
     flat = int(torch.argmax(diff))
     i = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a.shape))
     return float(diff[i]), i, float(a[i]), float(e[i])
