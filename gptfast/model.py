@@ -28,7 +28,9 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0          # on embeddings and residual branches (never on attention probabilities)
+    dropout: float = 0.0          # on embeddings and residual branches
+    n_kv_head: int | None = None  # key/value heads (GQA; 1: MQA); None = n_head
+    attn_dropout: float = 0.0     # on the attention probabilities (regenerated in backward, never stored)
     bias: bool = True             # biases in Linear and LayerNorm, as GPT-2
     gelu_approximate: str = "tanh"  # GPT-2's gelu_new; "none" for exact erf GELU
 
@@ -54,7 +56,8 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.bias, config.dropout)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.bias, config.dropout,
+                                        n_kv_head=config.n_kv_head, attn_dropout=config.attn_dropout)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config.n_embd, 4 * config.n_embd, config.bias, config.gelu_approximate, config.dropout)
 

@@ -37,28 +37,44 @@ class LayerNorm(nn.LayerNorm):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: c_attn (C -> 3C), fused attention, c_proj (C -> C).
+    """Causal self-attention: c_attn (C -> (H + 2 Hk) D), fused attention, c_proj (C -> C).
 
-    Attention-probability dropout is not supported (the fused kernels do not implement it);
-    ``resid_dropout`` applies to the output projection, as in GPT-2.
+    ``n_kv_head`` (default ``n_head``) < ``n_head`` is grouped-query attention (1: multi-query):
+    c_attn then emits H query heads and Hk key and value heads, laid out [q | k | v], and the
+    kernels read each kv head for its group without repeating it. With ``n_kv_head == n_head``
+    c_attn is GPT-2's C -> 3C. ``attn_dropout`` drops attention probabilities in training (the
+    mask is regenerated in backward, never stored); ``resid_dropout`` applies to the output
+    projection, as in GPT-2.
     """
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, resid_dropout: float = 0.0,
-                 backend: str | None = None):
+                 backend: str | None = None, *, n_kv_head: int | None = None, attn_dropout: float = 0.0):
         super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        if not 0.0 <= attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1), got {attn_dropout}")
+        head_dim = n_embd // n_head
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.n_head, self.n_embd = n_head, n_embd
-        self.resid_dropout = resid_dropout
+        self.n_head, self.n_kv_head, self.n_embd = n_head, n_kv_head, n_embd
+        self.resid_dropout, self.attn_dropout = resid_dropout, attn_dropout
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape                                               # (B, T, C)
-        qkv = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head)  # (B, T, 3, H, D)
-        q, k, v = qkv.unbind(2)  # strided views: the kernels take any batch/seq/head strides
-        y = attention(q, k, v, causal=True, backend=self.backend)      # (B, T, H, D)
+        h, hk, d = self.n_head, self.n_kv_head, c // self.n_head
+        qkv = self.c_attn(x)
+        if hk == h:
+            q, k, v = qkv.view(b, t, 3, h, d).unbind(2)  # strided views: the kernels take any strides
+        else:
+            q, k, v = qkv.split([h * d, hk * d, hk * d], dim=-1)
+            q, k, v = q.view(b, t, h, d), k.view(b, t, hk, d), v.view(b, t, hk, d)
+        y = attention(q, k, v, causal=True, backend=self.backend,
+                      dropout_p=self.attn_dropout if self.training else 0.0)  # (B, T, H, D)
         y = self.c_proj(y.reshape(b, t, c))
         return F.dropout(y, self.resid_dropout, self.training) if self.resid_dropout else y
 

@@ -23,7 +23,8 @@ def _t(*shape, grad=True, dtype=torch.float32):
 
 def _opcheck_cases(backend):
     q, k, v = _t(2, 5, 3, 16), _t(2, 5, 3, 16), _t(2, 5, 3, 16)
-    out, lse = ops.attention_fwd(q, k, v, True, 0.25, False, backend)
+    plain = (-1, 0, 0.0, None, 0.0, None)  # window, softcap, alibi_slopes, dropout_p, rng_state
+    out, lse = ops.attention_fwd(q, k, v, True, 0.25, *plain, False, backend)
     x, w, b = _t(6, 24), _t(24), _t(24)
     y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5, backend)
     xf, w1, b1, w2, b2 = _t(6, 24), _t(40, 24), _t(40), _t(24, 40), _t(24)
@@ -31,9 +32,9 @@ def _opcheck_cases(backend):
     d = lambda t: torch.randn_like(t).detach()  # noqa: E731
     nog = lambda *ts: [t.detach() for t in ts]  # noqa: E731
     return [
-        (ops.attention_fwd, (q, k, v, True, 0.25, False, backend)),
-        (ops.attention_fwd, (q, k, v, False, 0.5, True, backend)),
-        (ops.attention_bwd, (d(out), *nog(q, k, v, out, lse), True, 0.25, False, backend)),
+        (ops.attention_fwd, (q, k, v, True, 0.25, *plain, False, backend)),
+        (ops.attention_fwd, (q, k, v, False, 0.5, -1, -1, 0.0, None, 0.0, None, True, backend)),
+        (ops.attention_bwd, (d(out), *nog(q, k, v, out, lse), True, 0.25, *plain, False, backend)),
         (ops.layer_norm_fwd, (x, w, b, 1e-5, backend)),
         (ops.layer_norm_fwd, (x, None, None, 1e-5, backend)),
         (ops.layer_norm_bwd, (d(y), *nog(x, w, mean, rstd), True, backend)),
@@ -47,6 +48,18 @@ def _opcheck_cases(backend):
 def test_opcheck(backend, seed):
     for op, args in _opcheck_cases(backend):
         torch.library.opcheck(op, args)
+
+
+def test_opcheck_attention_options_on_the_reference(seed):
+    # GQA, unequal lengths, a window, softcap, ALiBi and dropout: the schema's optional inputs
+    q, k, v = _t(2, 4, 6, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)
+    slopes = torch.rand(6)
+    rng = torch.tensor([1234, 8], dtype=torch.int64)
+    args = (3, 1, 30.0, slopes, 0.2, rng, False, "reference")
+    out, lse = ops.attention_fwd(q, k, v, False, 0.25, *args)
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, False, 0.25, *args))
+    torch.library.opcheck(ops.attention_bwd, (torch.randn_like(out), *(t.detach() for t in (q, k, v, out, lse)),
+                                              False, 0.25, *args))
 
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)

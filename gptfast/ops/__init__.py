@@ -1,11 +1,13 @@
 """Public functional ops; each dispatches to a backend chosen by ``gptfast.ops._backend``."""
 from ._backend import available_backends, backend_table, use_backend
-from .attention import attention, attention_ref, flash_attn_func
+from .attention import (attention, attention_ref, flash_attn_func, flash_attn_kvpacked_func,
+                        flash_attn_qkvpacked_func)
 from .gelu_ffn import gelu_ffn, gelu_ffn_ref
 from .layer_norm import layer_norm, layer_norm_ref
 
 __all__ = [
-    "attention", "flash_attn_func", "layer_norm", "gelu_ffn",
+    "attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+    "layer_norm", "gelu_ffn",
     "attention_ref", "layer_norm_ref", "gelu_ffn_ref",
     "available_backends", "backend_table", "use_backend",
 ]

@@ -24,6 +24,14 @@ seqlen_q == seqlen_k)::
     A row with no unmasked key (impossible for causal self-attention with seqlen_q == seqlen_k)
     has out = 0, lse = -inf and zero gradients.
 
+    An implementation that declares ``features`` (ATTENTION_FEATURES) takes k, v of shape
+    (batch, seqlen_k, nheads_k, headdim) and, for a call that uses any feature, the keywords
+    ``window=(left, right)`` (normalised: right = 0 when causal), ``softcap`` (0: none),
+    ``alibi_slopes`` (float32 (nheads,) / (batch, nheads) or None), ``dropout_p`` and
+    ``rng_state`` (int64 CPU tensor [seed, offset] of gptfast.ops._philox's mask, or None) on
+    both launchers; dk, dv are summed over each kv head's query heads. A call without features
+    passes none of them, so a kernel that implements none keeps the signatures above.
+
 layer_norm (x: (M, N) contiguous; weight, bias: (N,) contiguous or None, dtype of x)::
 
     layer_norm_forward(x, weight, bias, eps: float)
@@ -81,6 +89,12 @@ AUTO_ORDER = {
 _DEFAULT_ORDER = ("reference",)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Per-call features of attention beyond equal-length multi-head self-attention, by the name an
+# error message gives them (gptfast.ops.attention computes which ones a call uses). A backend
+# declares those it implements: ``auto`` picks the first backend that implements all of a call's,
+# an explicit backend lacking one raises NotImplementedError naming it.
+ATTENTION_FEATURES = ("gqa", "seqlen_q != seqlen_k", "window_size", "softcap", "alibi_slopes", "dropout_p")
 # The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -121,6 +135,11 @@ class Impl:
     dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
     requirement: Callable[[torch.device], str | None] = field(default=_always, compare=False)
     note: str = ""
+    features: frozenset[str] = frozenset()  # ATTENTION_FEATURES this implementation supports
+
+    def missing(self, features: frozenset[str]) -> list[str]:
+        """The features of a call that this implementation lacks, in ATTENTION_FEATURES order."""
+        return [f for f in ATTENTION_FEATURES if f in features and f not in self.features]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this implementation can run on ``device``, else why not."""
@@ -156,6 +175,7 @@ for _op in OPS:
         op=_op, backend="reference", devices=("cpu", "cuda"), module=f"gptfast.ops.{_op}",
         fwd_name=f"{_op}_forward_reference", bwd_name=f"{_op}_backward_reference",
         dtypes=REFERENCE_DTYPES, note="pure PyTorch, explicit backward",
+        features=frozenset(ATTENTION_FEATURES) if _op == "attention" else frozenset(),
     ))
     register(Impl(
         op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",
@@ -255,8 +275,10 @@ def _load(impl: Impl) -> Launchers:
     return loaded
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> Launchers:
-    """Pick and load the launchers for ``op`` on ``device``/``dtype``; see the module docstring."""
+def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None,
+            features: frozenset[str] = frozenset()) -> Launchers:
+    """Pick and load the launchers for ``op`` on ``device``/``dtype`` that implement every one of
+    ``features`` (ATTENTION_FEATURES the call uses); see the module docstring."""
     name = requested_backend(backend)
     if name != "auto":
         impl = _REGISTRY.get((op, name))
@@ -264,6 +286,12 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
             raise NotImplementedError(
                 f"gptfast.{op}: the {name!r} backend has no {op} implementation yet; "
                 f"available here: {available_backends(op, device)}")
+        missing = impl.missing(features)
+        if missing:
+            able = [b for b in available_backends(op, device) if not _REGISTRY[(op, b)].missing(features)]
+            raise NotImplementedError(
+                f"gptfast.{op}: backend {name!r} does not support {', '.join(missing)} yet; "
+                f"backends here that do: {able}")
         reason = impl.unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"gptfast.{op}: backend {name!r} cannot run on {device}: {reason}")
@@ -277,7 +305,8 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
 
     for candidate in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
         impl = _REGISTRY.get((op, candidate))
-        if impl is None or device.type not in impl.devices or dtype not in impl.dtypes:
+        if (impl is None or device.type not in impl.devices or dtype not in impl.dtypes
+                or impl.missing(features)):
             continue
         reason = impl.requirement(device)
         if reason is None:
@@ -290,6 +319,9 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
             _WARNED.add(key)
             warnings.warn(f"gptfast.{op}: backend {candidate!r} is unavailable on {device.type} "
                           f"({reason}); falling back", RuntimeWarning, stacklevel=3)
+    if features:
+        raise NotImplementedError(f"gptfast.{op}: no backend on {device.type} supports {sorted(features)} "
+                                  f"in dtype {dtype}")
     raise TypeError(f"gptfast.{op}: no backend supports dtype {dtype} on {device.type}")
 
 

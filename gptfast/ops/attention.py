@@ -1,28 +1,47 @@
-"""Scaled dot-product attention, causal or not, in FlashAttention's (batch, seqlen, nheads, headdim) layout.
+"""Scaled dot-product attention in FlashAttention's (batch, seqlen, nheads, headdim) layout, with
+FlashAttention 2.8's dense options: GQA/MQA, unequal lengths, sliding windows, softcap, ALiBi,
+dropout and the softmax logsumexp.
 
-    out_i = sum_j softmax_j(scale * q_i . k_j) v_j      (j <= i when causal, top-left aligned)
+q is (B, Tq, H, D), k and v (B, Tk, Hk, D) with H % Hk == 0; query head h reads kv head
+h // (H / Hk). With shift = Tk - Tq (masks are aligned to the bottom-right corner):
+
+    s_ij  = scale * q_i . k_j
+    s_ij  = softcap * tanh(s_ij / softcap)                     (softcap > 0)
+    s_ij -= slope_h * |i + shift - j|                           (ALiBi)
+    query i sees key j iff  i + shift - left <= j <= i + shift + right
+          (window_size = (left, right), -1 unbounded; causal sets right = 0)
+    p_ij  = softmax_j(s_ij) over visible keys; a row that sees no key is 0 with lse = -inf
+    out_i = sum_j p_ij * keep_ij / (1 - dropout_p) * v_j        (keep: gptfast.ops._philox)
 
 Saved for backward: q, k, v, out and the per-row logsumexp ``lse`` (fp32, O(T)) -- never the
-T x T probability matrix. The backward recomputes P = exp(scale * q k^T - lse) and follows
-FlashAttention-2 (Dao, 2023, Algorithm 2):
+T x T probability matrix, nor the dropout mask (regenerated from its seed and offset). The backward
+recomputes P = exp(s - lse) and follows FlashAttention-2 (Dao, 2023, Algorithm 2):
 
-    dV = P^T dO,   dP = dO V^T,   delta_i = rowsum(dO_i * O_i),   dS = P * (dP - delta),
-    dQ = scale * dS K,   dK = scale * dS^T Q.
+    dV = Pd^T dO,   dPd = dO V^T,   dP = dPd * keep / (1 - p),   delta_i = rowsum(dO_i * O_i),
+    dS = P * (dP - delta) (* (1 - tanh^2) under softcap),   dQ = scale * dS K,   dK = scale * dS^T Q,
 
-This file holds, in order: the ground truth ``attention_ref``, the reference backend's launchers
-(the model every kernel follows), input checks, the custom ops with their autograd formula, and
-the public functions.
+with Pd = P * keep / (1 - p), and dK, dV summed over the query heads that share a kv head.
+
+Which backend runs a call depends on the call: the kernel backends implement equal-length
+multi-head attention (causal or not), the reference every option (``_backend.ATTENTION_FEATURES``);
+``auto`` routes a call to the first backend that implements all it uses.
+
+This file holds, in order: the shared mask and score definitions, the ground truth
+``attention_ref``, the reference backend's launchers (the model every kernel follows), input
+checks, the custom ops with their autograd formula, and the public functions.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import _backend
 from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_tensor
 
-__all__ = ["attention", "flash_attn_func", "attention_ref", "attention_fwd_op", "attention_bwd_op"]
+__all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+           "attention_ref", "attention_fwd_op", "attention_bwd_op"]
 
 MAX_HEADDIM = 256
 
@@ -31,37 +50,143 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """scale * q k^T as (batch, nheads, seqlen_q, seqlen_k), -inf above the causal diagonal."""
-    s = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * scale
-    if causal:
-        tq, tk = q.shape[1], k.shape[1]
-        above = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu_(1)
-        s = s.masked_fill(above, float("-inf"))
-    return s
+# --------------------------------------------------------------------------- shared definitions
 
+@dataclass(frozen=True)
+class Options:
+    """One call's options after FlashAttention's normalisation (see :func:`normalise`)."""
+
+    causal: bool                          # window (-1, 0): what the kernels call causal
+    window: tuple[int, int] = (-1, -1)    # (left, right), -1 = unbounded; right = 0 when causal
+    softcap: float = 0.0                  # > 0 or 0 (none)
+    dropout_p: float = 0.0
+
+    @property
+    def plain_window(self) -> bool:
+        return self.window[0] < 0 and self.window[1] in (-1, 0)
+
+
+def normalise(causal: bool, window_size: tuple[int, int], softcap: float, dropout_p: float,
+              seqlen_k: int) -> Options:
+    """FlashAttention's rules: a window side at least ``seqlen_k`` long is unbounded, ``causal``
+    sets the right side to 0, and (-1, 0) is causal; a softcap <= 0 is none."""
+    left, right = (int(w) for w in window_size)
+    left = -1 if left >= seqlen_k else left
+    right = -1 if right >= seqlen_k else right
+    if causal:
+        right = 0
+    return Options(causal=left < 0 and right == 0, window=(left, right),
+                   softcap=float(softcap) if softcap > 0 else 0.0, dropout_p=float(dropout_p))
+
+
+def visible(tq: int, tk: int, window: tuple[int, int], device) -> torch.Tensor | None:
+    """(tq, tk) bool: query i sees key j (bottom-right aligned window); None when all are."""
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    vis = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if right >= 0:
+        vis &= j <= i + right
+    if left >= 0:
+        vis &= j >= i - left
+    return vis
+
+
+def _alibi_bias(slopes: torch.Tensor, tq: int, tk: int, dtype: torch.dtype) -> torch.Tensor:
+    """-slope * |i + tk - tq - j| as (B or 1, H, tq, tk)."""
+    i = torch.arange(tq, device=slopes.device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=slopes.device)[None, :]
+    dist = (i - j).abs().to(dtype)
+    s = slopes.to(dtype)
+    s = s[None] if s.dim() == 1 else s
+    return -s[:, :, None, None] * dist
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, opts: Options, scale: float,
+            alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The masked scores (B, H, Tq, Tk) of q (B, Tq, H, D) and k (B, Tk, Hk, D), and
+    tanh(scale q.k / softcap) when softcapped (for the backward), in q's dtype."""
+    h, hk = q.shape[2], k.shape[2]
+    kh = k.transpose(1, 2)
+    if hk != h:
+        kh = kh.repeat_interleave(h // hk, dim=1)  # the reference may copy; kernels index the kv head
+    s = torch.matmul(q.transpose(1, 2), kh.transpose(-1, -2)) * scale
+    t = None
+    if opts.softcap > 0:
+        t = torch.tanh(s / opts.softcap)
+        s = t * opts.softcap
+    tq, tk = q.shape[1], k.shape[1]
+    if alibi_slopes is not None:
+        s = s + _alibi_bias(alibi_slopes, tq, tk, s.dtype)
+    vis = visible(tq, tk, opts.window, q.device)
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    return s, t
+
+
+def _expand_kv(t: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, Tk, Hk, D) -> (B, H, Tk, D), each kv head repeated for its query heads."""
+    th = t.transpose(1, 2)
+    return th if th.shape[1] == h else th.repeat_interleave(h // th.shape[1], dim=1)
+
+
+def _group_sum(t: torch.Tensor, hk: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, Hk, T, D): the sum over the query heads of each kv head's group."""
+    b, h, n, d = t.shape
+    return t if h == hk else t.view(b, hk, h // hk, n, d).sum(2)
+
+
+def dropout_scale(keep: torch.Tensor | None, dropout_p: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """keep / (1 - p) in ``dtype``, or None without dropout."""
+    if keep is None:
+        return None
+    return keep.to(dtype) / (1.0 - dropout_p)
+
+
+def _keep_mask(rng_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, dropout_p: float):
+    if dropout_p <= 0.0 or rng_state is None:
+        return None
+    from . import _philox
+    seed, offset = (int(x) for x in rng_state.tolist())
+    b, tq, h, _ = q.shape
+    return _philox.dropout_keep_mask(seed, offset, b, h, tq, k.shape[1], dropout_p, q.device)
+
+
+# --------------------------------------------------------------------------- ground truth
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                  softmax_scale: float | None = None, upcast: bool = True) -> torch.Tensor:
-    """Ground truth from plain, differentiable PyTorch ops (materialises the T x T matrix).
+                  softmax_scale: float | None = None, upcast: bool = True, *,
+                  window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                  dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Ground truth from plain, differentiable PyTorch ops (materialises the Tq x Tk matrix).
 
-    With ``upcast`` the math runs in fp32 (fp64 for fp64 inputs) and the result is cast back to
-    q's dtype; without it every op runs in the input dtype, as an eager model would.
-    Fully-masked rows give 0.
+    The module docstring's semantics. With ``upcast`` the math runs in fp32 (fp64 for fp64
+    inputs) and the result is cast back to q's dtype; without it every op runs in the input
+    dtype, as an eager model would. ``dropout_mask`` (B, H, Tq, Tk) bool, True = kept, applies
+    dropout with rate ``dropout_p`` (the mask a kernel drew: see gptfast.ops._philox). Rows
+    that see no key give 0.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     dtype = q.dtype
     if upcast:
         acc = _acc_dtype(dtype)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    s = _masked_scores(q, k, causal, scale)
+    opts = normalise(causal, window_size, softcap, dropout_p, k.shape[1])
+    s, _ = _scores(q, k, opts, scale, alibi_slopes)
     # An all -inf row softmaxes to NaN; it means "no keys" and gives 0. Only those rows: a NaN
     # (or inf) in a visible score is the inputs' NaN and must reach exactly the rows that see it.
     no_keys = (s == float("-inf")).all(dim=-1, keepdim=True)
     p = torch.softmax(s, dim=-1).masked_fill(no_keys, 0.0)
-    out = torch.matmul(p, v.transpose(1, 2)).transpose(1, 2)  # (B, T, H, D)
+    if dropout_mask is not None:
+        p = p * dropout_scale(dropout_mask, dropout_p, p.dtype)
+    out = torch.matmul(p, _expand_kv(v, q.shape[2])).transpose(1, 2)  # (B, Tq, H, D)
     return out.to(dtype)
 
+
+# --------------------------------------------------------------------------- reference launchers
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     # Rows with lse = -inf have no unmasked key: their probabilities are 0, not exp(-inf + inf).
@@ -73,36 +198,61 @@ def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                                softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference launcher: returns out (B, T, H, D) in q.dtype and lse (B, H, T) in fp32."""
+                                softmax_scale: float, *, window: tuple[int, int] = (-1, -1),
+                                softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                                dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference launcher: returns out (B, Tq, H, D) in q.dtype and lse (B, H, Tq) in fp32.
+
+    The keyword options are the normalised ones (:func:`normalise`; ``causal`` is implied by
+    ``window``'s right side when given) and the dropout generator's (seed, offset) as an int64
+    tensor ``rng_state``; kernels without those features are called without them.
+    """
     acc = _acc_dtype(q.dtype)
-    s = _masked_scores(q.to(acc), k.to(acc), causal, softmax_scale)
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, T); -inf for a row with no keys
+    opts = Options(causal, window if window != (-1, -1) or not causal else (-1, 0), softcap, dropout_p)
+    s, _ = _scores(q.to(acc), k.to(acc), opts, softmax_scale, alibi_slopes)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Tq); -inf for a row with no keys
     p = _probabilities(s, lse)
-    out = torch.matmul(p, v.to(acc).transpose(1, 2)).transpose(1, 2)
+    drop = dropout_scale(_keep_mask(rng_state, q, k, dropout_p), dropout_p, acc)
+    if drop is not None:
+        p = p * drop
+    out = torch.matmul(p, _expand_kv(v.to(acc), q.shape[2])).transpose(1, 2)
     return out.to(q.dtype).contiguous(), lse  # lse stays fp64 for fp64 inputs (gradcheck)
 
 
 def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
-                                 deterministic: bool = False) -> tuple[torch.Tensor, ...]:
+                                 deterministic: bool = False, *, window: tuple[int, int] = (-1, -1),
+                                 softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                                 dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, ...]:
     """Reference launcher for the FlashAttention-2 backward, untiled. Always deterministic."""
     acc = _acc_dtype(q.dtype)
+    h, hk = q.shape[2], k.shape[2]
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    do = dout.to(acc).transpose(1, 2)                    # (B, H, T, D)
-    s = _masked_scores(qa, ka, causal, softmax_scale)    # (B, H, Tq, Tk)
+    opts = Options(causal, window if window != (-1, -1) or not causal else (-1, 0), softcap, dropout_p)
+    do = dout.to(acc).transpose(1, 2)                    # (B, H, Tq, D)
+    s, t = _scores(qa, ka, opts, softmax_scale, alibi_slopes)  # (B, H, Tq, Tk)
     p = _probabilities(s, lse.to(acc))
-    dv = torch.matmul(p.transpose(-1, -2), do)           # (B, H, Tk, D)
-    dp = torch.matmul(do, va.permute(0, 2, 3, 1))        # (B, H, Tq, Tk)
+    drop = dropout_scale(_keep_mask(rng_state, q, k, dropout_p), dropout_p, acc)
+    pd = p if drop is None else p * drop
+    dv = _group_sum(torch.matmul(pd.transpose(-1, -2), do), hk)     # (B, Hk, Tk, D)
+    dp = torch.matmul(do, _expand_kv(va, h).transpose(-1, -2))      # (B, H, Tq, Tk)
+    if drop is not None:
+        dp = dp * drop
     delta = (do * out.to(acc).transpose(1, 2)).sum(-1, keepdim=True)
     ds = p * (dp - delta)
-    dq = torch.matmul(ds, ka.transpose(1, 2)) * softmax_scale
-    dk = torch.matmul(ds.transpose(-1, -2), qa.transpose(1, 2)) * softmax_scale
-    back = lambda t, like: t.transpose(1, 2).to(like.dtype).contiguous()  # noqa: E731
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    dq = torch.matmul(ds, _expand_kv(ka, h)) * softmax_scale
+    dk = _group_sum(torch.matmul(ds.transpose(-1, -2), qa.transpose(1, 2)), hk) * softmax_scale
+    back = lambda x, like: x.transpose(1, 2).to(like.dtype).contiguous()  # noqa: E731
     return back(dq, q), back(dk, k), back(dv, v)
 
 
-def _check_inputs(q, k, v, causal, softmax_scale) -> None:
+# --------------------------------------------------------------------------- input checks
+
+def _check_inputs(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p) -> None:
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t, ndim=4)
@@ -112,20 +262,52 @@ def _check_inputs(q, k, v, causal, softmax_scale) -> None:
     b, tq, h, d = q.shape
     if not 1 <= d <= MAX_HEADDIM:
         raise ValueError(f"gptfast.{op}: head dim (q.shape[3]) must be in 1..{MAX_HEADDIM}, got {d}")
-    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
-        raise ValueError(f"gptfast.{op}: k must have shape (batch, seqlen, nheads, headdim) = "
-                         f"({b}, seqlen, {h}, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    hk = k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d or hk < 1 or h % hk:
+        raise ValueError(f"gptfast.{op}: k must have shape (batch, seqlen_k, nheads_k, headdim) = "
+                         f"({b}, seqlen_k, nheads_k, {d}) with nheads ({h}) a multiple of nheads_k, to "
+                         f"match q {tuple(q.shape)}; got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"gptfast.{op}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[1] != tq:
-        raise NotImplementedError(
-            f"gptfast.{op}: seqlen_q ({tq}) != seqlen_k ({k.shape[1]}) is not supported yet; "
-            "only self-attention (equal lengths) is")
     if not isinstance(causal, bool):
         raise TypeError(f"gptfast.{op}: causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float))
                                           and math.isfinite(softmax_scale)):
         raise ValueError(f"gptfast.{op}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
+        raise ValueError(f"gptfast.{op}: window_size must be two integers >= -1 (-1: unbounded), "
+                         f"got {tuple(window_size)}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap)):
+        raise ValueError(f"gptfast.{op}: softcap must be a finite number (<= 0: none), got {softcap!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"gptfast.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"gptfast.{op}: alibi_slopes must be a float32 tensor, got "
+                            f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
+        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+            raise ValueError(f"gptfast.{op}: alibi_slopes must have shape (nheads,) = ({h},) or "
+                             f"(batch, nheads) = ({b}, {h}), got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"gptfast.{op}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+
+
+def _features(q: torch.Tensor, k: torch.Tensor, opts: Options, alibi_slopes) -> frozenset[str]:
+    """The _backend.ATTENTION_FEATURES a call uses (the kernel backends implement none yet)."""
+    f = set()
+    if k.shape[2] != q.shape[2]:
+        f.add("gqa")
+    if k.shape[1] != q.shape[1]:
+        f.add("seqlen_q != seqlen_k")
+    if not opts.plain_window:
+        f.add("window_size")
+    if opts.softcap > 0:
+        f.add("softcap")
+    if alibi_slopes is not None:
+        f.add("alibi_slopes")
+    if opts.dropout_p > 0:
+        f.add("dropout_p")
+    return frozenset(f)
 
 
 def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
@@ -144,24 +326,47 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# --------------------------------------------------------------------------- custom ops
+
+def _launch_kwargs(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, features):
+    """The feature keywords for a launcher: none for a call without features (kernel backends
+    take none), the normalised options otherwise."""
+    if not features:
+        return {}
+    return dict(window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+                dropout_p=dropout_p, rng_state=rng_state)
+
+
+def _op_features(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p) -> frozenset[str]:
+    opts = Options(window_left < 0 and window_right == 0, (window_left, window_right), softcap, dropout_p)
+    return _features(q, k, opts, alibi_slopes)
+
+
 # The op and its backward are torch.library custom ops so that torch.compile(fullgraph=True)
 # traces models through them (the fake implementations give output metadata without running a
 # kernel). The backend is resolved when the op runs, not when it is traced: a compiled model still
 # follows ``gptfast.use_backend`` / GPTFAST_BACKEND at run time, and tracing never imports triton.
 @torch.library.custom_op("gptfast::attention_fwd", mutates_args=())
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                     deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, T, H, D) contiguous, lse (B, H, T) fp32 -- see the launcher contract in _backend.py."""
-    b, t, h, _ = q.shape
-    if q.numel() == 0:
-        return _attention_fwd_fake(q, k, v, causal, softmax_scale, deterministic, backend)
-    launchers = _backend.resolve("attention", q.device, q.dtype, backend or None)
+                     window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+                     dropout_p: float, rng_state: torch.Tensor | None, deterministic: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Tq, H, D) contiguous, lse (B, H, Tq) fp32 -- see the launcher contract in _backend.py."""
+    if q.numel() == 0 or k.shape[1] == 0:
+        out, lse = _attention_fwd_fake(q, k, v, causal, softmax_scale, window_left, window_right, softcap,
+                                       alibi_slopes, dropout_p, rng_state, deterministic, backend)
+        return out.zero_(), lse.fill_(float("-inf"))
+    features = _op_features(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p)
+    launchers = _backend.resolve("attention", q.device, q.dtype, backend or None, features)
     with autocast_off(q.device.type):
-        return launchers.fwd(q, k, v, causal, softmax_scale)
+        return launchers.fwd(q, k, v, causal, softmax_scale,
+                             **_launch_kwargs(window_left, window_right, softcap, alibi_slopes, dropout_p,
+                                              rng_state, features))
 
 
 @attention_fwd_op.register_fake
-def _attention_fwd_fake(q, k, v, causal, softmax_scale, deterministic, backend):
+def _attention_fwd_fake(q, k, v, causal, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                        dropout_p, rng_state, deterministic, backend):
     b, t, h, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((b, h, t), dtype=_lse_dtype(q.dtype)))
@@ -169,92 +374,194 @@ def _attention_fwd_fake(q, k, v, causal, softmax_scale, deterministic, backend):
 
 @torch.library.custom_op("gptfast::attention_bwd", mutates_args=())
 def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, causal: bool, softmax_scale: float, deterministic: bool,
+                     lse: torch.Tensor, causal: bool, softmax_scale: float, window_left: int, window_right: int,
+                     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+                     rng_state: torch.Tensor | None, deterministic: bool,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (contiguous, dtypes of q, k, v)."""
-    if q.numel() == 0:
+    """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
+    if q.numel() == 0 or k.shape[1] == 0:
         return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    launchers = _backend.resolve("attention", q.device, q.dtype, backend or None)
-    kwargs = {"deterministic": True} if deterministic else {}
+    features = _op_features(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p)
+    launchers = _backend.resolve("attention", q.device, q.dtype, backend or None, features)
+    kwargs = _launch_kwargs(window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, features)
+    if deterministic:
+        kwargs["deterministic"] = True
     with autocast_off(q.device.type):
         return launchers.bwd(dout, q, k, v, out, lse, causal, softmax_scale, **kwargs)
 
 
 @attention_bwd_op.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, backend):
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, window_left, window_right, softcap,
+                        alibi_slopes, dropout_p, rng_state, deterministic, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
+_OPTION_INPUTS = 10  # inputs after q, k, v: causal ... backend
+
+
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, deterministic, backend = inputs
+    q, k, v, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)  # O(T): never the T x T probabilities
+    ctx.save_for_backward(q, k, v, out, lse)  # O(T): never the T x T probabilities nor the mask
     ctx.mark_non_differentiable(lse)
-    ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.backend = causal, softmax_scale, deterministic, backend
+    ctx.options = options
 
 
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(_kernel_layout(dout), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                                  ctx.deterministic, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_bwd_op(_kernel_layout(dout), q, k, v, out, lse, *ctx.options)
+    return (dq, dk, dv) + (None,) * _OPTION_INPUTS
 
 
 attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+# --------------------------------------------------------------------------- public functions
+
+def _rng_state(device: torch.device, seqlen_k: int, dropout_p: float) -> torch.Tensor | None:
+    """(seed, offset) of this call's dropout mask, drawn from torch's default generator of the
+    device (so torch.manual_seed reproduces it; the call reserves seqlen_k values of every Philox
+    subsequence), as an int64 CPU tensor holding their 64-bit patterns; None without dropout."""
+    if dropout_p <= 0.0:
+        return None
+    from . import _philox
+    seed, offset = _philox.dropout_seed_offset(device, max(1, seqlen_k))
+    as_int64 = lambda x: x - (1 << 64) if x >= 1 << 63 else x  # noqa: E731  (the same 64 bits)
+    return torch.tensor([as_int64(seed), as_int64(offset)], dtype=torch.int64)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               softmax_scale: float | None = None, backend: str | None = None, *,
-              deterministic: bool = False) -> torch.Tensor:
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+              deterministic: bool = False, return_lse: bool = False):
     """Fused scaled dot-product attention (FlashAttention-2 algorithm on the kernel backends).
 
     Args:
-        q, k, v: (batch, seqlen, nheads, headdim) -- FlashAttention's layout, *not* SDPA's
-            (batch, nheads, seqlen, headdim). One dtype among float16, bfloat16, float32 (float64
-            on the reference backend), one device. headdim in 1..256. Any strides; the last
-            dimension is made contiguous if it is not. seqlen_q must equal seqlen_k.
-        causal: mask key j > query i (top-left aligned).
+        q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with
+            nheads a multiple of nheads_k (GQA; MQA when nheads_k = 1) -- FlashAttention's layout,
+            *not* SDPA's (batch, nheads, seqlen, headdim). One dtype among float16, bfloat16,
+            float32 (float64 on the reference and cpu backends), one device. headdim in 1..256.
+            Any strides; the last dimension is made contiguous if it is not.
+        causal: query i sees keys j <= i + seqlen_k - seqlen_q (aligned to the bottom-right
+            corner; the same as top-left for equal lengths). A query row that sees no key gives 0.
         softmax_scale: multiplies q.k before the softmax; default 1/sqrt(headdim).
         backend: "auto", "reference", "triton", "cuda" or "cpu"; None defers to
-            ``gptfast.use_backend`` / ``GPTFAST_BACKEND`` / auto.
+            ``gptfast.use_backend`` / ``GPTFAST_BACKEND`` / auto. Today the kernel backends run
+            equal-length multi-head attention; ``auto`` sends calls with any other option to the
+            reference backend, and an explicit kernel backend raises NotImplementedError naming it.
+        window_size: (left, right) sliding window, -1 unbounded: query i sees keys
+            j in [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right].
+        softcap: > 0 caps the scaled scores to softcap * tanh(score / softcap) (Gemma-2).
+        alibi_slopes: float32 (nheads,) or (batch, nheads): score_ij -= slope * |i + Tk - Tq - j|.
+        dropout_p: dropout on the attention probabilities, kept entries scaled by 1/(1 - p); the
+            mask is a function of (seed, offset, batch, head, row, column) with (seed, offset)
+            drawn from torch's default generator (gptfast.ops._philox), regenerated in backward.
         deterministic: ask kernel backends for a bitwise-reproducible backward (no atomics).
+        return_lse: also return the logsumexp of each query row's scores, (batch, nheads,
+            seqlen_q) float32 (-inf for a row that sees no key), before dropout.
 
     Returns:
-        (batch, seqlen, nheads, headdim) in q's dtype (the autocast dtype under ``torch.autocast``).
-        Memory saved for backward is O(seqlen): q, k, v, out and an fp32 logsumexp per row.
+        out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
+        ``torch.autocast``), or (out, lse) with ``return_lse``. Memory saved for backward is
+        O(seqlen): q, k, v, out and an fp32 logsumexp per row.
     """
-    _check_inputs(q, k, v, causal, softmax_scale)
+    _check_inputs(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p)
     amp = autocast_dtype(q.device.type)
     if amp is not None:
         q, k, v = cast_floats(amp, q, k, v)
     check_same("attention", "q", q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    opts = normalise(causal, window_size, softcap, dropout_p, k.shape[1])
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
-    out, _ = attention_fwd_op(q, k, v, causal, scale, bool(deterministic), _backend.checked_name(backend))
-    return out
+    slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
+    out, lse = attention_fwd_op(q, k, v, opts.causal, scale, opts.window[0], opts.window[1], opts.softcap,
+                                slopes, opts.dropout_p, _rng_state(q.device, k.shape[1], opts.dropout_p),
+                                bool(deterministic),
+                                _backend.checked_name(backend))
+    return (out, lse) if return_lse else out
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
-                    return_attn_probs: bool = False) -> torch.Tensor:
-    """Drop-in for ``flash_attn.flash_attn_func``: same arguments, same (batch, seqlen, nheads,
-    headdim) layout, same default (``causal=False``). Runs :func:`attention`.
+                    return_attn_probs: bool = False):
+    """Drop-in for ``flash_attn.flash_attn_func`` (FlashAttention 2.8): same arguments, order,
+    defaults (``causal=False``) and returns; q (batch, seqlen_q, nheads, headdim), k/v (batch,
+    seqlen_k, nheads_k, headdim). Runs :func:`attention`.
 
-    Options FlashAttention has and gptfast does not yet (dropout, sliding windows, softcapping,
-    ALiBi, returning probabilities) raise ``NotImplementedError`` instead of being ignored.
+    Returns out, or with ``return_attn_probs`` (out, softmax_lse (batch, nheads, seqlen_q) fp32,
+    S_dmask (batch, nheads, seqlen_q, seqlen_k): the probabilities with dropped entries negated,
+    computed by the reference -- for tests, small shapes).
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"gptfast.flash_attn_func: dropout_p={dropout_p} is not supported "
-                                  "(attention dropout is not implemented); pass dropout_p=0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"gptfast.flash_attn_func: window_size={window_size} (local attention) "
-                                  "is not supported")
-    if softcap != 0.0:
-        raise NotImplementedError("gptfast.flash_attn_func: softcap is not supported")
-    if alibi_slopes is not None:
-        raise NotImplementedError("gptfast.flash_attn_func: alibi_slopes is not supported")
-    if return_attn_probs:
-        raise NotImplementedError("gptfast.flash_attn_func: return_attn_probs is not supported")
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, deterministic=deterministic)
+    window_size = _window_tuple(window_size)
+    if not return_attn_probs:
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         deterministic=deterministic)
+    state = torch.random.get_rng_state() if q.device.type == "cpu" else torch.cuda.get_rng_state(q.device)
+    out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         deterministic=deterministic, return_lse=True)
+    return out, lse, _dropped_probabilities(q, k, v, state, dropout_p, softmax_scale, causal, window_size,
+                                            softcap, alibi_slopes)
+
+
+def _dropped_probabilities(q, k, v, rng_before, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes) -> torch.Tensor:
+    """FlashAttention's S_dmask: (B, H, Tq, Tk) probabilities with dropped entries negated, for
+    the call that ran with the default generator in state ``rng_before`` (replayed here)."""
+    with torch.no_grad():
+        qa, ka = q.detach().to(_acc_dtype(q.dtype)), k.detach().to(_acc_dtype(q.dtype))
+        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+        opts = normalise(causal, window_size, softcap, dropout_p, k.shape[1])
+        s, _ = _scores(qa, ka, opts, scale, alibi_slopes)
+        p = _probabilities(s, torch.logsumexp(s, dim=-1))
+        if opts.dropout_p <= 0:
+            return p
+        after = torch.random.get_rng_state() if q.device.type == "cpu" else torch.cuda.get_rng_state(q.device)
+        setter = torch.random.set_rng_state if q.device.type == "cpu" else (
+            lambda st: torch.cuda.set_rng_state(st, q.device))
+        setter(rng_before)
+        try:
+            rng = _rng_state(q.device, k.shape[1], opts.dropout_p)
+        finally:
+            setter(after)
+        keep = _keep_mask(rng, q, k, opts.dropout_p)
+        return torch.where(keep, p, -p)
+
+
+def _window_tuple(window_size) -> tuple[int, int]:
+    # FlashAttention's tests pass window sizes as tensors or lists
+    if isinstance(window_size, torch.Tensor):
+        window_size = window_size.tolist()
+    return tuple(int(w) for w in window_size)
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                              deterministic: bool = False, return_attn_probs: bool = False):
+    """Drop-in for ``flash_attn.flash_attn_qkvpacked_func``: qkv (batch, seqlen, 3, nheads, headdim)."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"gptfast.flash_attn_qkvpacked_func: qkv must have shape (batch, seqlen, 3, nheads, "
+                         f"headdim), got {tuple(getattr(qkv, 'shape', ()))}")
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """Drop-in for ``flash_attn.flash_attn_kvpacked_func``: q (batch, seqlen_q, nheads, headdim),
+    kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"gptfast.flash_attn_kvpacked_func: kv must have shape (batch, seqlen_k, 2, nheads_k, "
+                         f"headdim), got {tuple(getattr(kv, 'shape', ()))}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
