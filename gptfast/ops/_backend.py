@@ -95,6 +95,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # declares those it implements: ``auto`` picks the first backend that implements all of a call's,
 # an explicit backend lacking one raises NotImplementedError naming it.
 ATTENTION_FEATURES = ("gqa", "seqlen_q != seqlen_k", "window_size", "softcap", "alibi_slopes", "dropout_p")
+# What each kernel backend's attention implements (the reference implements all of them).
+KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
+    "cpu": frozenset(),
+    "triton": frozenset(),
+    "cuda": frozenset(),
+}
 # The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -181,6 +187,7 @@ for _op in OPS:
         op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",
         fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward",
         requirement=_triton_requirement, note="Triton kernels (CPU: interpreter, for tests)",
+        features=KERNEL_ATTENTION_FEATURES["triton"] if _op == "attention" else frozenset(),
     ))
 
 
@@ -197,6 +204,7 @@ for _op in OPS:
         fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward", dtypes=REFERENCE_DTYPES,
         requirement=_cpu_requirement,
         note="C++ kernels (csrc/cpu): OpenMP, vectorised, fp32 accumulation; built on first use",
+        features=KERNEL_ATTENTION_FEATURES["cpu"] if _op == "attention" else frozenset(),
     ))
 
 
@@ -220,6 +228,7 @@ for _op in OPS:
         dtypes=(torch.float16, torch.bfloat16) if _op == "attention" else KERNEL_DTYPES,
         requirement=_cuda_requirement,
         note="CUDA C++ kernels (csrc/cuda): mma.sync FlashAttention-2, cuBLASLt GEMMs; built on first use",
+        features=KERNEL_ATTENTION_FEATURES["cuda"] if _op == "attention" else frozenset(),
     ))
 
 
