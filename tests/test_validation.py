@@ -23,7 +23,8 @@ def qkv(**kw):
     (lambda q, k, v: (q, k[..., :8], v), ValueError, "k must have shape"),
     (lambda q, k, v: (q, k, v[:, :, :2]), ValueError, "v must have k's shape"),
     (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "k must have shape"),
-    (lambda q, k, v: (q, k[:, :3], v[:, :3]), NotImplementedError, "seqlen_q"),
+    (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2]), ValueError, r"nheads \(3\) a multiple of nheads_k"),
+    (lambda q, k, v: (q, k[:, :3], v[:, :3].transpose(0, 1)), ValueError, "v must have k's shape"),
     (lambda q, k, v: ("q", k, v), TypeError, "q must be a torch.Tensor"),
     (lambda q, k, v: (q, k, v.to("meta")), ValueError, "v is on meta but q is on cpu"),
 ])
