@@ -50,12 +50,13 @@ def test_opcheck(backend, seed):
         torch.library.opcheck(op, args)
 
 
-def test_opcheck_attention_options_on_the_reference(seed):
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in CPU_BACKENDS if b == "cpu"])
+def test_opcheck_attention_options(backend, seed):
     # GQA, unequal lengths, a window, softcap, ALiBi and dropout: the schema's optional inputs
     q, k, v = _t(2, 4, 6, 16), _t(2, 7, 2, 16), _t(2, 7, 2, 16)
     slopes = torch.rand(6)
     rng = torch.tensor([1234, 8], dtype=torch.int64)
-    args = (3, 1, 30.0, slopes, 0.2, rng, False, "reference")
+    args = (3, 1, 30.0, slopes, 0.2, rng, False, backend)
     out, lse = ops.attention_fwd(q, k, v, False, 0.25, *args)
     torch.library.opcheck(ops.attention_fwd, (q, k, v, False, 0.25, *args))
     torch.library.opcheck(ops.attention_bwd, (torch.randn_like(out), *(t.detach() for t in (q, k, v, out, lse)),

@@ -141,7 +141,7 @@ def test_bad_input_raises_named_errors_from_cpp():
         ext.attention_forward(q.to(torch.int32), q, q, True, 0.25)
     with pytest.raises(TypeError, match="gptfast.attention: k has dtype BFloat16 but q has Float"):
         ext.attention_forward(q, q.bfloat16(), q, True, 0.25)
-    with pytest.raises(ValueError, match="v must have q's shape"):
+    with pytest.raises(ValueError, match="v must have k's shape"):
         ext.attention_forward(q, q, q[:, :4], True, 0.25)
     with pytest.raises(ValueError, match="head dim"):
         big = torch.randn(1, 2, 1, 300)

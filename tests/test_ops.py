@@ -85,13 +85,16 @@ def test_flash_attn_func_signature(seed):
     assert_close(out, sdpa_bthd(q, k, v, causal=False), atol=1e-5)
     out = gptfast.flash_attn_func(q, k, v, 0.0, 0.5, True)  # positional, as flash_attn
     assert_close(out, sdpa_bthd(q, k, v, True, 0.5), atol=1e-5)
-    # options the kernel backends lack run on the reference under auto (tests/test_attention_options.py)
-    # and raise, naming the option, on an explicitly chosen kernel backend
+    # options run on the first backend that has them under auto (tests/test_attention_options.py;
+    # the cpu kernels have them all: tests/test_cpu_attention_options.py)
     out = gptfast.flash_attn_func(q, k, v, window_size=(4, 0))
     assert_close(out, gptfast.attention_ref(q, k, v, False, window_size=(4, 0)), atol=1e-5)
     if "cpu" in CPU_BACKENDS:
-        with gptfast.use_backend("cpu"), pytest.raises(NotImplementedError, match="dropout_p"):
-            gptfast.flash_attn_func(q, k, v, dropout_p=0.1)
+        torch.manual_seed(3)
+        with gptfast.use_backend("cpu"):
+            out = gptfast.flash_attn_func(q, k, v, dropout_p=0.1)
+        torch.manual_seed(3)
+        assert_close(out, gptfast.attention(q, k, v, False, dropout_p=0.1, backend="reference"), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- layer_norm

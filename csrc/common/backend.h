@@ -10,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -29,14 +30,38 @@
 #endif
 
 namespace gptfast {
+
+// FlashAttention 2.8's dense options of one attention call, validated and normalised by
+// csrc/attention.cpp (the semantics: gptfast/ops/attention.py's docstring). The kv head count
+// and seqlen_k come from k's shape.
+struct AttentionOptions {
+  int64_t window_left = -1;   // -1: unbounded; normalised (>= seqlen_k is -1)
+  int64_t window_right = -1;  // -1: unbounded; 0 when causal
+  double softcap = 0.0;       // 0: none
+  std::optional<at::Tensor> alibi_slopes;  // float32 (H,) or (B, H), contiguous, or none
+  double dropout_p = 0.0;     // 0: none
+  uint64_t seed = 0, offset = 0;      // gptfast/ops/_philox.py's (seed, offset), from rng_state
+  uint32_t dropout_threshold = 0;     // floor(dropout_p * 2^32), computed in double
+
+  bool causal() const { return window_left < 0 && window_right == 0; }
+  // No option beyond a causal or full mask (the shape-dependent gqa / seqlen_q != seqlen_k
+  // features are judged by the kernels from the tensors).
+  bool plain() const {
+    return window_left < 0 && window_right <= 0 && softcap == 0.0 && !alibi_slopes.has_value() &&
+           dropout_p == 0.0;
+  }
+};
+
 namespace GPTFAST_KERNELS {
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v, bool causal, double scale);
+                                                     const at::Tensor& v, double scale,
+                                                     const AttentionOptions& opts);
 // deterministic: no atomics (ignored by the cpu kernels, which never use them)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool deterministic);
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic,
+    const AttentionOptions& opts);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,

@@ -9,12 +9,25 @@
 //   dV_j += P^T dO_i,  dS = P * (dO_i V_j^T - delta),  dK_j += scale dS^T Q_i,  dQ_i += scale dS K_j.
 // Memory: O(T * D) per thread, never T x T. Accumulation in fp32 (fp64 for fp64 inputs); bf16/fp16
 // tiles are widened to fp32 before the GEMMs, fp32/fp64 tiles are read in place through strides.
+//
+// FlashAttention 2.8's dense options (GQA/MQA, seqlen_q != seqlen_k, windows, softcap, ALiBi,
+// dropout; semantics in gptfast/ops/attention.py) run in a second pair of kernels, so that plain
+// calls keep the path above unchanged. There the score tile gets, after the GEMM, the softcap
+// (s = c tanh(s / c)), the ALiBi bias and the bottom-right aligned window as -inf; each query
+// block visits only the key blocks its rows' windows reach (and, in the backward, each key block
+// only the query rows that see it). Query head h reads kv head h / (H / Hk) in place (K/V are never
+// repeated); the backward's task is one (batch, kv head), which loops over its group's query
+// heads and sums their dK, dV in a fixed order: deterministic without atomics. Dropout regenerates
+// gptfast/ops/_philox.py's mask (Philox 4x32-10 below) per tile, scales kept P by 1/(1-p) before
+// P V, and in the backward uses it for dV and dP; lse stays the undropped logsumexp.
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -273,28 +286,349 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   });
 }
 
+// --------------------------------------------------------------------------- options path
+
+// Philox 4x32-10 (Random123's philox4x32_R(10, ctr, key)), the generator gptfast/ops/_philox.py
+// specifies: ten rounds, the key bumped by the Weyl constants between rounds.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c[0];
+    const uint64_t p1 = uint64_t(kPhiloxM1) * c[2];
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c[1] ^ k0;
+    const uint32_t n2 = uint32_t(p0 >> 32) ^ c[3] ^ k1;
+    c[0] = n0, c[1] = uint32_t(p1), c[2] = n2, c[3] = uint32_t(p0);
+  }
+}
+
+// The dropout multipliers of columns j0 .. j0+n-1 of score row i of head bh = b * H + h:
+// keep / (1 - p) with keep = (draw >= threshold), one Philox call per 4 columns (_philox.py's layout).
+template <typename T>
+void dropout_row(const AttentionOptions& o, uint64_t bh, int64_t i, int64_t j0, int64_t n, T rp, T* mult) {
+  const uint32_t k0 = static_cast<uint32_t>(o.seed), k1 = static_cast<uint32_t>(o.seed >> 32);
+  const int64_t j1 = j0 + n;
+  for (int64_t g = j0 / 4; g * 4 < j1; ++g) {
+    const uint64_t cn = (o.offset >> 2) + static_cast<uint64_t>(g);
+    uint32_t c[4] = {static_cast<uint32_t>(cn), static_cast<uint32_t>(cn >> 32), static_cast<uint32_t>(i),
+                     static_cast<uint32_t>(bh)};
+    philox4x32_10(c, k0, k1);
+    for (int w = 0; w < 4; ++w) {
+      const int64_t col = g * 4 + w;
+      if (col >= j0 && col < j1) mult[col - j0] = c[w] >= o.dropout_threshold ? rp : T(0);
+    }
+  }
+}
+
+// Visibility with bottom-right aligned windows: query i sees key j iff
+// i + shift - left <= j <= i + shift + right (shift = Tk - Tq; -1 sides unbounded).
+struct Window {
+  int64_t Tq, Tk, shift, left, right;
+  int64_t key_lo(int64_t i) const {  // first visible key of row i, clipped to [0, Tk]
+    return left < 0 ? 0 : std::min(Tk, std::max<int64_t>(0, i + shift - left));
+  }
+  int64_t key_hi(int64_t i) const {  // one past the last visible key, clipped to [0, Tk]
+    return right < 0 ? Tk : std::min(Tk, std::max<int64_t>(0, i + shift + right + 1));
+  }
+  int64_t row_lo(int64_t k0) const {  // first query row that sees a key >= k0
+    return right < 0 ? 0 : std::min(Tq, std::max<int64_t>(0, k0 - shift - right));
+  }
+  int64_t row_hi(int64_t k1) const {  // one past the last query row that sees a key < k1
+    return left < 0 ? Tq : std::min(Tq, std::max<int64_t>(0, k1 - shift + left));
+  }
+};
+
+// tanh for the softcap, relative error ~1e-7: libm's tanhf made a softcapped fp32 forward 2.5x
+// slower at T = 1024, D = 64. vec::tanh_f32 (exp-based) has an absolute error of ~1 ulp of 1,
+// which softcap * tanh would turn into ~softcap * 6e-8 on small scores, so |x| < 1/4 takes
+// tanh's Taylor series to x^9 instead (next term < 1e-8 relative); libm in double.
+GPTFAST_INLINE float softcap_tanh(float x) {
+  if (std::fabs(x) < 0.25f) {
+    const float x2 = x * x;
+    return x * (1.f + x2 * (-1.f / 3 + x2 * (2.f / 15 + x2 * (-17.f / 315 + x2 * (62.f / 2835)))));
+  }
+  return vec::tanh_f32(x);
+}
+GPTFAST_INLINE double softcap_tanh(double x) { return std::tanh(x); }
+
+// The score tile's options in the reference's order: softcap (keeping t = tanh(s / c) for the
+// backward when `tanh_out`), ALiBi (-slope |i + shift - j|), then the window as -inf.
+template <typename T>
+void transform_scores(T* s, int64_t ld, int64_t nq, int64_t nk, int64_t q0, int64_t k0, const Window& w,
+                      T softcap, bool alibi, T slope, T* tanh_out) {
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t i = q0 + r;
+    const int64_t lo = w.key_lo(i) - k0, hi = w.key_hi(i) - k0;
+    T* row = s + r * ld;
+    if (softcap > T(0)) {
+      T* trow = tanh_out ? tanh_out + r * ld : nullptr;
+      for (int64_t j = 0; j < nk; ++j) {
+        const T t = softcap_tanh(row[j] / softcap);
+        if (trow) trow[j] = t;
+        row[j] = t * softcap;
+      }
+    }
+    if (alibi) {
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t dist = i + w.shift - (k0 + j);
+        row[j] -= slope * static_cast<T>(dist < 0 ? -dist : dist);
+      }
+    }
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < std::min(lo, nk); ++j) row[j] = ninf;
+    for (int64_t j = std::max<int64_t>(hi, 0); j < nk; ++j) row[j] = ninf;
+  }
+}
+
+template <typename scalar_t>
+void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                          at::Tensor& lse, double scale_d, const AttentionOptions& opts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), Hk = k.size(2), G = H / Hk;
+  const int64_t sqb = q.stride(0), sqt = q.stride(1), sqh = q.stride(2);
+  const int64_t skb = k.stride(0), skt = k.stride(1), skh = k.stride(2);
+  const int64_t svb = v.stride(0), svt = v.stride(1), svh = v.stride(2);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = lse.data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const Window win{Tq, Tk, Tk - Tq, opts.window_left, opts.window_right};
+  const acc_t softcap = static_cast<acc_t>(opts.softcap);
+  const float* slopes = opts.alibi_slopes ? opts.alibi_slopes->const_data_ptr<float>() : nullptr;
+  const int64_t slope_sb = opts.alibi_slopes && opts.alibi_slopes->dim() == 2 ? H : 0;
+  const bool dropout = opts.dropout_p > 0.0;
+  const acc_t rp = static_cast<acc_t>(1.0 / (1.0 - opts.dropout_p));
+  const int64_t nqb = (Tq + BQ - 1) / BQ;
+
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf(kDirect ? 0 : BQ * D), kbuf(kDirect ? 0 : BK * D),
+        vbuf(kDirect ? 0 : BK * D), s(BQ * BK), o(BQ * D), m(BQ), l(BQ), mult(dropout ? BK : 0);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / nqb, qb = idx % nqb, b = bh / H, h = bh % H, kvh = h / G;
+      const int64_t q0 = qb * BQ, nq = std::min(BQ, Tq - q0);
+      const acc_t slope = slopes ? static_cast<acc_t>(slopes[b * slope_sb + h]) : acc_t(0);
+      const scalar_t* qt = qp + b * sqb + h * sqh + q0 * sqt;
+      const acc_t* Q;
+      int64_t ldq;
+      if constexpr (kDirect) {
+        Q = qt, ldq = sqt;
+      } else {
+        load_rows(qt, sqt, nq, D, qbuf.data());
+        Q = qbuf.data(), ldq = D;
+      }
+      std::fill(o.begin(), o.begin() + nq * D, acc_t(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      // The key range the block's windows reach (both bounds grow with the row).
+      const int64_t kbeg = win.key_lo(q0), kend = win.key_hi(q0 + nq - 1);
+      for (int64_t k0 = kbeg; k0 < kend; k0 += BK) {
+        const int64_t nk = std::min(BK, kend - k0);
+        const scalar_t* kt = kp + b * skb + kvh * skh + k0 * skt;
+        const scalar_t* vt = vp + b * svb + kvh * svh + k0 * svt;
+        const acc_t *K, *V;
+        int64_t ldk, ldv;
+        if constexpr (kDirect) {
+          K = kt, ldk = skt, V = vt, ldv = svt;
+        } else {
+          load_rows(kt, skt, nk, D, kbuf.data());
+          load_rows(vt, svt, nk, D, vbuf.data());
+          K = kbuf.data(), ldk = D, V = vbuf.data(), ldv = D;
+        }
+        blas::gemm_nt<acc_t>(nq, nk, D, scale, Q, ldq, K, ldk, acc_t(0), s.data(), BK);
+        transform_scores<acc_t>(s.data(), BK, nq, nk, q0, k0, win, softcap, slopes != nullptr, slope,
+                                nullptr);
+        for (int64_t i = 0; i < nq; ++i) {
+          acc_t* row = s.data() + i * BK;
+          softmax_update_row(row, nk, nk, &m[i], &l[i], o.data() + i * D, D);
+          if (dropout) {  // l keeps the undropped sum: lse and the normalisation ignore dropout
+            dropout_row<acc_t>(opts, static_cast<uint64_t>(bh), q0 + i, k0, nk, rp, mult.data());
+            for (int64_t j = 0; j < nk; ++j) row[j] *= mult[j];
+          }
+        }
+        blas::gemm_nn<acc_t>(nq, D, nk, acc_t(1), s.data(), BK, V, ldv, acc_t(1), o.data(), D);
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        const bool has_keys = l[i] > acc_t(0) || l[i] != l[i];  // NaN propagates, 0 means no keys
+        const acc_t inv = has_keys ? acc_t(1) / l[i] : acc_t(0);
+        acc_t* orow = o.data() + i * D;
+        scalar_t* dst = op + ((b * Tq + q0 + i) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(has_keys ? orow[d] * inv : acc_t(0));
+        lp[bh * Tq + q0 + i] =
+            has_keys ? m[i] + std::log(l[i]) : -std::numeric_limits<acc_t>::infinity();
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double scale_d,
+                           const AttentionOptions& opts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), Hk = k.size(2), G = H / Hk;
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  const scalar_t* dop = dout.const_data_ptr<scalar_t>();
+  const scalar_t* outp = out.const_data_ptr<scalar_t>();
+  const acc_t* lsep = lse.const_data_ptr<acc_t>();
+  const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_st = lse.stride(2);
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  scalar_t* dkp = dk.data_ptr<scalar_t>();
+  scalar_t* dvp = dv.data_ptr<scalar_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const Window win{Tq, Tk, Tk - Tq, opts.window_left, opts.window_right};
+  const acc_t softcap = static_cast<acc_t>(opts.softcap);
+  const float* slopes = opts.alibi_slopes ? opts.alibi_slopes->const_data_ptr<float>() : nullptr;
+  const int64_t slope_sb = opts.alibi_slopes && opts.alibi_slopes->dim() == 2 ? H : 0;
+  const bool dropout = opts.dropout_p > 0.0;
+  const acc_t rp = static_cast<acc_t>(1.0 / (1.0 - opts.dropout_p));
+
+  // One task per (batch, kv head): its query heads' dK, dV are summed here, in head order.
+  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t dense_q = kDirect ? 0 : Tq * D, dense_k = kDirect ? 0 : Tk * D;
+    std::vector<acc_t> qf(dense_q), dof(dense_q), kf(dense_k), vf(dense_k), dqacc(Tq * D),
+        dkacc(Tk * D), dvacc(Tk * D), s(BQ * BK), dp(BQ * BK), delta(Tq), lrow(Tq),
+        tanh_t(softcap > acc_t(0) ? BQ * BK : 0), mult(dropout ? BQ * BK : 0), pd(dropout ? BQ * BK : 0);
+    for (int64_t bkv = begin; bkv < end; ++bkv) {
+      const int64_t b = bkv / Hk, kvh = bkv % Hk;
+      const scalar_t* kt = kp + b * k.stride(0) + kvh * k.stride(2);
+      const scalar_t* vt = vp + b * v.stride(0) + kvh * v.stride(2);
+      const acc_t *K, *V;
+      int64_t ldk, ldv;
+      if constexpr (kDirect) {
+        K = kt, V = vt, ldk = k.stride(1), ldv = v.stride(1);
+      } else {
+        load_rows(kt, k.stride(1), Tk, D, kf.data());
+        load_rows(vt, v.stride(1), Tk, D, vf.data());
+        K = kf.data(), V = vf.data(), ldk = ldv = D;
+      }
+      std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
+      std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
+      for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
+        const acc_t slope = slopes ? static_cast<acc_t>(slopes[b * slope_sb + h]) : acc_t(0);
+        const uint64_t bh = static_cast<uint64_t>(b * H + h);
+        const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(2);
+        const scalar_t* dot = dop + b * dout.stride(0) + h * dout.stride(2);
+        const scalar_t* ot = outp + b * out.stride(0) + h * out.stride(2);
+        const acc_t *Q, *dO;
+        int64_t ldq, lddo;
+        if constexpr (kDirect) {
+          Q = qt, dO = dot, ldq = q.stride(1), lddo = dout.stride(1);
+        } else {
+          load_rows(qt, q.stride(1), Tq, D, qf.data());
+          load_rows(dot, dout.stride(1), Tq, D, dof.data());
+          Q = qf.data(), dO = dof.data(), ldq = lddo = D;
+        }
+        for (int64_t i = 0; i < Tq; ++i) {
+          const scalar_t* orow = ot + i * out.stride(1);
+          const acc_t* drow = dO + i * lddo;
+          acc_t acc = 0;
+          for (int64_t d = 0; d < D; ++d) acc += drow[d] * static_cast<acc_t>(orow[d]);
+          delta[i] = acc;
+          lrow[i] = lsep[b * lse_sb + h * lse_sh + i * lse_st];
+        }
+        std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
+        for (int64_t k0 = 0; k0 < Tk; k0 += BK) {
+          const int64_t nk = std::min(BK, Tk - k0);
+          const acc_t* Kj = K + k0 * ldk;
+          const acc_t* Vj = V + k0 * ldv;
+          const int64_t ibeg = win.row_lo(k0), iend = win.row_hi(k0 + nk);  // rows that see the block
+          for (int64_t q0 = ibeg; q0 < iend; q0 += BQ) {
+            const int64_t nq = std::min(BQ, iend - q0);
+            const acc_t* Qi = Q + q0 * ldq;
+            const acc_t* dOi = dO + q0 * lddo;
+            blas::gemm_nt<acc_t>(nq, nk, D, scale, Qi, ldq, Kj, ldk, acc_t(0), s.data(), BK);
+            transform_scores<acc_t>(s.data(), BK, nq, nk, q0, k0, win, softcap, slopes != nullptr, slope,
+                                    softcap > acc_t(0) ? tanh_t.data() : nullptr);
+            for (int64_t i = 0; i < nq; ++i) probs_row(s.data() + i * BK, nk, nk, lrow[q0 + i]);
+            const acc_t* Pv = s.data();  // the probabilities dV sees: dropped ones when dropping
+            if (dropout) {
+              for (int64_t i = 0; i < nq; ++i) {
+                acc_t* mrow = mult.data() + i * BK;
+                dropout_row<acc_t>(opts, bh, q0 + i, k0, nk, rp, mrow);
+                const acc_t* prow = s.data() + i * BK;
+                acc_t* drow = pd.data() + i * BK;
+                for (int64_t j = 0; j < nk; ++j) drow[j] = prow[j] * mrow[j];
+              }
+              Pv = pd.data();
+            }
+            blas::gemm_tn<acc_t>(nk, D, nq, acc_t(1), Pv, BK, dOi, lddo, acc_t(1), dvacc.data() + k0 * D, D);
+            blas::gemm_nt<acc_t>(nq, nk, D, acc_t(1), dOi, lddo, Vj, ldv, acc_t(0), dp.data(), BK);
+            for (int64_t i = 0; i < nq; ++i) {
+              acc_t* dprow = dp.data() + i * BK;
+              if (dropout) {
+                const acc_t* mrow = mult.data() + i * BK;
+                for (int64_t j = 0; j < nk; ++j) dprow[j] *= mrow[j];
+              }
+              dsoftmax_row(s.data() + i * BK, dprow, nk, delta[q0 + i]);
+              if (softcap > acc_t(0)) {  // d(c tanh(x / c))/dx = 1 - tanh^2
+                acc_t* srow = s.data() + i * BK;
+                const acc_t* trow = tanh_t.data() + i * BK;
+                for (int64_t j = 0; j < nk; ++j) srow[j] *= acc_t(1) - trow[j] * trow[j];
+              }
+            }
+            blas::gemm_tn<acc_t>(nk, D, nq, scale, s.data(), BK, Qi, ldq, acc_t(1), dkacc.data() + k0 * D, D);
+            blas::gemm_nn<acc_t>(nq, D, nk, scale, s.data(), BK, Kj, ldk, acc_t(1), dqacc.data() + q0 * D, D);
+          }
+        }
+        store_rows(dqacc.data(), Tq, D, dqp + (b * Tq * H + h) * D, H * D);
+      }
+      store_rows(dkacc.data(), Tk, D, dkp + (b * Tk * Hk + kvh) * D, Hk * D);
+      store_rows(dvacc.data(), Tk, D, dvp + (b * Tk * Hk + kvh) * D, Hk * D);
+    }
+  });
+}
+
 }  // namespace
 
+// A call that uses no option (equal lengths and heads, causal or full mask) takes the original
+// kernels above; every other call the options kernels.
+static bool plain_call(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& opts) {
+  return opts.plain() && k.size(1) == q.size(1) && k.size(2) == q.size(2);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v, bool causal, double scale) {
+                                                     const at::Tensor& v, double scale,
+                                                     const AttentionOptions& opts) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_attention_fwd",
-                                  [&] { forward_impl<scalar_t>(q, k, v, out, lse, causal, scale); });
+  const bool plain = plain_call(q, k, opts);
+  const bool causal = opts.causal();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_attention_fwd", [&] {
+    if (plain)
+      forward_impl<scalar_t>(q, k, v, out, lse, causal, scale);
+    else
+      forward_options_impl<scalar_t>(q, k, v, out, lse, scale, opts);
+  });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/) {
-  auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
-             dv = at::empty(v.sizes(), opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_attention_bwd",
-      [&] { backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, causal, scale); });
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool /*deterministic*/,
+    const AttentionOptions& opts) {
+  auto mf = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), mf), dk = at::empty(k.sizes(), mf), dv = at::empty(v.sizes(), mf);
+  const bool plain = plain_call(q, k, opts);
+  const bool causal = opts.causal();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gptfast_attention_bwd", [&] {
+    if (plain)
+      backward_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, causal, scale);
+    else
+      backward_options_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, scale, opts);
+  });
   return {dq, dk, dv};
 }
 

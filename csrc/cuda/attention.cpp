@@ -91,8 +91,25 @@ void check_sizes(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.size(0) * q.size(2) <= INT32_MAX, kOp, ": batch * nheads is too large");
 }
 
+// The options these kernels implement: equal-length multi-head attention, causal or not. Each
+// other one is refused by name (the names of gptfast.ops._backend.ATTENTION_FEATURES).
+void check_features(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& opts) {
+  const char* missing = nullptr;
+  if (k.size(2) != q.size(2)) missing = "gqa";
+  else if (k.size(1) != q.size(1)) missing = "seqlen_q != seqlen_k";
+  else if (opts.window_left >= 0 || opts.window_right > 0) missing = "window_size";
+  else if (opts.softcap > 0.0) missing = "softcap";
+  else if (opts.alibi_slopes.has_value()) missing = "alibi_slopes";
+  else if (opts.dropout_p > 0.0) missing = "dropout_p";
+  TORCH_CHECK_NOT_IMPLEMENTED(missing == nullptr, kOp, ": backend 'cuda' does not support ",
+                              missing ? missing : "", " yet; backend='auto' routes such calls to a ",
+                              "backend that does");
+}
+
 // What only this backend requires, beyond the shared checks of csrc/attention.cpp.
-void check_cuda_inputs(const at::Tensor& q, double scale) {
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, double scale,
+                       const AttentionOptions& opts) {
+  check_features(q, k, opts);
   check_dtype(q);
   check_sizes(q);
   check_scale(scale);
@@ -100,8 +117,10 @@ void check_cuda_inputs(const at::Tensor& q, double scale) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, bool causal, double scale) {
-  check_cuda_inputs(q_in, scale);
+                                                     const at::Tensor& v_in, double scale,
+                                                     const AttentionOptions& options) {
+  check_cuda_inputs(q_in, k_in, scale, options);
+  const bool causal = options.causal();
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);
@@ -121,8 +140,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale, bool deterministic) {
-  check_cuda_inputs(q_in, scale);
+    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, bool deterministic,
+    const AttentionOptions& options) {
+  check_cuda_inputs(q_in, k_in, scale, options);
+  const bool causal = options.causal();
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);

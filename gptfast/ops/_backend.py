@@ -97,7 +97,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTENTION_FEATURES = ("gqa", "seqlen_q != seqlen_k", "window_size", "softcap", "alibi_slopes", "dropout_p")
 # What each kernel backend's attention implements (the reference implements all of them).
 KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
-    "cpu": frozenset(),
+    "cpu": frozenset(ATTENTION_FEATURES),  # csrc/cpu/attention.cpp; tests/test_cpu_attention_options.py
     "triton": frozenset(),
     "cuda": frozenset(),
 }
