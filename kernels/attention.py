@@ -8,17 +8,28 @@ never loaded; blocks strictly below it run without masks, only the diagonal and 
 Saved for backward (by the caller): q, k, v, out and the per-row logsumexp (natural log, fp32) --
 O(T) memory, never the T x T matrix.
 
+Options (FlashAttention 2.8's dense ones; semantics in gptfast/ops/attention.py): GQA/MQA (a
+query head reads kv head h // (H / Hk) in place, K/V are never repeated), seqlen_q != seqlen_k
+(masks aligned to the bottom-right corner), sliding windows (only the key blocks a query block can
+see are visited, and of those only blocks not wholly visible pay for masks; causal is the window
+(-1, 0)), softcap, ALiBi and dropout (Philox 4x32-10 regenerated in the backward with
+gptfast.ops._philox's exact counter layout; lse is the undropped one). Window sides are runtime
+integers (unbounded = Tq + Tk, so no branches), softcap/ALiBi/dropout constexprs: the plain path
+compiles without them and gives bitwise the results it gave before the options (interpreter-checked).
+
 Backward (FA-2 split, no atomics, hence always deterministic):
   1. ``_attention_bwd_preprocess_kernel``: delta_i = rowsum(dO_i * O_i) in fp32.
   2. ``_attention_bwd_dkdv_kernel``: one program per key block; recomputes P^T from K, Q and lse,
-     accumulates dV += P^T dO and dK += dS^T Q over the query blocks that can see it.
+     accumulates dV += P^T dO and dK += dS^T Q over the query blocks that can see it -- and,
+     under GQA, over its kv head's query heads in a fixed order (one program per kv head).
   3. ``_attention_bwd_dq_kernel``: one program per query block; dQ += dS K over the visible keys.
 P is recomputed twice (steps 2 and 3) instead of accumulating dQ with atomics; this costs one
 extra QK^T per block but makes ``deterministic=True`` free.
 
-Layout: (batch, seqlen, nheads, headdim), any batch/seq/head strides, stride(-1) == 1. Head dims
-that are not a power of two are padded to ``BLOCK_D`` (next power of two, >= 16) by masked loads;
-the padding columns are zeros, so they change neither QK^T nor the stored output.
+Layout: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim), any
+batch/seq/head strides, stride(-1) == 1. Head dims that are not a power of two are padded to
+``BLOCK_D`` (next power of two, >= 16) by masked loads; the padding columns are zeros, so they
+change neither QK^T nor the stored output.
 
 fp32 inputs use ``input_precision="ieee"`` dots (no TF32), matching PyTorch's default fp32 matmul.
 """
@@ -132,21 +143,106 @@ def _make_prune(select):
 
 
 # ----------------------------------------------------------------------------------------------
+# Score modifiers shared by the forward and both backward kernels. Indices come pre-broadcast:
+# ``ri`` the query rows, ``cj`` the key columns, shaped (BLOCK_M, 1) x (1, BLOCK_N) in the forward
+# and dQ kernels and (1, BLOCK_M) x (BLOCK_N, 1) in the dK/dV kernel (which works on S^T).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # libdevice tanh does not run in the interpreter. 1 - 2/(e^2x + 1) is right at +-inf (+-1)
+    # and propagates NaN, but is off by ~1 ulp of 1 near 0, where softcapped scores live
+    # (x = s / softcap ~ 0.03): there the Taylor series to x^9 (truncation < 1e-9 at |x| < 1/4)
+    # keeps the relative error at a few ulp (fp32 out error at softcap 30, T=65: 2.3e-6 -> 4.8e-7).
+    x2 = x * x
+    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    big = 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 log2(e)
+    return tl.where(tl.abs(x) < 0.25, poly, big)
+
+
+@triton.jit
+def _scores(qk, ri, cj, Tq, Tk, shift, left, right, qk_scale, softcap_scale, softcap2, slope2,
+            MASKED: tl.constexpr, KEY_TAIL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Base-2 scores of the raw dot ``qk`` (x log2(e)) and tanh(scale qk / softcap) (the softcap
+    backward's factor; ``s`` itself without softcap). Order as attention.py: scale, softcap,
+    ALiBi, masks. ``left``/``right`` are window sides with unbounded ones replaced by Tq + Tk;
+    HAS_LEFT/HAS_RIGHT say which are bounded (causal: right = 0), so the plain path pays for the
+    comparisons it paid for before the options (AOT check: up to 300 B of spills otherwise).
+    KEY_TAIL masks keys >= Tk (forward, dQ), else query rows >= Tq (dK/dV, whose rows >= Tk are
+    never stored)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * softcap_scale)  # softcap_scale = scale / softcap
+        s = t * softcap2  # softcap * log2(e)
+    else:
+        s = qk * qk_scale
+        t = s
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(ri + shift - cj).to(tl.float32)  # slope2 = slope * log2(e)
+    if MASKED:
+        if KEY_TAIL:
+            vis = cj < Tk
+        else:
+            vis = ri < Tq
+        if HAS_RIGHT:
+            vis = vis & (cj <= ri + (shift + right))
+        if HAS_LEFT:
+            vis = vis & (cj >= ri + (shift - left))
+        s = tl.where(vis, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, rng_base, bh, start_m, start_n, threshold,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep bits of rows start_m.., columns start_n.. (a multiple of 4) of
+    (batch * H + head) ``bh``, exactly gptfast.ops._philox's layout: one Philox 4x32-10 call per
+    4 columns of a row with counter (n lo, n hi, i, bh), n = offset / 4 + j // 4, word m ->
+    column 4 (j // 4) + m; kept iff the word >= threshold = floor(p * 2^32). Drawing per group
+    of 4 and interleaving (join + reshape) instead of per element: AOT check, forward with every
+    option, d=64, 128x64, 4 warps: 296 B of stack against 1016 B (sm_80), 112 against 1160 (sm_90),
+    for 32 KB more shared memory (the reshape's layout change)."""
+    rows = start_m + tl.arange(0, BLOCK_M)[:, None]
+    n = rng_base + (start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :]).to(tl.int64)
+    r0, r1, r2, r3 = tl.philox(seed, n.to(tl.uint32), (n >> 32).to(tl.uint32), rows.to(tl.uint32),
+                               bh.to(tl.uint32))  # the words broadcast inside philox's rounds
+    # join appends a last axis: [i, g, y, x] of join(join(r0, r2), join(r1, r3)) is word 2y + x,
+    # which the row-major reshape puts at column 4g + 2y + x.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return r.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _dropout_keep_t(seed, rng_base, bh, ri, cj, threshold):
+    """The same bits for any broadcast rows ``ri`` / columns ``cj`` (the dK/dV kernel's
+    transposed tile), element by element: 4 words drawn, one used. Measured with the AOT check
+    (sm_80, d=64, 64x64, 4 warps): 200 B of stack, against 4168 B for tl.trans of the tile above."""
+    n = rng_base + (cj // 4).to(tl.int64)  # the words broadcast inside philox's rounds
+    r0, r1, r2, r3 = tl.philox(seed, n.to(tl.uint32), (n >> 32).to(tl.uint32), ri.to(tl.uint32),
+                               bh.to(tl.uint32))
+    w = cj % 4
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return r.to(tl.int64) >= threshold
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_fwd_inner(
     acc, l_i, m_i,  # running output (BLOCK_M, BLOCK_D) fp32, row sums and row maxima (base 2)
     q,  # (BLOCK_M, BLOCK_D) query tile, input dtype
-    k_base, v_base,  # pointers to key/value row 0 of this (batch, head)
+    k_base, v_base,  # pointers to key/value row 0 of this (batch, kv head)
     stride_kt, stride_vt,  # seq strides of k and v (elements)
-    offs_m, offs_d,  # query row indices, head-dim indices
+    m0, offs_m, offs_d,  # first query row, query row indices, head-dim indices
     lo, hi,  # key range [lo, hi) to visit, lo a multiple of BLOCK_N
-    T,  # sequence length
-    qk_scale,  # softmax_scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-    MASK_KEYS: tl.constexpr,  # mask keys >= T (tail block)
-    MASK_CAUSAL: tl.constexpr,  # mask keys after the query (diagonal block)
+    Tq, Tk, shift, left, right,  # lengths, Tk - Tq, window sides (unbounded = Tq + Tk)
+    qk_scale, softcap_scale, softcap2, slope2,  # score constants (see _scores)
+    seed, rng_base, bh, threshold, drop_scale,  # dropout: Philox key, offset / 4, b*H+h, floor(p 2^32), 1/(1-p)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    MASKED: tl.constexpr,  # apply key-tail and window masks (blocks not wholly visible)
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs, else ignored
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -154,11 +250,11 @@ def _attention_fwd_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASK_KEYS:
+        if MASKED:
             if EVEN_D:
-                kv_mask = offs_n[:, None] < T
+                kv_mask = offs_n[:, None] < Tk
             else:
-                kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+                kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         else:
@@ -168,45 +264,59 @@ def _attention_fwd_inner(
             else:
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASK_KEYS:
-            qk = tl.where(offs_n[None, :] < T, qk, float("-inf"))
-        if MASK_CAUSAL:
-            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        qk, _t = _scores(qk, offs_m[:, None], offs_n[None, :], Tq, Tk, shift, left, right, qk_scale,
+                         softcap_scale, softcap2, slope2, MASKED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
         # exp2(-inf - m) = 0 rather than exp2(nan).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # undropped: lse is dropout's normaliser
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, bh, m0, start_n, threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
+_FWD_KEY = ["HEAD_DIM", "T_BUCKET", "TK_BUCKET", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
+            "HAS_DROPOUT"]
+
+
 @triton.autotune(
     configs=_all_configs(_FWD_CONFIGS),
-    key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL"],
+    key=_FWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune(fwd_configs)},
 )
-@triton.jit(do_not_specialize=["T_BUCKET"])  # key-only argument: one binary for every T
+@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "seed", "rng_base", "threshold"])
 def _attention_fwd_kernel(
-    Q, K, V,  # inputs (B, T, H, D), stride(-1) == 1
-    Out,  # output (B, T, H, D), same dtype as Q
-    Lse,  # logsumexp (B, H, T) fp32, contiguous
+    Q,  # queries (B, Tq, H, D), stride(-1) == 1
+    K, V,  # keys/values (B, Tk, Hk, D), stride(-1) == 1
+    Out,  # output (B, Tq, H, D), same dtype as Q
+    Lse,  # logsumexp (B, H, Tq) fp32, contiguous
+    Alibi,  # ALiBi slopes fp32 (H,) or (B, H) (any pointer without ALiBi)
     stride_qb, stride_qt, stride_qh,  # q strides (elements)
     stride_kb, stride_kt, stride_kh,  # k strides
     stride_vb, stride_vt, stride_vh,  # v strides
     stride_ob, stride_ot, stride_oh,  # out strides
-    T,  # sequence length
-    H,  # number of heads
+    stride_ab,  # slopes' batch stride (0 for (H,))
+    Tq, Tk,  # query and key lengths
+    H,  # number of query heads
+    GROUP,  # H // Hk: query heads per kv head
+    left, right,  # window sides, unbounded = Tq + Tk (causal: right = 0)
     qk_scale,  # softmax_scale * log2(e)
-    T_BUCKET,  # next power of two of T: autotune key only, so decoding does not retune every step
+    softcap_scale, softcap2,  # softmax_scale / softcap, softcap * log2(e)
+    seed, rng_base, threshold,  # dropout: Philox seed (int64 bits), offset / 4, floor(p * 2^32)
+    drop_scale,  # 1 / (1 - p)
+    T_BUCKET, TK_BUCKET,  # next powers of two of Tq, Tk: autotune keys only (decoding does not retune)
     HEAD_DIM: tl.constexpr,  # true head dim
     BLOCK_D: tl.constexpr,  # padded head dim (power of two >= 16)
     EVEN_D: tl.constexpr,  # HEAD_DIM == BLOCK_D: drop head-dim masks
-    IS_CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner iteration
@@ -215,41 +325,59 @@ def _attention_fwd_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)  # int64: batch offsets overflow int32 on large inputs
     off_h = (off_bh % H).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_hk = off_h // GROUP  # GQA: the kv head this query head reads; K/V are never repeated
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     if EVEN_D:
-        q_mask = offs_m[:, None] < T
+        q_mask = offs_m[:, None] < Tq
     else:
-        q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        # Keys < start_m*BLOCK_M are visible to every row of this block and all < T: no masks.
-        full_hi = start_m * BLOCK_M
+    # Row i sees keys [i + shift - left, i + shift + right]: visit only the key blocks some row
+    # of this block sees, and split them into [lo, full_lo) masked, [full_lo, full_hi) seen by
+    # every row and inside Tk (no masks), [full_hi, hi) masked. Plain causal: [0, m0) unmasked,
+    # then the diagonal block(s); plain non-causal: all full blocks, then the key tail.
+    shift = Tk - Tq
+    lo = tl.maximum(m0 + shift - left, 0) // BLOCK_N * BLOCK_N  # clamp first: no negative division
+    hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + shift + right), lo)
+    bh = off_bh
+    if HAS_LEFT:  # without a left side, every key before the right edge is seen by all rows
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - left, lo), BLOCK_N) * BLOCK_N, hi)
         acc, l_i, m_i = _attention_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi, T,
-            qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, False, False, DOT_PREC)
-        # The diagonal block(s); blocks above the diagonal are never visited.
-        diag_hi = tl.minimum((start_m + 1) * BLOCK_M, T)
-        acc, l_i, m_i = _attention_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, diag_hi, T,
-            qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, True, DOT_PREC)
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, m0, offs_m, offs_d, lo, full_lo,
+            Tq, Tk, shift, left, right, qk_scale, softcap_scale, softcap2, slope2,
+            seed, rng_base, bh, threshold, drop_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            DOT_PREC)
     else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attention_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi, T,
-            qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, False, False, DOT_PREC)
-        acc, l_i, m_i = _attention_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, T, T,
-            qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, False, DOT_PREC)
+        full_lo = lo
+    full_hi = tl.minimum(tl.maximum(m0 + shift + right + 1, 0) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, m0, offs_m, offs_d, full_lo, full_hi,
+        Tq, Tk, shift, left, right, qk_scale, softcap_scale, softcap2, slope2,
+        seed, rng_base, bh, threshold, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        DOT_PREC)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, m0, offs_m, offs_d, full_hi, hi,
+        Tq, Tk, shift, left, right, qk_scale, softcap_scale, softcap2, slope2,
+        seed, rng_base, bh, threshold, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        DOT_PREC)
 
     # Contract: a row with no unmasked key has out = 0 and lse = -inf (never 0/0).
     empty = l_i == 0.0
@@ -257,7 +385,7 @@ def _attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_i)) * 0.6931471805599453)  # x ln 2: back to natural log
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    tl.store(Lse + off_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+    tl.store(Lse + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +397,7 @@ def _attention_bwd_preprocess_kernel(
     Delta,  # (B, H, T) fp32 output: rowsum(dO * O)
     stride_ob, stride_ot, stride_oh,  # out strides
     stride_dob, stride_dot, stride_doh,  # dout strides
-    T, H,  # sequence length, heads
+    T, H,  # query length, heads
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
 ):
@@ -287,98 +415,133 @@ def _attention_bwd_preprocess_kernel(
     tl.store(Delta + off_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
+_BWD_KEY = _FWD_KEY
+
+
 @triton.autotune(
     configs=_all_configs(_BWD_CONFIGS),
-    key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL"],
+    key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune(bwd_configs)},
 )
-@triton.jit(do_not_specialize=["T_BUCKET"])  # key-only argument: one binary for every T
+@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "seed", "rng_base", "threshold"])
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO,  # inputs (B, T, H, D), stride(-1) == 1
-    Lse, Delta,  # (B, H, T) fp32: forward logsumexp (natural log), rowsum(dO * O)
-    DK, DV,  # outputs (B, T, H, D), contiguous
+    Q, K, V, DO,  # q, dout (B, Tq, H, D); k, v (B, Tk, Hk, D); stride(-1) == 1
+    Lse, Delta,  # (B, H, Tq) fp32: forward logsumexp (natural log), rowsum(dO * O)
+    DK, DV,  # outputs (B, Tk, Hk, D), contiguous
+    Alibi,  # ALiBi slopes fp32 (H,) or (B, H) (any pointer without ALiBi)
     stride_qb, stride_qt, stride_qh,  # q strides
     stride_kb, stride_kt, stride_kh,  # k strides
     stride_vb, stride_vt, stride_vh,  # v strides
     stride_dob, stride_dot, stride_doh,  # dout strides
-    stride_gb, stride_gt, stride_gh,  # dk/dv strides (same contiguous layout)
-    T, H,  # sequence length, heads
+    stride_gb, stride_gt, stride_gh,  # dk/dv strides (contiguous (B, Tk, Hk, D))
+    stride_ab,  # slopes' batch stride (0 for (H,))
+    Tq, Tk, H, GROUP,  # lengths, query heads, query heads per kv head
+    left, right,  # window sides, unbounded = Tq + Tk
     softmax_scale,  # scale applied to QK^T
     qk_scale,  # softmax_scale * log2(e)
-    T_BUCKET,  # autotune key only
+    softcap_scale, softcap2,  # softmax_scale / softcap, softcap * log2(e)
+    seed, rng_base, threshold, drop_scale,  # dropout (see the forward)
+    T_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per inner iteration
     BLOCK_N: tl.constexpr,  # key rows per program
 ):
     start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_bhk = tl.program_id(1)  # b * Hk + kv head
+    Hk = H // GROUP
+    off_b = (off_bhk // Hk).to(tl.int64)
+    off_hk = (off_bhk % Hk).to(tl.int64)
+    n0 = start_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    kv_mask = (offs_n[:, None] < T) & d_ok
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+    kv_mask = (offs_n[:, None] < Tk) & d_ok
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    row_base = off_bh.to(tl.int64) * T
-    # Causal: queries before this key block cannot see it; start at the query block holding it.
-    lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    # Query rows that see some key of this block: i + shift - left <= n0 + BLOCK_N - 1 and
+    # i + shift + right >= n0 (plain causal: from the query block holding n0).
+    shift = Tk - Tq
+    lo = tl.maximum(n0 - shift - right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(Tq, n0 + BLOCK_N - shift + left)
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, T, BLOCK_M):
-        offs_m = start_m + offs_m0
-        q_mask = (offs_m[:, None] < T) & d_ok
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(Lse + row_base + offs_m, mask=offs_m < T, other=0.0)
-        delta = tl.load(Delta + row_base + offs_m, mask=offs_m < T, other=0.0)
-        # lse = -inf marks a row with no visible key: make its P exactly 0 instead of exp2(+inf).
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        visible = offs_m[None, :] < T
-        if IS_CAUSAL:
-            visible = visible & (offs_m[None, :] >= offs_n[:, None])
-        # Mask before exp2: masked scores can exceed lse, and exp2 of them would overflow.
-        pT = tl.exp2(tl.where(visible, qkT, float("-inf")) - lse2[None, :])
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    # GQA: this program owns its kv head's dK/dV and sums the group's query heads in a fixed
+    # order -- deterministic, no atomics.
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b * H + off_h
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = bh * Tq
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * 1.4426950408889634
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q_mask = (offs_m[:, None] < Tq) & d_ok
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(Lse + row_base + offs_m, mask=offs_m < Tq, other=0.0)
+            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Tq, other=0.0)
+            # lse = -inf marks a row with no visible key: make its P exactly 0 instead of exp2(+inf).
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            # Mask before exp2: masked scores can exceed lse, and exp2 of them would overflow.
+            sT, tT = _scores(qkT, offs_m[None, :], offs_n[:, None], Tq, Tk, shift, left, right, qk_scale,
+                             softcap_scale, softcap2, slope2, True, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                             HAS_ALIBI)
+            pT = tl.exp2(sT - lse2[None, :])
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                keepT = _dropout_keep_t(seed, rng_base, bh, offs_m[None, :], offs_n[:, None], threshold)
+                dv += tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            else:
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     dk = dk * softmax_scale
-    g_off = off_b * stride_gb + off_h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+    g_off = off_b * stride_gb + off_hk * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(
     configs=_all_configs(_BWD_CONFIGS),
-    key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL"],
+    key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune(bwd_configs)},
 )
-@triton.jit(do_not_specialize=["T_BUCKET"])  # key-only argument: one binary for every T
+@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "seed", "rng_base", "threshold"])
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO,  # inputs (B, T, H, D), stride(-1) == 1
-    Lse, Delta,  # (B, H, T) fp32
-    DQ,  # output (B, T, H, D), contiguous
+    Q, K, V, DO,  # q, dout (B, Tq, H, D); k, v (B, Tk, Hk, D); stride(-1) == 1
+    Lse, Delta,  # (B, H, Tq) fp32
+    DQ,  # output (B, Tq, H, D), contiguous
+    Alibi,  # ALiBi slopes fp32 (H,) or (B, H) (any pointer without ALiBi)
     stride_qb, stride_qt, stride_qh,  # q strides
     stride_kb, stride_kt, stride_kh,  # k strides
     stride_vb, stride_vt, stride_vh,  # v strides
     stride_dob, stride_dot, stride_doh,  # dout strides
     stride_gb, stride_gt, stride_gh,  # dq strides
-    T, H,  # sequence length, heads
+    stride_ab,  # slopes' batch stride
+    Tq, Tk, H, GROUP,  # lengths, query heads, query heads per kv head
+    left, right,  # window sides, unbounded = Tq + Tk
     softmax_scale,  # scale applied to QK^T
     qk_scale,  # softmax_scale * log2(e)
-    T_BUCKET,  # autotune key only
+    softcap_scale, softcap2,  # softmax_scale / softcap, softcap * log2(e)
+    seed, rng_base, threshold, drop_scale,  # dropout (see the forward)
+    T_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner iteration
@@ -387,36 +550,47 @@ def _attention_bwd_dq_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_hk = off_h // GROUP
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q_mask = (offs_m[:, None] < T) & d_ok
+    q_mask = (offs_m[:, None] < Tq) & d_ok
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=q_mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=q_mask, other=0.0)
-    row_base = off_bh.to(tl.int64) * T
-    lse = tl.load(Lse + row_base + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < T, other=0.0)
+    row_base = off_bh.to(tl.int64) * Tq
+    lse = tl.load(Lse + row_base + offs_m, mask=offs_m < Tq, other=0.0)
+    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * 1.4426950408889634
 
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    hi = tl.minimum((start_m + 1) * BLOCK_M, T) if IS_CAUSAL else T
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    shift = Tk - Tq
+    lo = tl.maximum(m0 + shift - left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(Tk, m0 + BLOCK_M + shift + right)
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_mask = (offs_n[:, None] < T) & d_ok
+        kv_mask = (offs_n[:, None] < Tk) & d_ok
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        visible = offs_n[None, :] < T
-        if IS_CAUSAL:
-            visible = visible & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.exp2(tl.where(visible, qk, float("-inf")) - lse2[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Tq, Tk, shift, left, right, qk_scale,
+                       softcap_scale, softcap2, slope2, True, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
+        p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, off_bh, m0, start_n, threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * softmax_scale
     g_off = off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :]
@@ -430,61 +604,110 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _options(q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state):
+    """Kernel arguments for the options: (Alibi, stride_ab, left, right, softcap_scale, softcap2,
+    seed, rng_base, threshold, drop_scale) and the constexprs HAS_LEFT/HAS_RIGHT/HAS_SOFTCAP/
+    HAS_ALIBI/HAS_DROPOUT."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    left, right = (int(w) for w in window)
+    if causal:
+        right = 0
+    has_left, has_right = left >= 0, right >= 0
+    unbounded = Tq + Tk  # every key of every row: the block ranges need no -1 branches
+    left = unbounded if left < 0 else left
+    right = unbounded if right < 0 else right
+    has_softcap = softcap > 0
+    has_alibi = alibi_slopes is not None
+    has_dropout = dropout_p > 0 and rng_state is not None
+    if has_alibi:
+        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        stride_ab = alibi.stride(0) if alibi.dim() == 2 else 0
+    else:
+        alibi, stride_ab = q, 0  # never read
+    seed = rng_base = threshold = 0
+    drop_scale = 1.0
+    if has_dropout:
+        from gptfast.ops import _philox
+        seed, offset = (int(x) for x in rng_state.tolist())  # int64 bits: Triton passes them as i64
+        rng_base = (offset & ((1 << 64) - 1)) >> 2  # < 2^62
+        threshold = _philox.dropout_threshold(dropout_p)
+        drop_scale = _philox.keep_scale(dropout_p)
+    args = (alibi, stride_ab, left, right,
+            softmax_scale / softcap if has_softcap else 0.0, softcap * LOG2E if has_softcap else 0.0,
+            seed, rng_base, threshold, drop_scale)
+    return args, dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
+                      HAS_DROPOUT=has_dropout)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T, H, D = q.shape
-    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+                      softmax_scale: float, *, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                      alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                      rng_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_d = _block_d(D)
+    (alibi, stride_ab, left, right, sc_scale, sc2, seed, rng_base, threshold, drop_scale), flags = _options(
+        q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)
 
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, alibi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        T, H, softmax_scale * LOG2E, triton.next_power_of_2(T),
-        HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=D == block_d, IS_CAUSAL=bool(causal),
-        DOT_PREC=_dot_prec(q.dtype),
+        out.stride(0), out.stride(1), out.stride(2), stride_ab,
+        Tq, Tk, H, H // Hk, left, right, softmax_scale * LOG2E, sc_scale, sc2,
+        seed, rng_base, threshold, drop_scale,
+        triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
+        HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=D == block_d, DOT_PREC=_dot_prec(q.dtype), **flags,
     )
     return out, lse
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
-                       deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # ``deterministic`` is accepted for the contract; this backward never uses atomics, so every
-    # call is bitwise reproducible whatever its value.
+                       deterministic: bool = False, *, window: tuple[int, int] = (-1, -1),
+                       softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                       dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # ``deterministic`` is accepted for the contract; this backward never uses atomics (GQA's
+    # dK/dV sum runs inside one program), so every call is bitwise reproducible whatever its value.
     del deterministic
-    B, T, H, D = q.shape
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
     block_d = _block_d(D)
     out = out.contiguous() if out.stride(-1) != 1 else out
     lse = lse.contiguous()
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = 32 if _INTERPRET else max(16, min(128, 2048 // block_d))
-    _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_block), B * H)](
+    _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block), B * H)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        T, H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block,
+        Tq, H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block,
     )
-    dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, T, H, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, T, H, D), dtype=v.dtype, device=q.device)
-    common = (
+    dq = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Tk, Hk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Tk, Hk, D), dtype=v.dtype, device=q.device)
+    (alibi, stride_ab, left, right, sc_scale, sc2, seed, rng_base, threshold, drop_scale), flags = _options(
+        q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
+    strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        T, H, softmax_scale, softmax_scale * LOG2E, triton.next_power_of_2(T),
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), DOT_PREC=_dot_prec(q.dtype))
-    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, *common, **meta)
-    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, *common, **meta)
+    tail = (stride_ab, Tq, Tk, H, H // Hk, left, right, softmax_scale, softmax_scale * LOG2E, sc_scale, sc2,
+            seed, rng_base, threshold, drop_scale, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **flags)
+    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hk)](
+        q, k, v, dout, lse, delta, dk, dv, alibi, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        *tail, **meta)
+    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, alibi, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        *tail, **meta)
     return dq, dk, dv

@@ -79,36 +79,50 @@ def _attention_jobs(arch: int) -> list[Job]:
         all_cfg = dt == "fp16" and head_dim == block_d
         prec = "ieee" if dt == "fp32" else "tf32"
         strides = lambda pre: [f"stride_{pre}{s}" for s in ("b", "t", "h")]  # noqa: E731
+        # Each kernel in its plain causal form (every config it may select; GROUP = 1 is a
+        # constexpr there, as the JIT specialises an int argument equal to 1) and, on the first
+        # config, with every option on (a two-sided window, softcap, ALiBi, dropout: the
+        # constexpr variants; GQA group, window sides and lengths are runtime arguments).
+        off = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False,
+                   GROUP=1)
+        on = dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True)
+        scalars = dict(Alibi="*fp32", stride_ab="i32", Tq="i32", Tk="i32", H="i32", GROUP="i32", left="i32",
+                       right="i32", qk_scale="fp32", softmax_scale="fp32", softcap_scale="fp32",
+                       softcap2="fp32", seed="i64", rng_base="i64", threshold="i64", drop_scale="fp32",
+                       T_BUCKET="i32", TK_BUCKET="i32")
+
+        def variants(cfgs):
+            picked = cfgs if all_cfg else cfgs[:1]
+            return [(c, off, "") for c in picked] + [(cfgs[0], on, " +opts")]
+
         # forward
         fn = _jit(_att._attention_fwd_kernel)
-        cfgs = _att.fwd_configs(arch, block_d, esize)
-        for c in (cfgs if all_cfg else cfgs[:1]):
-            ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_CAUSAL=True,
-                      DOT_PREC=prec, **c.kwargs)
+        for c, flags, tag in variants(_att.fwd_configs(arch, block_d, esize)):
+            ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d, DOT_PREC=prec,
+                      **flags, **c.kwargs)
             types = {n: f"*{dt}" for n in ("Q", "K", "V", "Out")}
-            types.update(Lse="*fp32", T="i32", H="i32", qk_scale="fp32", T_BUCKET="i32")
+            types.update(Lse="*fp32", **scalars)
             for p in ("q", "k", "v", "o"):
                 types.update({s: "i32" for s in strides(p)})
             jobs.append(Job("attn_fwd", fn, _sig(fn, types, ce), ce, c.num_warps, c.num_stages,
                             f"{dt} d={head_dim} M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} "
-                            f"w{c.num_warps} s{c.num_stages}", dt != "fp32",
+                            f"w{c.num_warps} s{c.num_stages}{tag}", dt != "fp32",
                             ["Q", "K", "V", "Out", "Lse"] + sum((strides(p) for p in "qkvo"), [])))
         # backward dK/dV and dQ
         cfgs = _att.bwd_configs(arch, block_d, esize)
         for kern, name in ((_att._attention_bwd_dkdv_kernel, "attn_bwd_dkdv"),
                            (_att._attention_bwd_dq_kernel, "attn_bwd_dq")):
             fn = _jit(kern)
-            for c in (cfgs if all_cfg else cfgs[:1]):
-                ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=True, DOT_PREC=prec, **c.kwargs)
+            for c, flags, tag in variants(cfgs):
+                ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PREC=prec, **flags, **c.kwargs)
                 types = {n: f"*{dt}" for n in ("Q", "K", "V", "DO", "DK", "DV", "DQ")}
-                types.update(Lse="*fp32", Delta="*fp32", T="i32", H="i32", softmax_scale="fp32",
-                             qk_scale="fp32", T_BUCKET="i32")
+                types.update(Lse="*fp32", Delta="*fp32", **scalars)
                 for p in ("q", "k", "v", "do", "g"):
                     types.update({s: "i32" for s in strides(p)})
                 ptrs = [n for n in fn.arg_names if n[0].isupper() and n not in ce]
                 jobs.append(Job(name, fn, _sig(fn, types, ce), ce, c.num_warps, c.num_stages,
                                 f"{dt} d={head_dim} M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} "
-                                f"w{c.num_warps} s{c.num_stages}", dt != "fp32",
+                                f"w{c.num_warps} s{c.num_stages}{tag}", dt != "fp32",
                                 ptrs + sum((strides(p) for p in ("q", "k", "v", "do", "g")), [])))
         if dt == "fp16":
             fn = _jit(_att._attention_bwd_preprocess_kernel)
@@ -206,7 +220,7 @@ def compile_job(job: Job, arch: int):
 
 def run(archs: list[int], only: str | None = None) -> int:
     failures = []
-    header = (f"{'arch':<5} {'kernel':<18} {'config':<34} {'smem KB':>8} {'regs':>5} {'stack':>5} "
+    header = (f"{'arch':<5} {'kernel':<18} {'config':<40} {'smem KB':>8} {'regs':>5} {'stack':>5} "
               f"{'tensor core':<12} {'s':>5}")
     print(header)
     print("-" * len(header))
@@ -222,7 +236,7 @@ def run(archs: list[int], only: str | None = None) -> int:
             except Exception as exc:  # a config that does not compile is a failure, not a crash
                 failures.append(f"sm_{arch} {job.kernel} [{job.label}]: compile error {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}")
-                print(f"sm_{arch:<2} {job.kernel:<18} {job.label:<34} {'ERROR':>8}")
+                print(f"sm_{arch:<2} {job.kernel:<18} {job.label:<40} {'ERROR':>8}")
                 continue
             smem = compiled.metadata.shared
             ptx = compiled.asm.get("ptx", "")
@@ -233,7 +247,7 @@ def run(archs: list[int], only: str | None = None) -> int:
             else:
                 tc = "-"
             regs, stack = _resources(compiled.asm.get("cubin", b""))
-            print(f"sm_{arch:<2} {job.kernel:<18} {job.label:<34} {smem / 1024:>8.1f} {regs:>5} {stack:>5} "
+            print(f"sm_{arch:<2} {job.kernel:<18} {job.label:<40} {smem / 1024:>8.1f} {regs:>5} {stack:>5} "
                   f"{tc:<12} {time.time() - t0:>5.1f}", flush=True)
             if smem > SMEM_BYTES[arch]:
                 failures.append(f"sm_{arch} {job.kernel} [{job.label}]: {smem} B shared memory > "

@@ -98,7 +98,7 @@ ATTENTION_FEATURES = ("gqa", "seqlen_q != seqlen_k", "window_size", "softcap", "
 # What each kernel backend's attention implements (the reference implements all of them).
 KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
     "cpu": frozenset(ATTENTION_FEATURES),  # csrc/cpu/attention.cpp; tests/test_cpu_attention_options.py
-    "triton": frozenset(),
+    "triton": frozenset(ATTENTION_FEATURES),  # kernels/attention.py; tests/test_triton_attention_options.py
     "cuda": frozenset(),
 }
 # The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
