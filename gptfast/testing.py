@@ -132,7 +132,9 @@ def _f64(*tensors):
 
 
 def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None,
-                         causal: bool = True, softmax_scale: float | None = None) -> list[float | None]:
+                         causal: bool = True, softmax_scale: float | None = None, *,
+                         window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                         alibi_slopes: torch.Tensor | None = None) -> list[float | None]:
     """Magnitudes ``[out, dq, dk, dv]`` of the terms attention sums, q/k/v/dout (B, T, H, D),
     each the max over its tensor, times sqrt(max(headdim, seqlens)).
 
@@ -140,18 +142,22 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout
     units of eps, so p = exp(s - lse) is relatively off by eps * S. Hence
     out: (p (1 + S)) |v|;  dv: (p (1 + S))^T |dO|;  ds = p (dp - delta) with dp = dO.v and
     delta = dO.o: p (|dO|.|v| + |dO|.|o| + |dp - delta| S);  dq: scale |ds| |k|;  dk: scale |ds|^T |q|.
-    The gradients are None when ``dout`` is None.
+    The gradients are None when ``dout`` is None. The options (and GQA: k, v with fewer heads,
+    dk, dv summed over each kv head's group) change p, the masks and the group sums; softcap and
+    ALiBi add no terms of their own beyond S (|tanh| <= 1, the bias is exact in the inputs).
     """
+    from .ops.attention import _expand_kv, _group_sum, _scores, normalise
+
     q, k, v, dout = _f64(q, k, v, dout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))                  # (B, H, T, D)
-    s = scale * qh @ kh.transpose(-1, -2)
-    big_s = abs(scale) * qh.abs() @ kh.abs().transpose(-1, -2)
+    h, hk = q.shape[2], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), _expand_kv(k, h), _expand_kv(v, h)   # (B, H, T, D)
     tq, tk = q.shape[1], k.shape[1]
-    if causal:
-        hidden = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu_(tk - tq + 1)
-        s = s.masked_fill(hidden, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+    opts = normalise(causal, window_size, softcap, 0.0, tk)
+    s, _ = _scores(q, k, opts, scale, alibi_slopes)
+    big_s = abs(scale) * qh.abs() @ kh.abs().transpose(-1, -2)
+    no_keys = (s == float("-inf")).all(-1, keepdim=True)
+    p = torch.softmax(s, -1).masked_fill(no_keys, 0.0)
     p_mag = p * (1.0 + big_s)
     root_n = math.sqrt(max(q.shape[-1], tq, tk))
     out = [root_n * _max(p_mag @ vh.abs())]
@@ -163,8 +169,8 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout
     delta = (do * o).sum(-1, keepdim=True)
     ds_mag = p * (do.abs() @ vh.abs().transpose(-1, -2) + (do.abs() * o.abs()).sum(-1, keepdim=True)
                   + (dp - delta).abs() * big_s)
-    grads = (abs(scale) * ds_mag @ kh.abs(), abs(scale) * ds_mag.transpose(-1, -2) @ qh.abs(),
-             p_mag.transpose(-1, -2) @ do.abs())
+    grads = (abs(scale) * ds_mag @ kh.abs(), _group_sum(abs(scale) * ds_mag.transpose(-1, -2) @ qh.abs(), hk),
+             _group_sum(p_mag.transpose(-1, -2) @ do.abs(), hk))
     return out + [root_n * _max(g) for g in grads]
 
 

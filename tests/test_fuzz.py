@@ -141,14 +141,23 @@ def _randn(gen, *shape, scale=1.0, shift=0.0):
 
 @st.composite
 def attention_cases(draw):
-    return dict(
-        b=draw(st.integers(1, 2)), t=draw(st.sampled_from([1, 17, 2, 3, 5, 33, 64, 65])), h=draw(st.integers(1, 3)),
+    h = draw(st.sampled_from([1, 2, 3, 4, 6]))
+    t = draw(st.sampled_from([1, 17, 2, 3, 5, 33, 64, 65]))
+    case = dict(
+        b=draw(st.integers(1, 2)), t=t, h=h,
         d=draw(st.sampled_from([16, 1, 2, 8, 40, 59, 64, 111, 128])), dtype=draw(st.sampled_from(DTYPES)),
         causal=draw(st.booleans()), scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
         deterministic=draw(st.booleans()),
         # q, k, v may be broadcast over batch, seqlen and heads; the gradient may be laid out anyhow
         layouts=[draw(layouts(4, (0, 1, 2))) for _ in range(3)], grad_layout=draw(layouts(4, (0, 1, 2))),
         seed=draw(st.integers(0, 2 ** 31)))
+    if draw(st.booleans()):  # FlashAttention's dense options (dropout has exact-mask tests of its own)
+        case.update(
+            hk=draw(st.sampled_from([n for n in (1, 2, 3, h) if h % n == 0])),
+            tk=draw(st.sampled_from([t, 1, 7, 40, 70])),
+            window=(draw(st.sampled_from([-1, 0, 3, 20])), draw(st.sampled_from([-1, 0, 2, 30]))),
+            softcap=draw(st.sampled_from([0.0, 2.0, 30.0])), alibi=draw(st.sampled_from([None, "h", "bh"])))
+    return case
 
 
 # issue 11's defect 1: seqlen 1, v and the incoming gradient with a seqlen stride below headdim
@@ -164,19 +173,24 @@ _SEQLEN_ONE = dict(b=1, t=1, h=2, d=8, dtype=torch.float32, causal=True, scale=N
 @given(case=attention_cases())
 def test_fuzz_attention(case):
     b, t, h, d, dtype, causal = (case[k] for k in ("b", "t", "h", "d", "dtype", "causal"))
+    hk, tk = case.get("hk", h), case.get("tk", t)
     scale = case["scale"]
     s = 1.0 / math.sqrt(d) if scale is None else scale
     gen = torch.Generator().manual_seed(case["seed"])
-    base = [_randn(gen, b, t, h, d) for _ in range(3)]
+    base = [_randn(gen, b, t, h, d), _randn(gen, b, tk, hk, d), _randn(gen, b, tk, hk, d)]
+    alibi = {None: None, "h": lambda: torch.rand(h, generator=gen),
+             "bh": lambda: torch.rand(b, h, generator=gen)}[case.get("alibi")]
+    opts = dict(window_size=case.get("window", (-1, -1)), softcap=case.get("softcap", 0.0),
+                alibi_slopes=alibi() if alibi else None)
     check_backends(
-        f"attention B={b} T={t} H={h} D={d} {dtype} causal={causal}",
+        f"attention B={b} Tq={t} Tk={tk} H={h} Hk={hk} D={d} {dtype} causal={causal} {opts}",
         lambda be: lambda q, k, v: gptfast.attention(q, k, v, causal=causal, softmax_scale=scale, backend=be,
-                                                     deterministic=case["deterministic"]),
+                                                     deterministic=case["deterministic"], **opts),
         # PyTorch's own error: every op in the dtype (as FlashAttention's tests), not SDPA, whose
         # CPU kernels accumulate fp16 in fp32 and round less than any tiled kernel does
-        lambda q, k, v: gptfast.attention_ref(q, k, v, causal, s, upcast=False), base, case["layouts"],
+        lambda q, k, v: gptfast.attention_ref(q, k, v, causal, s, upcast=False, **opts), base, case["layouts"],
         case["grad_layout"], dtype,
-        lambda x, g: attention_magnitudes(*x, g, causal, s))
+        lambda x, g: attention_magnitudes(*x, g, causal, s, **opts))
 
 
 # --------------------------------------------------------------------------- layer_norm
