@@ -126,6 +126,22 @@ inline void load_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, 
     for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<acc_t>(src[r * ld + d]);
 }
 
+// A (rows x D) GEMM operand read from ``src`` (row pitch ``ld``): the tensor's own rows when
+// scalar_t is the accumulation type (fp32, fp64: BLAS reads them in place), else widened into
+// ``buf`` (pitch D). Sets *pitch to the operand's row pitch.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* operand_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* buf,
+                                 int64_t* pitch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    *pitch = ld;
+    return src;
+  } else {
+    load_rows(src, ld, rows, D, buf);
+    *pitch = D;
+    return buf;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t rows, int64_t D, scalar_t* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r)
@@ -161,14 +177,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t bh = idx / nqb, qb = idx % nqb, b = bh / H, h = bh % H;
       const int64_t q0 = qb * BQ, nq = std::min(BQ, T - q0);
       const scalar_t* qt = qp + b * sqb + h * sqh + q0 * sqt;
-      const acc_t* Q;
       int64_t ldq;
-      if constexpr (kDirect) {
-        Q = qt, ldq = sqt;
-      } else {
-        load_rows(qt, sqt, nq, D, qbuf.data());
-        Q = qbuf.data(), ldq = D;
-      }
+      const acc_t* Q = operand_rows<acc_t>(qt, sqt, nq, D, qbuf.data(), &ldq);
       std::fill(o.begin(), o.begin() + nq * D, acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
@@ -177,15 +187,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const int64_t nk = std::min(BK, kend - k0);
         const scalar_t* kt = kp + b * skb + h * skh + k0 * skt;
         const scalar_t* vt = vp + b * svb + h * svh + k0 * svt;
-        const acc_t *K, *V;
         int64_t ldk, ldv;
-        if constexpr (kDirect) {
-          K = kt, ldk = skt, V = vt, ldv = svt;
-        } else {
-          load_rows(kt, skt, nk, D, kbuf.data());
-          load_rows(vt, svt, nk, D, vbuf.data());
-          K = kbuf.data(), ldk = D, V = vbuf.data(), ldv = D;
-        }
+        const acc_t* K = operand_rows<acc_t>(kt, skt, nk, D, kbuf.data(), &ldk);
+        const acc_t* V = operand_rows<acc_t>(vt, svt, nk, D, vbuf.data(), &ldv);
         blas::gemm_nt<acc_t>(nq, nk, D, scale, Q, ldq, K, ldk, acc_t(0), s.data(), BK);
         for (int64_t i = 0; i < nq; ++i)
           softmax_update_row(s.data() + i * BK, valid_keys(causal, q0 + i, k0, nk), nk, &m[i], &l[i],
@@ -235,19 +239,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       const scalar_t* vt = vp + b * v.stride(0) + h * v.stride(2);
       const scalar_t* dot = dop + b * dout.stride(0) + h * dout.stride(2);
       const scalar_t* ot = outp + b * out.stride(0) + h * out.stride(2);
-      const acc_t *Q, *K, *V, *dO;
       int64_t ldq, ldk, ldv, lddo;
-      if constexpr (kDirect) {
-        Q = qt, K = kt, V = vt, dO = dot;
-        ldq = q.stride(1), ldk = k.stride(1), ldv = v.stride(1), lddo = dout.stride(1);
-      } else {
-        load_rows(qt, q.stride(1), T, D, qf.data());
-        load_rows(kt, k.stride(1), T, D, kf.data());
-        load_rows(vt, v.stride(1), T, D, vf.data());
-        load_rows(dot, dout.stride(1), T, D, dof.data());
-        Q = qf.data(), K = kf.data(), V = vf.data(), dO = dof.data();
-        ldq = ldk = ldv = lddo = D;
-      }
+      const acc_t* Q = operand_rows<acc_t>(qt, q.stride(1), T, D, qf.data(), &ldq);
+      const acc_t* K = operand_rows<acc_t>(kt, k.stride(1), T, D, kf.data(), &ldk);
+      const acc_t* V = operand_rows<acc_t>(vt, v.stride(1), T, D, vf.data(), &ldv);
+      const acc_t* dO = operand_rows<acc_t>(dot, dout.stride(1), T, D, dof.data(), &lddo);
       for (int64_t i = 0; i < T; ++i) {
         const scalar_t* orow = ot + i * out.stride(1);
         const acc_t* drow = dO + i * lddo;
@@ -414,14 +410,8 @@ void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t q0 = qb * BQ, nq = std::min(BQ, Tq - q0);
       const acc_t slope = slopes ? static_cast<acc_t>(slopes[b * slope_sb + h]) : acc_t(0);
       const scalar_t* qt = qp + b * sqb + h * sqh + q0 * sqt;
-      const acc_t* Q;
       int64_t ldq;
-      if constexpr (kDirect) {
-        Q = qt, ldq = sqt;
-      } else {
-        load_rows(qt, sqt, nq, D, qbuf.data());
-        Q = qbuf.data(), ldq = D;
-      }
+      const acc_t* Q = operand_rows<acc_t>(qt, sqt, nq, D, qbuf.data(), &ldq);
       std::fill(o.begin(), o.begin() + nq * D, acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
@@ -431,15 +421,9 @@ void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t nk = std::min(BK, kend - k0);
         const scalar_t* kt = kp + b * skb + kvh * skh + k0 * skt;
         const scalar_t* vt = vp + b * svb + kvh * svh + k0 * svt;
-        const acc_t *K, *V;
         int64_t ldk, ldv;
-        if constexpr (kDirect) {
-          K = kt, ldk = skt, V = vt, ldv = svt;
-        } else {
-          load_rows(kt, skt, nk, D, kbuf.data());
-          load_rows(vt, svt, nk, D, vbuf.data());
-          K = kbuf.data(), ldk = D, V = vbuf.data(), ldv = D;
-        }
+        const acc_t* K = operand_rows<acc_t>(kt, skt, nk, D, kbuf.data(), &ldk);
+        const acc_t* V = operand_rows<acc_t>(vt, svt, nk, D, vbuf.data(), &ldv);
         blas::gemm_nt<acc_t>(nq, nk, D, scale, Q, ldq, K, ldk, acc_t(0), s.data(), BK);
         transform_scores<acc_t>(s.data(), BK, nq, nk, q0, k0, win, softcap, slopes != nullptr, slope,
                                 nullptr);
@@ -503,15 +487,9 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
       const int64_t b = bkv / Hk, kvh = bkv % Hk;
       const scalar_t* kt = kp + b * k.stride(0) + kvh * k.stride(2);
       const scalar_t* vt = vp + b * v.stride(0) + kvh * v.stride(2);
-      const acc_t *K, *V;
       int64_t ldk, ldv;
-      if constexpr (kDirect) {
-        K = kt, V = vt, ldk = k.stride(1), ldv = v.stride(1);
-      } else {
-        load_rows(kt, k.stride(1), Tk, D, kf.data());
-        load_rows(vt, v.stride(1), Tk, D, vf.data());
-        K = kf.data(), V = vf.data(), ldk = ldv = D;
-      }
+      const acc_t* K = operand_rows<acc_t>(kt, k.stride(1), Tk, D, kf.data(), &ldk);
+      const acc_t* V = operand_rows<acc_t>(vt, v.stride(1), Tk, D, vf.data(), &ldv);
       std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
       std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
       for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
@@ -520,15 +498,9 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
         const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(2);
         const scalar_t* dot = dop + b * dout.stride(0) + h * dout.stride(2);
         const scalar_t* ot = outp + b * out.stride(0) + h * out.stride(2);
-        const acc_t *Q, *dO;
         int64_t ldq, lddo;
-        if constexpr (kDirect) {
-          Q = qt, dO = dot, ldq = q.stride(1), lddo = dout.stride(1);
-        } else {
-          load_rows(qt, q.stride(1), Tq, D, qf.data());
-          load_rows(dot, dout.stride(1), Tq, D, dof.data());
-          Q = qf.data(), dO = dof.data(), ldq = lddo = D;
-        }
+        const acc_t* Q = operand_rows<acc_t>(qt, q.stride(1), Tq, D, qf.data(), &ldq);
+        const acc_t* dO = operand_rows<acc_t>(dot, dout.stride(1), Tq, D, dof.data(), &lddo);
         for (int64_t i = 0; i < Tq; ++i) {
           const scalar_t* orow = ot + i * out.stride(1);
           const acc_t* drow = dO + i * lddo;

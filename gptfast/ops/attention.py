@@ -198,6 +198,11 @@ def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return p.masked_fill(no_keys, 0.0)
 
 
+def _launcher_options(causal: bool, window: tuple[int, int], softcap: float, dropout_p: float) -> Options:
+    # A plain (featureless) call passes no window: causal is then the window (-1, 0).
+    return Options(causal, window if window != (-1, -1) or not causal else (-1, 0), softcap, dropout_p)
+
+
 def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                                 softmax_scale: float, *, window: tuple[int, int] = (-1, -1),
                                 softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
@@ -210,7 +215,7 @@ def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     tensor ``rng_state``; kernels without those features are called without them.
     """
     acc = _acc_dtype(q.dtype)
-    opts = Options(causal, window if window != (-1, -1) or not causal else (-1, 0), softcap, dropout_p)
+    opts = _launcher_options(causal, window, softcap, dropout_p)
     s, _ = _scores(q.to(acc), k.to(acc), opts, softmax_scale, alibi_slopes)
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Tq); -inf for a row with no keys
     p = _probabilities(s, lse)
@@ -231,7 +236,7 @@ def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.T
     acc = _acc_dtype(q.dtype)
     h, hk = q.shape[2], k.shape[2]
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    opts = Options(causal, window if window != (-1, -1) or not causal else (-1, 0), softcap, dropout_p)
+    opts = _launcher_options(causal, window, softcap, dropout_p)
     do = dout.to(acc).transpose(1, 2)                    # (B, H, Tq, D)
     s, t = _scores(qa, ka, opts, softmax_scale, alibi_slopes)  # (B, H, Tq, Tk)
     p = _probabilities(s, lse.to(acc))
