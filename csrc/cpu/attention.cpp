@@ -142,6 +142,21 @@ inline const acc_t* operand_rows(const scalar_t* src, int64_t ld, int64_t rows, 
   }
 }
 
+// The backward's per-row inputs of one (batch, head): delta_i = rowsum(dO_i * O_i) and lse_i.
+template <typename scalar_t, typename acc_t>
+inline void backward_row_stats(const acc_t* dO, int64_t lddo, const scalar_t* out, int64_t ldo,
+                               const acc_t* lse, int64_t lse_st, int64_t rows, int64_t D, acc_t* delta,
+                               acc_t* lrow) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* orow = out + i * ldo;
+    const acc_t* drow = dO + i * lddo;
+    acc_t acc = 0;
+    for (int64_t d = 0; d < D; ++d) acc += drow[d] * static_cast<acc_t>(orow[d]);
+    delta[i] = acc;
+    lrow[i] = lse[i * lse_st];
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t rows, int64_t D, scalar_t* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r)
@@ -244,14 +259,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       const acc_t* K = operand_rows<acc_t>(kt, k.stride(1), T, D, kf.data(), &ldk);
       const acc_t* V = operand_rows<acc_t>(vt, v.stride(1), T, D, vf.data(), &ldv);
       const acc_t* dO = operand_rows<acc_t>(dot, dout.stride(1), T, D, dof.data(), &lddo);
-      for (int64_t i = 0; i < T; ++i) {
-        const scalar_t* orow = ot + i * out.stride(1);
-        const acc_t* drow = dO + i * lddo;
-        acc_t acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += drow[d] * static_cast<acc_t>(orow[d]);
-        delta[i] = acc;
-        lrow[i] = lsep[b * lse_sb + h * lse_sh + i * lse_st];
-      }
+      backward_row_stats(dO, lddo, ot, out.stride(1), lsep + b * lse_sb + h * lse_sh, lse_st, T, D,
+                         delta.data(), lrow.data());
       std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < T; k0 += BK) {
         const int64_t nk = std::min(BK, T - k0);
@@ -501,14 +510,8 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
         int64_t ldq, lddo;
         const acc_t* Q = operand_rows<acc_t>(qt, q.stride(1), Tq, D, qf.data(), &ldq);
         const acc_t* dO = operand_rows<acc_t>(dot, dout.stride(1), Tq, D, dof.data(), &lddo);
-        for (int64_t i = 0; i < Tq; ++i) {
-          const scalar_t* orow = ot + i * out.stride(1);
-          const acc_t* drow = dO + i * lddo;
-          acc_t acc = 0;
-          for (int64_t d = 0; d < D; ++d) acc += drow[d] * static_cast<acc_t>(orow[d]);
-          delta[i] = acc;
-          lrow[i] = lsep[b * lse_sb + h * lse_sh + i * lse_st];
-        }
+        backward_row_stats(dO, lddo, ot, out.stride(1), lsep + b * lse_sb + h * lse_sh, lse_st, Tq, D,
+                           delta.data(), lrow.data());
         std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
         for (int64_t k0 = 0; k0 < Tk; k0 += BK) {
           const int64_t nk = std::min(BK, Tk - k0);
