@@ -80,10 +80,13 @@ AttentionOptions make_options(const at::Tensor& q, const at::Tensor& k, bool cau
     const at::Tensor& r = *rng_state;
     TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, kOp, ": rng_state must be int64, got ",
                      r.scalar_type());
-    TORCH_CHECK_VALUE(r.device().is_cpu() && r.numel() == 2, kOp,
-                      ": rng_state must be a CPU tensor of 2 values [seed, offset], got ",
+    TORCH_CHECK_VALUE((r.device().is_cpu() || r.device() == q.device()) && r.numel() == 2, kOp,
+                      ": rng_state must be 2 values [seed, offset] on the CPU or on q's device, got ",
                       r.numel(), " values on ", r.device());
-    const at::Tensor rc = r.contiguous();
+    o.rng_state = r.contiguous();  // for kernels that read the key on the device (graph-safe)
+    // The host copy of the key: free for a CPU tensor; a device-to-host copy otherwise (a kernel
+    // that reads o.rng_state on the device does not need these values).
+    const at::Tensor rc = r.device().is_cpu() ? *o.rng_state : r.to(at::kCPU);
     const int64_t* rp = rc.const_data_ptr<int64_t>();
     std::memcpy(&o.seed, rp, sizeof(uint64_t));  // the same 64 bits, read as unsigned
     std::memcpy(&o.offset, rp + 1, sizeof(uint64_t));

@@ -193,6 +193,20 @@ def _scores(qk, ri, cj, Tq, Tk, shift, left, right, qk_scale, softcap_scale, sof
 
 
 @triton.jit
+def _dropout_key(Rng, HAS_DROPOUT: tl.constexpr):
+    """(seed, offset / 4) of gptfast.ops._philox's layout, loaded from the int64 [seed, offset]
+    tensor on the device: no host value is baked into a launch, so CUDA graphs replay with the
+    key each call draws (gptfast.ops._philox.dropout_rng_state) and nothing waits for the host."""
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        rng_base = (tl.load(Rng + 1).to(tl.uint64, bitcast=True) >> 2).to(tl.int64)
+    else:
+        seed = 0
+        rng_base = 0
+    return seed, rng_base
+
+
+@triton.jit
 def _dropout_keep(seed, rng_base, bh, start_m, start_n, threshold,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BLOCK_M, BLOCK_N) keep bits of rows start_m.., columns start_n.. (a multiple of 4) of
@@ -291,7 +305,7 @@ _FWD_KEY = ["HEAD_DIM", "T_BUCKET", "TK_BUCKET", "HAS_LEFT", "HAS_RIGHT", "HAS_S
     key=_FWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune(fwd_configs)},
 )
-@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "seed", "rng_base", "threshold"])
+@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "threshold"])
 def _attention_fwd_kernel(
     Q,  # queries (B, Tq, H, D), stride(-1) == 1
     K, V,  # keys/values (B, Tk, Hk, D), stride(-1) == 1
@@ -309,7 +323,7 @@ def _attention_fwd_kernel(
     left, right,  # window sides, unbounded = Tq + Tk (causal: right = 0)
     qk_scale,  # softmax_scale * log2(e)
     softcap_scale, softcap2,  # softmax_scale / softcap, softcap * log2(e)
-    seed, rng_base, threshold,  # dropout: Philox seed (int64 bits), offset / 4, floor(p * 2^32)
+    Rng, threshold,  # dropout: int64 [seed, offset] (read on the device), floor(p * 2^32)
     drop_scale,  # 1 / (1 - p)
     T_BUCKET, TK_BUCKET,  # next powers of two of Tq, Tk: autotune keys only (decoding does not retune)
     HEAD_DIM: tl.constexpr,  # true head dim
@@ -323,6 +337,7 @@ def _attention_fwd_kernel(
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
+    seed, rng_base = _dropout_key(Rng, HAS_DROPOUT)
     off_b = (off_bh // H).to(tl.int64)  # int64: batch offsets overflow int32 on large inputs
     off_h = (off_bh % H).to(tl.int64)
     off_hk = off_h // GROUP  # GQA: the kv head this query head reads; K/V are never repeated
@@ -423,7 +438,7 @@ _BWD_KEY = _FWD_KEY
     key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune(bwd_configs)},
 )
-@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "seed", "rng_base", "threshold"])
+@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "threshold"])
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # q, dout (B, Tq, H, D); k, v (B, Tk, Hk, D); stride(-1) == 1
     Lse, Delta,  # (B, H, Tq) fp32: forward logsumexp (natural log), rowsum(dO * O)
@@ -440,7 +455,7 @@ def _attention_bwd_dkdv_kernel(
     softmax_scale,  # scale applied to QK^T
     qk_scale,  # softmax_scale * log2(e)
     softcap_scale, softcap2,  # softmax_scale / softcap, softcap * log2(e)
-    seed, rng_base, threshold, drop_scale,  # dropout (see the forward)
+    Rng, threshold, drop_scale,  # dropout (see the forward)
     T_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
@@ -450,6 +465,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # key rows per program
 ):
     start_n = tl.program_id(0)
+    seed, rng_base = _dropout_key(Rng, HAS_DROPOUT)
     off_bhk = tl.program_id(1)  # b * Hk + kv head
     Hk = H // GROUP
     off_b = (off_bhk // Hk).to(tl.int64)
@@ -520,7 +536,7 @@ def _attention_bwd_dkdv_kernel(
     key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune(bwd_configs)},
 )
-@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "seed", "rng_base", "threshold"])
+@triton.jit(do_not_specialize=["T_BUCKET", "TK_BUCKET", "threshold"])
 def _attention_bwd_dq_kernel(
     Q, K, V, DO,  # q, dout (B, Tq, H, D); k, v (B, Tk, Hk, D); stride(-1) == 1
     Lse, Delta,  # (B, H, Tq) fp32
@@ -537,7 +553,7 @@ def _attention_bwd_dq_kernel(
     softmax_scale,  # scale applied to QK^T
     qk_scale,  # softmax_scale * log2(e)
     softcap_scale, softcap2,  # softmax_scale / softcap, softcap * log2(e)
-    seed, rng_base, threshold, drop_scale,  # dropout (see the forward)
+    Rng, threshold, drop_scale,  # dropout (see the forward)
     T_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
@@ -548,6 +564,7 @@ def _attention_bwd_dq_kernel(
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
+    seed, rng_base = _dropout_key(Rng, HAS_DROPOUT)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     off_hk = off_h // GROUP
@@ -606,7 +623,7 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 def _options(q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state):
     """Kernel arguments for the options: (Alibi, stride_ab, left, right, softcap_scale, softcap2,
-    seed, rng_base, threshold, drop_scale) and the constexprs HAS_LEFT/HAS_RIGHT/HAS_SOFTCAP/
+    Rng, threshold, drop_scale) and the constexprs HAS_LEFT/HAS_RIGHT/HAS_SOFTCAP/
     HAS_ALIBI/HAS_DROPOUT."""
     Tq, Tk = q.shape[1], k.shape[1]
     left, right = (int(w) for w in window)
@@ -624,17 +641,19 @@ def _options(q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout
         stride_ab = alibi.stride(0) if alibi.dim() == 2 else 0
     else:
         alibi, stride_ab = q, 0  # never read
-    seed = rng_base = threshold = 0
+    rng, threshold = q, 0  # q: never read without dropout
     drop_scale = 1.0
     if has_dropout:
         from gptfast.ops import _philox
-        seed, offset = (int(x) for x in rng_state.tolist())  # int64 bits: Triton passes them as i64
-        rng_base = (offset & ((1 << 64) - 1)) >> 2  # < 2^62
+        if rng_state.dtype != torch.int64 or rng_state.numel() != 2:
+            raise ValueError(f"gptfast.attention: rng_state must be int64 [seed, offset], got {rng_state.dtype} "
+                             f"with {rng_state.numel()} values")
+        rng = rng_state.to(q.device).contiguous()  # the kernels load the key on the device
         threshold = _philox.dropout_threshold(dropout_p)
         drop_scale = _philox.keep_scale(dropout_p)
     args = (alibi, stride_ab, left, right,
             softmax_scale / softcap if has_softcap else 0.0, softcap * LOG2E if has_softcap else 0.0,
-            seed, rng_base, threshold, drop_scale)
+            rng, threshold, drop_scale)
     return args, dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
                       HAS_DROPOUT=has_dropout)
 
@@ -648,7 +667,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_d = _block_d(D)
-    (alibi, stride_ab, left, right, sc_scale, sc2, seed, rng_base, threshold, drop_scale), flags = _options(
+    (alibi, stride_ab, left, right, sc_scale, sc2, rng, threshold, drop_scale), flags = _options(
         q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
 
     def grid(meta):
@@ -661,7 +680,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), stride_ab,
         Tq, Tk, H, H // Hk, left, right, softmax_scale * LOG2E, sc_scale, sc2,
-        seed, rng_base, threshold, drop_scale,
+        rng, threshold, drop_scale,
         triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
         HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=D == block_d, DOT_PREC=_dot_prec(q.dtype), **flags,
     )
@@ -693,7 +712,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dq = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Tk, Hk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Tk, Hk, D), dtype=v.dtype, device=q.device)
-    (alibi, stride_ab, left, right, sc_scale, sc2, seed, rng_base, threshold, drop_scale), flags = _options(
+    (alibi, stride_ab, left, right, sc_scale, sc2, rng, threshold, drop_scale), flags = _options(
         q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
     strides = (
         q.stride(0), q.stride(1), q.stride(2),
@@ -702,7 +721,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
     tail = (stride_ab, Tq, Tk, H, H // Hk, left, right, softmax_scale, softmax_scale * LOG2E, sc_scale, sc2,
-            seed, rng_base, threshold, drop_scale, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
+            rng, threshold, drop_scale, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **flags)
     _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hk)](
         q, k, v, dout, lse, delta, dk, dv, alibi, *strides, dk.stride(0), dk.stride(1), dk.stride(2),

@@ -88,7 +88,7 @@ def _attention_jobs(arch: int) -> list[Job]:
         on = dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True)
         scalars = dict(Alibi="*fp32", stride_ab="i32", Tq="i32", Tk="i32", H="i32", GROUP="i32", left="i32",
                        right="i32", qk_scale="fp32", softmax_scale="fp32", softcap_scale="fp32",
-                       softcap2="fp32", seed="i64", rng_base="i64", threshold="i64", drop_scale="fp32",
+                       softcap2="fp32", Rng="*i64", threshold="i64", drop_scale="fp32",
                        T_BUCKET="i32", TK_BUCKET="i32")
 
         def variants(cfgs):

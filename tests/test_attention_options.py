@@ -212,7 +212,7 @@ def _drawn_mask(seed_value, b, h, tq, tk, p):
     """The keep mask a call made right after torch.manual_seed(seed_value) (replaying its draw)."""
     from gptfast.ops import _philox
     torch.manual_seed(seed_value)
-    seed, offset = _philox.dropout_seed_offset("cpu", tk)
+    seed, offset = _philox.rng_state_values(_philox.dropout_rng_state("cpu"))
     return _philox.dropout_keep_mask(seed, offset, b, h, tq, tk, p)
 
 

@@ -87,6 +87,53 @@ def test_compiled_gpt_matches_eager(backend, seed):
         assert_close(a, b, atol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_attention_dropout_compiles_fullgraph(backend, seed):
+    """The dropout key is drawn with tensor ops (gptfast.ops._philox.dropout_rng_state), so a
+    compiled call with dropout has no graph break. Under aot_eager the draw runs on torch's
+    generator as in eager: the same seed gives the eager result bit for bit, forward and backward."""
+    q, k, v = (torch.randn(2, 9, 4, 16, requires_grad=True) for _ in range(3))
+    kw = dict(causal=True, dropout_p=0.3, backend=backend)
+
+    def fn(q, k, v):
+        return gptfast.attention(q, k, v, **kw)
+
+    results = []
+    for compiled in (None, "aot_eager"):
+        torch._dynamo.reset()
+        f = torch.compile(fn, fullgraph=True, backend=compiled) if compiled else fn
+        torch.manual_seed(21)
+        out = f(q, k, v)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+        torch.manual_seed(22)
+        assert not torch.equal(f(q, k, v), out), "another seed, another mask"
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    no_drop = gptfast.attention(q, k, v, causal=True, backend=backend)
+    assert not torch.allclose(results[0][0], no_drop, atol=1e-3)
+
+
+def test_gpt_with_attention_dropout_compiles_fullgraph_with_inductor(seed):
+    """Training a GPT with attention dropout under torch.compile(fullgraph=True): inductor draws the
+    keys from its own generator, so the loss is reproducible under torch.manual_seed, not equal to
+    eager's."""
+    torch._dynamo.reset()
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, attn_dropout=0.2))
+    model.train()
+    idx = torch.randint(0, 64, (3, 33))
+    compiled = torch.compile(model, fullgraph=True)
+    losses = []
+    for s in (5, 5, 6):
+        torch.manual_seed(s)
+        _, loss = compiled(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+    model.eval()
+    _, eval_loss = model(idx[:, :-1], idx[:, 1:])
+    assert eval_loss.item() != losses[0]
+
+
 def test_compiled_model_follows_backend_selection_at_run_time(seed, monkeypatch):
     """The backend is picked when the op runs, so use_backend applies to an already-compiled model."""
     import importlib

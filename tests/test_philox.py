@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptfast.ops import _philox
-from gptfast.ops._philox import (dropout_bits, dropout_keep_mask, dropout_mask_like, dropout_seed_offset,
+from gptfast.ops._philox import (dropout_bits, dropout_keep_mask, dropout_mask_like, dropout_rng_state, rng_state_values,
                                  dropout_threshold, keep_scale, philox4x32_10)
 
 # (counter c0..c3, key k0 k1, expected r0..r3), as the kat_vectors lines read.
@@ -225,8 +225,8 @@ def test_reproducible_and_int64_seed_bits():
     (lambda: dropout_bits(2**64, 0, 1, 1, 4, 4), ValueError, "seed must be in"),
     (lambda: dropout_bits(0, 0, -1, 1, 4, 4), ValueError, "batch must be >= 0"),
     (lambda: dropout_bits(0, 0, 2**16, 2**16 + 1, 0, 0), ValueError, "batch \\* nheads must be <= 2\\^32"),
-    (lambda: dropout_seed_offset("cpu", 0), ValueError, "increment must be in"),
-    (lambda: dropout_seed_offset("meta", 4), NotImplementedError, "device must be a cpu or cuda"),
+    (lambda: rng_state_values(torch.zeros(2)), ValueError, "int64 tensor"),
+    (lambda: rng_state_values(torch.zeros(3, dtype=torch.int64)), ValueError, "int64 tensor"),
 ])
 def test_bad_arguments(call, exc, msg):
     with pytest.raises(exc, match=msg):
@@ -235,17 +235,35 @@ def test_bad_arguments(call, exc, msg):
 
 # --- (seed, offset) from torch's generator -------------------------------------------------------
 
-def test_seed_offset_cpu_follows_manual_seed():
+def test_rng_state_cpu_follows_manual_seed():
     torch.manual_seed(11)
-    first = [dropout_seed_offset("cpu", 257) for _ in range(3)]
+    first = [rng_state_values(dropout_rng_state("cpu")) for _ in range(3)]
     after = torch.rand(3)
     torch.manual_seed(11)
-    assert [dropout_seed_offset("cpu", 257) for _ in range(3)] == first
+    assert [rng_state_values(dropout_rng_state("cpu")) for _ in range(3)] == first
     assert torch.equal(torch.rand(3), after)        # it consumed the same amount of the generator
     assert len(set(first)) == 3
     assert all(0 <= s < 2**64 and o == 0 for s, o in first)
     torch.manual_seed(12)
-    assert dropout_seed_offset("cpu", 257) != first[0]
+    assert rng_state_values(dropout_rng_state("cpu")) != first[0]
+
+
+def test_rng_state_is_two_32_bit_draws_low_word_first():
+    torch.manual_seed(3)
+    state = dropout_rng_state("cpu")
+    torch.manual_seed(3)
+    lo, hi = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+    assert state.dtype == torch.int64 and state.shape == (2,)
+    assert rng_state_values(state) == (lo | (hi << 32), 0)
+
+
+def test_rng_state_compiles_fullgraph_and_follows_manual_seed():
+    draw = torch.compile(lambda x: dropout_rng_state(x.device), fullgraph=True)
+    x = torch.zeros(1)
+    torch.manual_seed(4)
+    a, b = draw(x), draw(x)
+    torch.manual_seed(4)
+    assert torch.equal(draw(x), a) and not torch.equal(a, b)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
@@ -261,18 +279,19 @@ def test_cuda_matches_cpu():
 
 
 @cuda
-def test_seed_offset_cuda_reserves_from_the_generator():
-    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+def test_rng_state_cuda_stays_on_the_device_and_is_graph_safe():
     torch.manual_seed(5)
-    s0, o0 = dropout_seed_offset("cuda", 257)
-    s1, o1 = dropout_seed_offset(torch.device("cuda"), 3)
-    assert (s0, o0) == (5, 0) and (s1, o1) == (5, 260)      # increment rounded up to 4, as PyTorch does
-    assert gen.get_offset() == 264
-    torch.rand(4, device="cuda")                             # PyTorch's own kernels reserve after us
-    s2, o2 = dropout_seed_offset("cuda", 1)
-    assert s2 == 5 and o2 > 264
+    a = dropout_rng_state("cuda")
+    assert a.is_cuda and a.dtype == torch.int64
     torch.manual_seed(5)
-    assert dropout_seed_offset("cuda", 257) == (s0, o0)
+    assert torch.equal(dropout_rng_state("cuda"), a)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = dropout_rng_state("cuda")
+    g.replay()
+    first = captured.clone()
+    g.replay()
+    assert not torch.equal(captured, first)          # a replay draws a fresh key
 
 
 def test_module_exports():

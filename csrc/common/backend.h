@@ -41,6 +41,7 @@ struct AttentionOptions {
   std::optional<at::Tensor> alibi_slopes;  // float32 (H,) or (B, H), contiguous, or none
   double dropout_p = 0.0;     // 0: none
   uint64_t seed = 0, offset = 0;      // gptfast/ops/_philox.py's (seed, offset), from rng_state
+  std::optional<at::Tensor> rng_state;  // int64 [seed, offset], contiguous, on the CPU or q's device
   uint32_t dropout_threshold = 0;     // floor(dropout_p * 2^32), computed in double
 
   bool causal() const { return window_left < 0 && window_right == 0; }

@@ -45,12 +45,12 @@ tiling computes the same bits. Limits: b * nheads + h < 2^32 and i < 2^32 (check
 Why this layout: it is exactly curand's / PyTorch's convention, where (c0, c1) is the 64-bit
 position in the stream and (c2, c3) the 64-bit subsequence. Element (b, h, i, j) is component j % 4
 of the first ``curand4`` after ``curand_init(seed, subsequence = (b*nheads + h) << 32 | i,
-offset + 4*(j // 4))``. So a call that uses ``offset`` owns stream positions
-[offset/4, offset/4 + ceil(seqlen_k/4)) of every subsequence, which is precisely what reserving
-``increment = seqlen_k`` values from torch's CUDA generator grants (``Generator.philox_state``); it
-therefore never reuses counters that PyTorch's own random kernels (F.dropout, rand, ...) are given,
-and two attention calls given different reservations never share a counter. Within one call,
-distinct (b, h, i, j // 4) give distinct counters, and Philox is a bijection of counters.
+offset + 4*(j // 4))``: a call owns stream positions [offset/4, offset/4 + ceil(seqlen_k/4)) of
+every subsequence of its key. Within one call, distinct (b, h, i, j // 4) give distinct counters, and
+Philox is a bijection of counters. Across calls, ``dropout_rng_state`` gives each call its own
+random 64-bit key with offset 0 (rather than reserving offsets of PyTorch's CUDA Philox generator,
+as FlashAttention does: that reservation is a host-side call that neither torch.compile nor a CUDA
+graph can record); a caller that does reserve (seed, offset) pairs can pass them instead.
 
 Threshold: u = r * 2^-32 is uniform on [0, 1) in steps of 2^-32. The rule keeps iff u >= p', where
 p' = floor(p * 2^32) * 2^-32 is p rounded down to that grid; P(keep) = 1 - p' is within 2^-32 of
@@ -63,8 +63,9 @@ For a kernel engineer (Triton): ``r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c
 the 64-bit seed (int64 bits) and the uint32 words above; C++/CUDA: write the round above on uint32
 (``__umulhi`` / a 64-bit product) or use curand as described.
 
-(seed, offset) come from torch's default generator of the device (``dropout_seed_offset``), so
-``torch.manual_seed`` reproduces a run.
+(seed, offset) come from torch's default generator of the device (``dropout_rng_state``: a fresh
+random 64-bit seed per call and offset 0, as a tensor on the device), so ``torch.manual_seed``
+reproduces a run, and ``torch.compile`` and CUDA-graph capture can record the draw.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ import operator
 import torch
 
 __all__ = ["philox4x32_10", "dropout_threshold", "keep_scale", "dropout_bits", "dropout_keep_mask",
-           "dropout_mask_like", "dropout_seed_offset", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0",
+           "dropout_mask_like", "dropout_rng_state", "rng_state_values", "PHILOX_M0", "PHILOX_M1", "PHILOX_W0",
            "PHILOX_W1"]
 
 PHILOX_M0 = 0xD2511F53  # round multipliers (Random123 PHILOX_M4x32_0/1)
@@ -205,43 +206,34 @@ def dropout_keep_mask(seed: int, offset: int, batch: int, nheads: int, seqlen_q:
 dropout_mask_like = dropout_keep_mask  # the name backends' tests use for "the reference mask"
 
 
-def dropout_seed_offset(device: torch.device | str, increment: int) -> tuple[int, int]:
-    """Draw a (seed, offset) for one dropout call from torch's default generator of ``device``.
+def dropout_rng_state(device: torch.device | str) -> torch.Tensor:
+    """This call's dropout generator state: an int64 tensor ``[seed, offset]`` on ``device``.
 
-    ``increment`` is how many 32-bit values per subsequence the call reserves; an attention call
-    passes ``seqlen_k`` (it uses stream positions offset/4 .. offset/4 + ceil(seqlen_k/4) - 1).
-    Returns Python ints: seed in [0, 2^64), offset a multiple of 4 in [0, 2^64).
+    ``seed`` is 64 fresh random bits from torch's default generator of ``device`` (two 32-bit
+    ``torch.randint`` draws, low word first, combined with tensor ops) and ``offset`` is 0: every
+    call gets its own Philox key, so two calls share counters only if their 64-bit keys collide
+    (probability ~n^2 / 2^65 over n calls). The state is drawn with tensor ops only, on the device
+    of the data, so that
 
-    - CUDA: the Philox generator's own reservation, as PyTorch's random kernels and FlashAttention
-      do: seed = the generator's seed, offset = its current offset, and the generator's offset
-      advances by ``increment`` rounded up to a multiple of 4 (``Generator.philox_state`` where
-      torch has it, else ``get_offset``/``set_offset``). Not under CUDA graph capture yet.
-    - CPU: the default generator is a Mersenne Twister with no Philox offset, so each call draws a
-      fresh 64-bit seed from it (two 32-bit ``torch.randint`` draws, which advance it) and returns
-      offset 0; ``increment`` is only validated.
+    - ``torch.manual_seed`` reproduces a run, and a call advances the generator as PyTorch's own
+      random ops do (a CUDA graph replay therefore draws fresh keys, as F.dropout does);
+    - ``torch.compile(fullgraph=True)`` traces it (no Python int leaves the graph; compiled code
+      draws from inductor's generator, so its keys differ from eager's for the same seed, as with
+      F.dropout), and CUDA-graph capture records it;
+    - kernels read the key from the tensor: on the device, without a host synchronisation.
 
-    Either way ``torch.manual_seed(s)`` reproduces the sequence of draws, and consecutive calls
-    get different (seed, offset) pairs.
+    The int64 values are the 64-bit patterns (a seed >= 2^63 reads as negative).
     """
-    fn = "dropout_seed_offset"
-    increment = _index(fn, "increment", increment, 1, _MASK64)
     device = torch.device(device)
-    if device.type == "cpu":
-        lo, hi = torch.randint(0, _TWO32, (2,), dtype=torch.int64, generator=torch.default_generator).tolist()
-        return lo | (hi << 32), 0
-    if device.type != "cuda":
-        raise NotImplementedError(f"gptfast.{fn}: device must be a cpu or cuda device, got {device}")
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"gptfast.{fn}: attention dropout under CUDA graph capture is not "
-                           "supported yet (the (seed, offset) would be frozen into the graph)")
-    torch.cuda.init()
-    gen = torch.cuda.default_generators[device.index if device.index is not None
-                                        else torch.cuda.current_device()]
-    if hasattr(gen, "philox_state"):  # torch >= 2.14: the C++ PhiloxCudaState reservation
-        seed_t, offset_t, intragraph_t = gen.philox_state(increment)
-        seed = seed_t.item() & _MASK64
-        offset = (offset_t.item() + intragraph_t.item()) & _MASK64
-    else:
-        seed, offset = gen.initial_seed() & _MASK64, gen.get_offset()
-        gen.set_offset((offset + (increment + 3) // 4 * 4) & _MASK64)
-    return seed, offset
+    words = torch.randint(0, _TWO32, (2,), dtype=torch.int64, device=device)
+    seed = words[0] | (words[1] << 32)  # wraps into the sign bit: the same 64 bits
+    return torch.stack([seed, torch.zeros_like(seed)])
+
+
+def rng_state_values(rng_state: torch.Tensor) -> tuple[int, int]:
+    """(seed, offset) of an rng_state as unsigned 64-bit Python ints (reads the tensor)."""
+    if not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.numel() != 2:
+        raise ValueError("gptfast.rng_state_values: rng_state must be an int64 tensor [seed, offset], got "
+                         f"{rng_state!r:.80}")
+    seed, offset = rng_state.tolist()
+    return seed & _MASK64, offset & _MASK64

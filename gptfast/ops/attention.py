@@ -150,7 +150,7 @@ def _keep_mask(rng_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     if dropout_p <= 0.0 or rng_state is None:
         return None
     from . import _philox
-    seed, offset = (int(x) for x in rng_state.tolist())
+    seed, offset = _philox.rng_state_values(rng_state)
     b, tq, h, _ = q.shape
     return _philox.dropout_keep_mask(seed, offset, b, h, tq, k.shape[1], dropout_p, q.device)
 
@@ -424,16 +424,14 @@ attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention
 
 # --------------------------------------------------------------------------- public functions
 
-def _rng_state(device: torch.device, seqlen_k: int, dropout_p: float) -> torch.Tensor | None:
-    """(seed, offset) of this call's dropout mask, drawn from torch's default generator of the
-    device (so torch.manual_seed reproduces it; the call reserves seqlen_k values of every Philox
-    subsequence), as an int64 CPU tensor holding their 64-bit patterns; None without dropout."""
+def _rng_state(device: torch.device, dropout_p: float) -> torch.Tensor | None:
+    """[seed, offset] of this call's dropout mask (gptfast.ops._philox.dropout_rng_state: drawn
+    from torch's default generator of the device with tensor ops, so torch.compile and CUDA graphs
+    record the draw and torch.manual_seed reproduces it); None without dropout."""
     if dropout_p <= 0.0:
         return None
     from . import _philox
-    seed, offset = _philox.dropout_seed_offset(device, max(1, seqlen_k))
-    as_int64 = lambda x: x - (1 << 64) if x >= 1 << 63 else x  # noqa: E731  (the same 64 bits)
-    return torch.tensor([as_int64(seed), as_int64(offset)], dtype=torch.int64)
+    return _philox.dropout_rng_state(device)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -483,7 +481,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
     out, lse = attention_fwd_op(q, k, v, opts.causal, scale, opts.window[0], opts.window[1], opts.softcap,
-                                slopes, opts.dropout_p, _rng_state(q.device, k.shape[1], opts.dropout_p),
+                                slopes, opts.dropout_p, _rng_state(q.device, opts.dropout_p),
                                 bool(deterministic),
                                 _backend.checked_name(backend))
     return (out, lse) if return_lse else out
@@ -532,7 +530,7 @@ def _dropped_probabilities(q, k, v, rng_before, dropout_p, softmax_scale, causal
             lambda st: torch.cuda.set_rng_state(st, q.device))
         setter(rng_before)
         try:
-            rng = _rng_state(q.device, k.shape[1], opts.dropout_p)
+            rng = _rng_state(q.device, opts.dropout_p)
         finally:
             setter(after)
         keep = _keep_mask(rng, q, k, opts.dropout_p)
