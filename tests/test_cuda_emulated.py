@@ -69,6 +69,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ import torch
 import torch.nn.functional as F
 
 import gptfast
-from gptfast.ops.attention import attention_backward_reference, attention_forward_reference
+from gptfast.ops import _philox
+from gptfast.ops.attention import attention_backward_reference, attention_forward_reference, normalise
 from gptfast.ops.gelu_ffn import gelu, gelu_grad
 from gptfast.ops.layer_norm import layer_norm_backward_reference, layer_norm_forward_reference
 from gptfast.testing import (assert_within_pytorch_error, attention_magnitudes, layer_norm_magnitudes, max_abs_diff,
@@ -287,49 +289,85 @@ def check_fp32(name, out, ref, rtol=1e-5):
 # --- attention ----------------------------------------------------------------------------------
 
 P, I, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+I64, U32, U64, F64 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_double
 
 
 def _attn_signatures(dll):
     dll.emu_attention_set_max_smem.argtypes = [I]
-    dll.emu_attention_forward.argtypes = [P, P, P, P, I, I, I, I, F32, I, I, P, P]
-    dll.emu_attention_backward.argtypes = [P, P, P, P, I, I, I, I, F32, I, I, P, P, P, P, P, P, P, P]
+    dll.emu_attention_set_options.argtypes = [I64, I64, F64, P, I64, F64, U32, U64, U64]
+    dll.emu_attention_forward.argtypes = [P, P, P, P, I, I, I, I, I, I, F32, I, P, P]
+    dll.emu_attention_backward.argtypes = [P, P, P, P, I, I, I, I, I, I, F32, I, P, P, P, P, P, P, P, P]
 
 
-def attention_reference(q, k, v, do, causal, scale):
-    """float64 out, lse (B, H, T), dq, dk, dv: gptfast's reference launchers on float64 inputs."""
+@dataclass(frozen=True)
+class AttnOptions:
+    """The options of one emulated attention call, as a user passes them (normalised by the test,
+    as csrc/attention.cpp does): seqlen_k and nheads_k (None: q's), a window, softcap, ALiBi slopes
+    of shape (H,) ("h") or (B, H) ("bh"), dropout with the generator state (seed, offset)."""
+
+    tk: int | None = None
+    hk: int | None = None
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: str | None = None
+    dropout_p: float = 0.0
+    rng: tuple[int, int] = (0x243F6A8885A308D3, 4 * 0x13198A2E0)  # 64-bit seed, offset past 2^32
+
+
+PLAIN = AttnOptions()
+
+
+def attention_reference(q, k, v, do, causal, scale, kw=None, bwd_out=None):
+    """float64 out, lse (B, H, Tq), dq, dk, dv: gptfast's reference launchers on float64 inputs.
+
+    bwd_out: the `out` the backward reference gets (default: its own float64 forward's)."""
     q, k, v, do = (x.double() for x in (q, k, v, do))
-    out, lse = attention_forward_reference(q, k, v, causal, scale)
-    return (out, lse, *attention_backward_reference(do, q, k, v, out, lse, causal, scale))
+    kw = kw or {}
+    out, lse = attention_forward_reference(q, k, v, causal, scale, **kw)
+    o_bwd = out if bwd_out is None else bwd_out.double()
+    return (out, lse, *attention_backward_reference(do, q, k, v, o_bwd, lse, causal, scale, **kw))
 
 
-def attention_pytorch(q, k, v, do, causal, scale):
+def attention_pytorch(q, k, v, do, causal, scale, ref_kw=None):
     """PyTorch in the inputs' dtype (the FlashAttention tests' `pt`): out, dq, dk, dv."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    out = gptfast.attention_ref(*leaves, causal, scale, upcast=False)
+    out = gptfast.attention_ref(*leaves, causal, scale, upcast=False, **(ref_kw or {}))
     out.backward(do)
     return (out.detach(), *(x.grad for x in leaves))
 
 
-def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contiguous", seed=0, qscale=1.0):
+def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contiguous", seed=0, qscale=1.0,
+                  opts=PLAIN, repeat_backward=False, v_override=None):
+    """One forward and backward on the emulator, checked against float64 (T: seqlen_q, H: nheads;
+    `opts` the rest). repeat_backward: run the backward twice and require bit-identical gradients."""
     _attn_signatures(lib.dll)
     lib.dll.emu_clear_registry()  # the buffers of earlier runs are gone
     torch.manual_seed(seed)
+    Tq, Tk, Hk = T, opts.tk if opts.tk is not None else T, opts.hk if opts.hk is not None else H
     scale = 1.0 / math.sqrt(D)
-    q, k, v, do = (torch.randn(B, T, H, D) for _ in range(4))
+    q, do = torch.randn(B, Tq, H, D), torch.randn(B, Tq, H, D)
+    k, v = torch.randn(B, Tk, Hk, D), torch.randn(B, Tk, Hk, D)
+    if v_override is not None:
+        v = v_override
     q, k, v, do = ((q * qscale).to(dtype), k.to(dtype), v.to(dtype), do.to(dtype))
+    slopes = None if opts.alibi is None else torch.rand((H,) if opts.alibi == "h" else (B, H)) * 0.5
+    norm = normalise(causal, opts.window, opts.softcap, opts.dropout_p, Tk)  # csrc/attention.cpp's rule
+    seed64, offset = opts.rng
+    threshold = _philox.dropout_threshold(opts.dropout_p) if opts.dropout_p > 0 else 0
     bufs = []
 
     def place(x):
-        """x (B, T, H, D) in the requested memory layout; returns the (B, T, H, D) view."""
+        """x (B, T, heads, D) in the requested memory layout; returns the (B, T, heads, D) view."""
+        b_, t_, h_, d_ = x.shape
         if layout == "bhtd":  # (B, H, T, D) storage: head stride T*D, row stride D
-            b = Buf(lib, (B, H, T, D), dtype, x.transpose(1, 2))
+            b = Buf(lib, (b_, h_, t_, d_), dtype, x.transpose(1, 2))
             view = b.t.transpose(1, 2)
         elif layout == "packed_qkv":  # one of the three slices of a (B, T, 3, H, D) tensor
-            b = Buf(lib, (B, T, 3, H, D), dtype)
+            b = Buf(lib, (b_, t_, 3, h_, d_), dtype)
             b.t[:, :, 1] = x
             view = b.t[:, :, 1]
         else:
-            b = Buf(lib, (B, T, H, D), dtype, x)
+            b = Buf(lib, tuple(x.shape), dtype, x)
             view = b.t
         bufs.append(b)
         return view
@@ -338,34 +376,74 @@ def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contigu
         st = [s for t in views for s in t.stride()[:3]]
         return (ctypes.c_int64 * 15)(*(st + [0] * (15 - len(st))))
 
+    sb = None
+    if slopes is not None:
+        sb = Buf(lib, tuple(slopes.shape), torch.float32, slopes)
+        bufs.append(sb)
+    lib.dll.emu_attention_set_options(norm.window[0], norm.window[1], norm.softcap, sb.ptr() if sb else None,
+                                      H if opts.alibi == "bh" else 0, norm.dropout_p, threshold, seed64 % 2**64,
+                                      offset)
     qv, kv, vv = place(q), place(k), place(v)
-    out = Buf(lib, (B, T, H, D), dtype)
-    lse = Buf(lib, (B, H, T), torch.float32)
-    rc = lib.dll.emu_attention_forward(qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), strides(qv, kv, vv), B, T, H, D,
-                                       scale, int(causal), int(dtype == torch.bfloat16), out.ptr(), lse.ptr())
+    out = Buf(lib, (B, Tq, H, D), dtype)
+    lse = Buf(lib, (B, H, Tq), torch.float32)
+    bf16 = int(dtype == torch.bfloat16)
+    rc = lib.dll.emu_attention_forward(qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), strides(qv, kv, vv), B, Tq, Tk, H,
+                                       Hk, D, scale, bf16, out.ptr(), lse.ptr())
     assert rc == 0, f"forward launch returned cudaError {rc}"
     lib.finish(out, lse, *bufs)
 
     # The backward gets the kernel's own out and lse (as in training); out/dout in the same layout.
     ov, dov = place(out.t.clone()), place(do)
-    delta = Buf(lib, (B, H, T), torch.float32)
-    dq, dk, dv = (Buf(lib, (B, T, H, D), dtype) for _ in range(3))
-    acc = None if deterministic else Buf(lib, (B, T, H, D), torch.float32, torch.zeros(B, T, H, D))
-    rc = lib.dll.emu_attention_backward(
-        qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), strides(qv, kv, vv, ov, dov), B, T, H, D, scale, int(causal),
-        int(dtype == torch.bfloat16), ov.data_ptr(), dov.data_ptr(), lse.ptr(), delta.ptr(), dq.ptr(), dk.ptr(),
-        dv.ptr(), acc.ptr() if acc else None)
-    assert rc == 0, f"backward launch returned cudaError {rc}"
-    lib.finish(dq, dk, dv, delta, *bufs, *([acc] if acc else []))
 
-    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = attention_reference(q, k, v, do, causal, scale)
-    o_pt, dq_pt, dk_pt, dv_pt = attention_pytorch(q, k, v, do, causal, scale)
-    mags = attention_magnitudes(q, k, v, do, causal, scale)
+    def backward():
+        delta = Buf(lib, (B, H, Tq), torch.float32)
+        dq = Buf(lib, (B, Tq, H, D), dtype)
+        dk, dv = (Buf(lib, (B, Tk, H, D), dtype) for _ in range(2))  # per query head
+        acc = None if deterministic else Buf(lib, (B, Tq, H, D), torch.float32, torch.zeros(B, Tq, H, D))
+        rc = lib.dll.emu_attention_backward(
+            qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), strides(qv, kv, vv, ov, dov), B, Tq, Tk, H, Hk, D, scale,
+            bf16, ov.data_ptr(), dov.data_ptr(), lse.ptr(), delta.ptr(), dq.ptr(), dk.ptr(), dv.ptr(),
+            acc.ptr() if acc else None)
+        assert rc == 0, f"backward launch returned cudaError {rc}"
+        lib.finish(dq, dk, dv, delta, *bufs, *([acc] if acc else []))
+        # csrc/cuda/attention.cpp's group_sum: each kv head's group of query heads, in the dtype.
+        group = lambda x: x.t.view(B, Tk, Hk, H // Hk, D).sum(3)  # noqa: E731
+        return dq.t.clone(), group(dk), group(dv)
+
+    dq, dk, dv = backward()
+    if repeat_backward:
+        again = backward()
+        for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), again):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name}: not bitwise reproducible"
+
+    rng_state = torch.tensor([seed64 - 2**64 if seed64 >= 2**63 else seed64, offset], dtype=torch.int64)
+    kw = dict(window=norm.window, softcap=norm.softcap, alibi_slopes=slopes, dropout_p=norm.dropout_p,
+              rng_state=rng_state if norm.dropout_p > 0 else None)
+    keep = None
+    if norm.dropout_p > 0:
+        keep = _philox.dropout_keep_mask(seed64, offset, B, H, Tq, Tk, norm.dropout_p)
+    ref_kw = dict(window_size=opts.window, softcap=opts.softcap, alibi_slopes=slopes, dropout_p=norm.dropout_p,
+                  dropout_mask=keep)
+    # With dropout the backward's reference gets the kernel's out: delta = rowsum(dO * O) (the
+    # FlashAttention-2 formula, the reference launcher's too) cancels dP * keep exactly only for the
+    # exact O, and O = P keep / (1 - p) V rounded to the dtype leaves dS ~ eps(dtype) |dO| |O| where
+    # exact arithmetic gives 0 (a row that sees one key: dq = 0), which PyTorch's autograd, which
+    # has no delta, does not see. Without dropout O is checked against its own reference above.
+    bwd_out = out.t if norm.dropout_p > 0 else None
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = attention_reference(q, k, v, do, causal, scale, kw, bwd_out)
+    o_pt, dq_pt, dk_pt, dv_pt = attention_pytorch(q, k, v, do, causal, scale, ref_kw)
+    mags = attention_magnitudes(q, k, v, do, causal, scale, window_size=opts.window, softcap=opts.softcap,
+                                alibi_slopes=slopes)
+    mags = [m / (1.0 - norm.dropout_p) for m in mags]  # kept terms are scaled by 1 / (1 - p)
     errs = {"out": check("out", out.t, o_ref, o_pt, 2, magnitude=mags[0])}
-    check_fp32("lse", lse.t, lse_ref)
-    for name, x, ref, pt, m in zip(("dq", "dk", "dv"), (dq.t, dk.t, dv.t), (dq_ref, dk_ref, dv_ref),
+    empty = torch.isneginf(lse_ref)  # rows that see no key: lse -inf, out and dq 0
+    assert torch.equal(torch.isneginf(lse.t), empty), "lse: the rows without keys differ"
+    if not empty.all():
+        check_fp32("lse", lse.t[~empty], lse_ref[~empty])
+    for name, x, ref, pt, m in zip(("dq", "dk", "dv"), (dq, dk, dv), (dq_ref, dk_ref, dv_ref),
                                    (dq_pt, dk_pt, dv_pt), mags[1:]):
         errs[name] = check(name, x, ref, pt, 3, magnitude=m)
+    errs["kernel_out"] = out.t.clone()
     return errs
 
 
@@ -419,6 +497,83 @@ def test_attention_emulated_single_buffered_backward(libs, D, deterministic):
 def test_attention_emulated_large_scores(libs):
     """Scores x8 (inputs x sqrt(8)): the running max changes between key blocks; stays accurate."""
     run_attention(libs["attention"], 1, 130, 2, 64, False, FP16, False, qscale=8.0, seed=3)
+
+
+# FlashAttention 2.8's dense options, each against the float64 reference launchers (the kernel's
+# dropout must be the reference's Philox mask exactly, or `out` and every gradient fail):
+# (B, Tq, H, D, causal, dtype, deterministic dQ, qscale, options). Every pair of {GQA, MQA,
+# Tq < Tk, Tq > Tk, causal, window, softcap, ALiBi (H,) / (B, H), dropout, deterministic} appears
+# at least once; head dims 40, 64, 96, 128, 256; windows that leave rows without keys (Tq > Tk,
+# or (120, 130) at shift -60: rows 0..57 see nothing); the plain instantiation (masks, GQA,
+# lengths only) and the kHasModifiers one.
+O = AttnOptions
+OPTION_CASES = [
+    (2, 113, 6, 64, True, FP16, False, 1.0, O(tk=203, hk=2, window=(40, -1), softcap=30.0, alibi="h",
+                                              dropout_p=0.17)),                         # everything
+    (2, 239, 3, 40, True, BF16, True, 1.0, O(tk=1, hk=1, softcap=30.0, alibi="bh", dropout_p=0.17)),
+    (2, 1, 4, 96, False, FP16, True, 1.0, O(tk=239, hk=2, window=(17, 3), alibi="bh", dropout_p=0.17)),
+    (1, 3, 3, 128, False, BF16, False, 1.0, O(tk=80, hk=1, softcap=30.0, dropout_p=0.17)),
+    (1, 64, 4, 128, False, FP16, True, 1.0, O(window=(5, 9), softcap=30.0, alibi="h")),
+    (2, 64, 6, 64, True, BF16, False, 1.0, O(tk=128, hk=2)),                          # plain GQA
+    (1, 113, 4, 40, True, FP16, True, 1.0, O(tk=203)),                                # bottom-right causal
+    (1, 64, 2, 256, False, BF16, True, 1.0, O(dropout_p=0.17)),                       # dropout only
+    (1, 64, 2, 64, False, FP16, False, 3.0, O(softcap=2.0)),                          # tanh saturates
+    (2, 64, 2, 256, True, FP16, False, 1.0, O(alibi="bh")),                           # ALiBi only
+    (1, 239, 3, 128, False, BF16, True, 1.0, O(tk=1, hk=1, window=(0, 0))),           # one key, Tk = 1
+    (1, 3, 6, 40, True, FP16, False, 1.0, O(tk=80, hk=2, window=(2, -1), alibi="h")),  # 3 keys a row
+    (1, 130, 2, 64, False, FP16, True, 1.0, O(tk=70, hk=1, window=(5, 2))),           # empty rows
+    (2, 97, 4, 96, False, BF16, False, 1.0, O(window=(20, 7))),                       # two-sided window
+]
+
+
+def _opt_id(c):
+    B, T, H, D, causal, dtype, det, qscale, o = c
+    tk, hk = o.tk if o.tk is not None else T, o.hk if o.hk is not None else H
+    parts = [f"B{B}Tq{T}Tk{tk}H{H}Hk{hk}D{D}", "causal" if causal else "full", str(dtype).split(".")[1],
+             "det" if det else "atomic"]
+    if o.window != (-1, -1):
+        parts.append(f"w{o.window[0]}_{o.window[1]}")
+    if o.softcap:
+        parts.append(f"softcap{o.softcap:g}")
+    if o.alibi:
+        parts.append(f"alibi_{o.alibi}")
+    if o.dropout_p:
+        parts.append(f"drop{o.dropout_p:g}")
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=_opt_id)
+def test_attention_emulated_options(libs, case):
+    B, T, H, D, causal, dtype, det, qscale, opts = case
+    run_attention(libs["attention"], B, T, H, D, causal, dtype, det, qscale=qscale, opts=opts, seed=11,
+                  repeat_backward=det)
+
+
+def test_attention_emulated_options_single_buffered_backward(libs):
+    """The kHasModifiers backward kernels without double buffering (99 KiB of shared memory)."""
+    dll = libs["attention"].dll
+    dll.emu_attention_set_max_smem(99 * 1024)
+    try:
+        run_attention(libs["attention"], 1, 70, 4, 128, True, BF16, True, seed=5,
+                      opts=O(tk=90, hk=2, window=(30, -1), softcap=30.0, alibi="h", dropout_p=0.17))
+    finally:
+        dll.emu_attention_set_max_smem(227 * 1024)
+
+
+@pytest.mark.parametrize("rng", [(0x0123456789ABCDEF, 0), (0xF123456789ABCDEF, 4 * 0x12345678901)],
+                         ids=["seed-low", "seed-high-bit-offset-past-2^32"])
+def test_attention_emulated_dropout_mask_is_philox_bit_for_bit(libs, rng):
+    """With v the identity (key j -> head-dim column j), out[b, i, h, j] = p_ij * keep_ij / (1 - p):
+    the kept set is read off the kernel's output and must be _philox's mask exactly, for a 64-bit
+    seed (high bit set) and an offset whose stream position needs both counter words."""
+    B, Tq, Tk, H, D, p = 2, 37, 50, 3, 64, 0.17
+    eye = torch.eye(Tk, D)[None, :, None, :].expand(B, Tk, H, D)
+    errs = run_attention(libs["attention"], B, Tq, H, D, False, FP16, False, seed=2,
+                         opts=O(tk=Tk, dropout_p=p, rng=rng), v_override=eye)
+    keep = _philox.dropout_keep_mask(*rng, B, H, Tq, Tk, p)
+    assert 0 < (~keep).sum() < keep.numel()
+    kept = errs["kernel_out"][..., :Tk].permute(0, 2, 1, 3) > 0
+    assert torch.equal(kept, keep), f"{(kept != keep).sum()} of {keep.numel()} keep bits differ"
 
 
 # --- layer norm ---------------------------------------------------------------------------------

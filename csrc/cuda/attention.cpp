@@ -5,8 +5,13 @@
 // here: a head dim that is not a multiple of 8 is zero-padded up to one (zero columns add
 // nothing to q.k and produce zero output columns, which are cut off again), other misaligned
 // inputs are made contiguous. Outputs are fresh, contiguous tensors (the launcher contract).
+// Every option of csrc/common/backend.h's AttentionOptions runs here (GQA/MQA, seqlen_q !=
+// seqlen_k, windows, softcap, ALiBi, dropout); under GQA the dK/dV kernel writes one gradient per
+// query head and each kv head's group is summed here (deterministic, no atomics).
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include <cfloat>
@@ -57,7 +62,7 @@ void check_dtype(const at::Tensor& q) {
 }
 
 void set_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-             bool causal, double scale) {
+             double scale, const AttentionOptions& opts) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -65,12 +70,21 @@ void set_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const
   p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
   p.batch = static_cast<int>(q.size(0));
-  p.seqlen = static_cast<int>(q.size(1));
+  p.seqlen_q = static_cast<int>(q.size(1));
+  p.seqlen_k = static_cast<int>(k.size(1));
   p.heads = static_cast<int>(q.size(2));
+  p.heads_k = static_cast<int>(k.size(2));
   p.head_dim = static_cast<int>(q.size(3));
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
-  p.causal = causal;
+  const float* slopes = nullptr;
+  int64_t slopes_batch_stride = 0;
+  if (opts.alibi_slopes.has_value()) {  // fp32 (H,) or (B, H), contiguous (csrc/attention.cpp)
+    slopes = opts.alibi_slopes->data_ptr<float>();
+    slopes_batch_stride = opts.alibi_slopes->dim() == 2 ? q.size(2) : 0;
+  }
+  set_attention_options(p, opts.window_left, opts.window_right, opts.softcap, slopes, slopes_batch_stride,
+                        opts.dropout_p, opts.dropout_threshold, opts.seed, opts.offset);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
 }
 
@@ -84,53 +98,53 @@ void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::abs(scale) <= FLT_MAX, kOp, ": softmax_scale ", scale, " overflows float32");
 }
 
-void check_sizes(const at::Tensor& q) {
-  // Grid: batch * heads on x (up to 2^31 - 1), query blocks of 64 on y (up to 65535).
-  TORCH_CHECK_VALUE(q.size(1) <= 64LL * 65535, kOp, ": seqlen ", q.size(1), " exceeds the cuda backend's limit ",
-                    64LL * 65535);
+void check_sizes(const at::Tensor& q, const at::Tensor& k) {
+  // Grid: batch * heads on x (up to 2^31 - 1), blocks of 64 query rows (forward, dQ) or key rows
+  // (dK/dV) on y (up to 65535). The same bound keeps the kernels' mask arithmetic (row + seqlen_k
+  // - seqlen_q +- window, attention.h kWindowUnbounded) within int.
+  for (const auto* t : {&q, &k}) {
+    const char* name = t == &q ? "seqlen_q" : "seqlen_k";
+    TORCH_CHECK_VALUE(t->size(1) <= 64LL * 65535, kOp, ": ", name, " ", t->size(1),
+                      " exceeds the cuda backend's limit ", 64LL * 65535);
+  }
   TORCH_CHECK_VALUE(q.size(0) * q.size(2) <= INT32_MAX, kOp, ": batch * nheads is too large");
 }
 
-// The options these kernels implement: equal-length multi-head attention, causal or not. Each
-// other one is refused by name (the names of gptfast.ops._backend.ATTENTION_FEATURES).
-void check_features(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& opts) {
-  const char* missing = nullptr;
-  if (k.size(2) != q.size(2)) missing = "gqa";
-  else if (k.size(1) != q.size(1)) missing = "seqlen_q != seqlen_k";
-  else if (opts.window_left >= 0 || opts.window_right > 0) missing = "window_size";
-  else if (opts.softcap > 0.0) missing = "softcap";
-  else if (opts.alibi_slopes.has_value()) missing = "alibi_slopes";
-  else if (opts.dropout_p > 0.0) missing = "dropout_p";
-  TORCH_CHECK_NOT_IMPLEMENTED(missing == nullptr, kOp, ": backend 'cuda' does not support ",
-                              missing ? missing : "", " yet; backend='auto' routes such calls to a ",
-                              "backend that does");
+// What only this backend requires, beyond the shared checks of csrc/attention.cpp. Every option
+// is implemented (gptfast.ops._backend.KERNEL_ATTENTION_FEATURES["cuda"]): none is refused.
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, double scale) {
+  check_dtype(q);
+  check_sizes(q, k);
+  check_scale(scale);
 }
 
-// What only this backend requires, beyond the shared checks of csrc/attention.cpp.
-void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, double scale,
-                       const AttentionOptions& opts) {
-  check_features(q, k, opts);
-  check_dtype(q);
-  check_sizes(q);
-  check_scale(scale);
+// dK or dV of the kv heads: the kernels' per-query-head gradient x (B, Tk, H, Dp) summed over
+// each group of H / Hk query heads (FlashAttention's way: deterministic, no atomics).
+at::Tensor group_sum(const at::Tensor& x, int64_t heads_k) {
+  const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), Dp = x.size(3);
+  if (H == heads_k) return x;
+  return at::sum(x.view({B, Tk, heads_k, H / heads_k, Dp}), {3});
 }
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, double scale,
                                                      const AttentionOptions& options) {
-  check_cuda_inputs(q_in, k_in, scale, options);
-  const bool causal = options.causal();
+  check_cuda_inputs(q_in, k_in, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);
   const int max_smem = check_smem(q_in, Dp, 0, "forward");
+  if (k_in.size(1) == 0) {  // no keys: every row is empty (out 0, lse -inf); nothing to launch
+    return {at::zeros({B, T, H, D}, q_in.options()),
+            at::full({B, H, T}, -INFINITY, q_in.options().dtype(at::kFloat))};
+  }
   at::Tensor out = at::empty({B, T, H, Dp}, q_in.options());
   at::Tensor lse = at::empty({B, H, T}, q_in.options().dtype(at::kFloat));
   if (B * T * H == 0) return {unpad(out, D), lse};
   const at::Tensor q = prepare(q_in, Dp), k = prepare(k_in, Dp), v = prepare(v_in, Dp);
   AttentionParams p{};
-  set_qkv(p, q, k, v, causal, scale);
+  set_qkv(p, q, k, v, scale, options);
   p.max_smem_per_block = max_smem;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -142,16 +156,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, bool deterministic,
     const AttentionOptions& options) {
-  check_cuda_inputs(q_in, k_in, scale, options);
-  const bool causal = options.causal();
+  check_cuda_inputs(q_in, k_in, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  const int64_t Tk = k_in.size(1), Hk = k_in.size(2);
   const int64_t Dp = padded_head_dim(D);
   const int max_smem = check_smem(q_in, Dp, 1, "backward");  // the single-buffered variant
   const auto opts = q_in.options();
-  at::Tensor dq = at::empty({B, T, H, Dp}, opts), dk = at::empty({B, T, H, Dp}, opts),
-             dv = at::empty({B, T, H, Dp}, opts);
-  if (B * T * H == 0) return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
+  if (B * T * H == 0 || Tk == 0) {  // nothing to launch: an empty output or every row without keys
+    return {at::zeros({B, T, H, D}, opts), at::zeros({B, Tk, Hk, D}, opts), at::zeros({B, Tk, Hk, D}, opts)};
+  }
+  // dK, dV per query head (the kernels'); group_sum reduces them to the kv heads under GQA.
+  at::Tensor dq = at::empty({B, T, H, Dp}, opts), dk = at::empty({B, Tk, H, Dp}, opts),
+             dv = at::empty({B, Tk, H, Dp}, opts);
   const at::Tensor q = prepare(q_in, Dp), k = prepare(k_in, Dp), v = prepare(v_in, Dp);
   const at::Tensor out = prepare(out_in, Dp), dout = prepare(dout_in, Dp);
   const at::Tensor lse = lse_in.contiguous();
@@ -160,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (!deterministic) dq_accum = at::zeros({B, T, H, Dp}, opts.dtype(at::kFloat));
 
   AttentionParams p{};
-  set_qkv(p, q, k, v, causal, scale);
+  set_qkv(p, q, k, v, scale, options);
   p.max_smem_per_block = max_smem;
   p.out_in = out.data_ptr();
   p.dout = dout.data_ptr();
@@ -173,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   p.dv = dv.data_ptr();
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   GPTFAST_CUDA_LAUNCH_CHECK(attention_backward_launch(p, current_stream()));
-  return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
+  return {unpad(dq, D), unpad(group_sum(dk, Hk), D), unpad(group_sum(dv, Hk), D)};
 }
 
 }  // namespace cuda

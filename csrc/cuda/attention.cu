@@ -31,6 +31,27 @@
 //   registers and (default) adds its dQ contribution with fp32 atomics; in deterministic mode a second
 //   kernel per 64 query rows recomputes P and dS and accumulates dQ in registers instead, so no
 //   float addition depends on scheduling order.
+//
+// Options (FlashAttention 2.8's dense ones; semantics: gptfast/ops/attention.py), and which are
+// template parameters:
+// - GQA/MQA and seqlen_q != seqlen_k are index math in every kernel: query head h reads kv head
+//   h / (heads / heads_k), and the bottom-right aligned masks shift each row by seqlen_k - seqlen_q.
+//   Under GQA the dK/dV kernel writes per-query-head dK, dV and the host sums each group (no
+//   atomics: deterministic, and K/V are never repeated in memory).
+// - One compile-time flag, kHasModifiers, splits each kernel in two. The plain instantiation
+//   (false) takes a causal or full mask (any right window side: one compare per element of a
+//   boundary block, as before the options) and compiles to the same main loop, registers and
+//   occupancy as before them (ptxas -v: forward 128/168/238 registers at head dims 64/128/256 on
+//   sm_80 and sm_90). The other (true) adds, as runtime branches on uniform parameters: a bounded
+//   left window side, softcap, ALiBi and dropout. Why not a flag per option: 2^4 x the kernels would
+//   multiply the build (2 cores) for calls that are rare and often combine options; and why not
+//   runtime branches in one instantiation: the left side alone raised the sm_90 forward at head
+//   dim 64 from 128 to 134 registers (3 CTAs per SM instead of 4), and the modifiers' registers
+//   (tanh, the bias, Philox state) would cost every plain call. Each kernel skips the blocks its
+//   window cannot see: a per-block range of key blocks (forward, dQ) or query blocks (dK/dV).
+// - Dropout regenerates gptfast/ops/_philox.py's mask bit for bit (Philox 4x32-10, a pure
+//   function of (b, h, row, column)), so any tiling draws the same bits and the backward never
+//   stores the mask; kept probabilities are scaled by 1 / (1 - p) before the P V product.
 #include <cfloat>
 #include <cmath>
 
@@ -172,6 +193,89 @@ __device__ __forceinline__ const uint16_t* head_ptr(const void* base, int64_t ba
   return reinterpret_cast<const uint16_t*>(base) + b * batch_stride + h * head_stride;
 }
 
+// --- mask and score modifiers ----------------------------------------------------------------
+
+// The window's left side: unbounded at compile time in the plain kernels (the host sends a
+// bounded left side to the kHasModifiers ones), so that their mask is today's causal one.
+template <bool kHasModifiers> __device__ __forceinline__ int window_left(const AttentionParams& p) {
+  return kHasModifiers ? p.window_left : kWindowUnbounded;
+}
+
+// Query row i (shifted by seqlen_k - seqlen_q) sees key column j: the window of AttentionParams.
+template <bool kHasModifiers>
+__device__ __forceinline__ bool visible(const AttentionParams& p, int i_shifted, int j) {
+  if constexpr (kHasModifiers) return j <= i_shifted + p.window_right && j >= i_shifted - p.window_left;
+  return j <= i_shifted + p.window_right;
+}
+
+// The score in log2 units (kHasModifiers): log2(e) * s with s = scale * acc, softcapped
+// (s = softcap * tanh(s / softcap); *t gets the tanh for the backward's 1 - t^2), minus ALiBi's
+// slope * |i + seqlen_k - seqlen_q - j| (slope_log2 = log2(e) * slope, 0 without ALiBi): the order
+// of gptfast/ops/attention.py's _scores.
+__device__ __forceinline__ float modified_score(const AttentionParams& p, float acc, float slope_log2, int dist,
+                                                float* t) {
+  float x;
+  if (p.softcap_log2 != 0.f) {
+    const float th = tanhf(acc * p.softcap_scale);
+    *t = th;
+    x = th * p.softcap_log2;
+  } else {
+    *t = 0.f;
+    x = acc * p.scale_log2;
+  }
+  return x - slope_log2 * fabsf(static_cast<float>(dist));
+}
+
+__device__ __forceinline__ float alibi_slope_log2(const AttentionParams& p, int b, int h) {
+  return p.alibi_slopes == nullptr ? 0.f : p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
+}
+
+// Philox 4x32-10 (Salmon et al., SC'11), exactly gptfast/ops/_philox.py's: ten rounds of
+// (c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0)), the key
+// bumped by the Weyl constants between rounds.
+__device__ __forceinline__ void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = __umulhi(kM0, c[0]), lo0 = kM0 * c[0];
+    const uint32_t hi1 = __umulhi(kM1, c[2]), lo1 = kM1 * c[2];
+    c[0] = hi1 ^ c[1] ^ k0;
+    c[1] = lo1;
+    c[2] = hi0 ^ c[3] ^ k1;
+    c[3] = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+}
+
+// The dropout mask of one (batch, head): _philox.py's layout. Score (i, j) is kept iff word j % 4
+// of Philox((offset / 4 + j / 4 as two words, i, b * heads + h), seed) is >= the threshold.
+struct Dropout {
+  // Only the head index is held in a register: the rest is read from the kernel parameters
+  // (constant memory) where it is used, which keeps the forward at head dim 128 free of spills.
+  const AttentionParams& p;
+  uint32_t subsequence;  // b * heads + h
+
+  __device__ __forceinline__ Dropout(const AttentionParams& params, int bh)
+      : p(params), subsequence(static_cast<uint32_t>(bh)) {}
+
+  // The four words of row i, columns 4 * group .. 4 * group + 3.
+  __device__ __forceinline__ void words(uint32_t (&w)[4], int i, int group) const {
+    const uint64_t n = (p.dropout_offset >> 2) + static_cast<uint64_t>(group);
+    w[0] = static_cast<uint32_t>(n);
+    w[1] = static_cast<uint32_t>(n >> 32);
+    w[2] = static_cast<uint32_t>(i);
+    w[3] = subsequence;
+    philox4x32_10(w, static_cast<uint32_t>(p.dropout_seed), static_cast<uint32_t>(p.dropout_seed >> 32));
+  }
+  // The factor of a score whose word is w[m % 4]: 1 / (1 - p) kept, 0 dropped (selects, not an
+  // indexed register array, which would go to local memory).
+  __device__ __forceinline__ float factor(const uint32_t (&w)[4], int m) const {
+    const uint32_t r = (m & 2) ? ((m & 1) ? w[3] : w[2]) : ((m & 1) ? w[1] : w[0]);
+    return r >= p.dropout_threshold ? p.dropout_scale : 0.f;
+  }
+};
+
 // --- forward ----------------------------------------------------------------------------------
 
 template <int kHeadDim> struct FwdConfig {
@@ -181,10 +285,12 @@ template <int kHeadDim> struct FwdConfig {
   static constexpr int kThreads = 128;
   static constexpr int kPitch = kHeadDim + 8;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
+  static constexpr int kModifierBlocks = kHeadDim == 64 ? 3 : 2;  // see attention_fwd_modifiers_kernel
 };
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParams p) {
+// The forward of one CTA; the two kernels below differ in their launch bounds only.
+template <typename T, int kHeadDim, bool kHasModifiers>
+__device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
   using Cfg = FwdConfig<kHeadDim>;
   constexpr int kBlockN = Cfg::kBlockN, kPitch = Cfg::kPitch, kThreads = Cfg::kThreads;
   constexpr int kNT = kBlockN / 8;   // score n-tiles per warp
@@ -196,20 +302,24 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / (p.heads / p.heads_k);  // the kv head of query head h (GQA/MQA)
   const int m_block = gridDim.y - 1 - blockIdx.y;  // longest causal rows first: better tail balance
   const int m0 = m_block * kBlockM;
-  const int T_ = p.seqlen;
+  const int Tq = p.seqlen_q, Tk = p.seqlen_k, shift = Tk - Tq;
   const uint16_t* q = head_ptr<T>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
-  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
-  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
+  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, hk);
+  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, hk);
 
-  const int n_end = p.causal ? min(T_, m0 + kBlockM) : T_;
-  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
+  // Key blocks any row of this block can see: columns [m0 + shift - left, m0 + 63 + shift + right].
+  const int n_lo = kHasModifiers ? max(0, m0 + shift - window_left<kHasModifiers>(p)) : 0;
+  const int n_hi = min(Tk, m0 + kBlockM + shift + p.window_right);  // exclusive
+  const int j_begin = n_lo / kBlockN;
+  const int j_end = n_hi > n_lo ? (n_hi + kBlockN - 1) / kBlockN : j_begin;  // none: out 0, lse -inf
 
-  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_row_stride, m0, T_, p.head_dim);
-  load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_row_stride, 0, T_, p.head_dim);
+  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_row_stride, m0, Tq, p.head_dim);
+  load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_row_stride, j_begin * kBlockN, Tk, p.head_dim);
   cp_async_commit();
-  load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_row_stride, 0, T_, p.head_dim);
+  load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_row_stride, j_begin * kBlockN, Tk, p.head_dim);
   cp_async_commit();
 
   float o[kDT][4];
@@ -219,8 +329,10 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // partial: this thread's columns only, reduced at the end
   const int row_a = m0 + warp * 16 + g;
+  float slope_log2 = 0.f;
+  if constexpr (kHasModifiers) slope_log2 = alibi_slope_log2(p, b, h);
 
-  for (int j = 0; j < n_blocks; ++j) {
+  for (int j = j_begin; j < j_end; ++j) {
     const int n0 = j * kBlockN;
     cp_async_wait<1>();  // Q and K_j have landed (V_j may still be in flight)
     __syncthreads();
@@ -240,22 +352,30 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
       }
     }
     __syncthreads();  // every warp is done with sK: K_{j+1} may overwrite it
-    if (j + 1 < n_blocks) load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_row_stride, n0 + kBlockN, T_, p.head_dim);
+    if (j + 1 < j_end) load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_row_stride, n0 + kBlockN, Tk, p.head_dim);
     cp_async_commit();  // possibly empty: keeps the group count uniform for wait<1>
 
     // Online softmax. Masked scores are -inf; a row whose scores are all masked so far keeps
-    // max -inf and uses 0 as its offset, so that no -inf - -inf NaN appears.
-    const bool need_mask = n0 + kBlockN > T_ || (p.causal && n0 + kBlockN - 1 > m0);
+    // max -inf and uses 0 as its offset, so that no -inf - -inf NaN appears. Blocks inside every
+    // row's window (and inside seqlen_k) skip the mask.
+    const bool need_mask = n0 + kBlockN > Tk || n0 + kBlockN - 1 > m0 + shift + p.window_right ||
+                           (kHasModifiers && n0 < m0 + kBlockM - 1 + shift - window_left<kHasModifiers>(p));
     float blk_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * p.scale_log2;
+        const int col = n0 + nt * 8 + 2 * t + (e & 1);
+        const int row = row_a + (e >> 1) * 8;
+        float x;
+        if constexpr (kHasModifiers) {
+          float th;
+          x = modified_score(p, s[nt][e], slope_log2, row + shift - col, &th);
+        } else {
+          x = s[nt][e] * p.scale_log2;
+        }
         if (need_mask) {
-          const int col = n0 + nt * 8 + 2 * t + (e & 1);
-          const int row = row_a + (e >> 1) * 8;
-          if (col >= T_ || (p.causal && col > row)) x = -INFINITY;
+          if (col >= Tk || !visible<kHasModifiers>(p, row + shift, col)) x = -INFINITY;
         }
         s[nt][e] = x;
         blk_max[e >> 1] = fmaxf(blk_max[e >> 1], x);
@@ -280,6 +400,24 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
         const float pe = fast_exp2(s[nt][e] - offset[e >> 1]);  // NaN scores stay NaN
         s[nt][e] = pe;
         row_sum[e >> 1] += pe;
+      }
+    }
+    if constexpr (kHasModifiers) {
+      if (p.dropout) {
+        // The normaliser sums the undropped P (lse is dropout's too); P V gets P * keep / (1 - p).
+        // Columns 2t, 2t + 1 of each n-tile share one Philox group (words 2t % 4, + 1).
+        const Dropout drop(p, bh);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          const int c0 = n0 + nt * 8 + 2 * t;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            uint32_t w[4];
+            drop.words(w, row_a + r * 8, c0 >> 2);
+            s[nt][2 * r] *= drop.factor(w, c0);
+            s[nt][2 * r + 1] *= drop.factor(w, c0 + 1);
+          }
+        }
       }
     }
 #pragma unroll
@@ -307,7 +445,7 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
       }
     }
     __syncthreads();  // every warp is done with sV
-    if (j + 1 < n_blocks) load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_row_stride, n0 + kBlockN, T_, p.head_dim);
+    if (j + 1 < j_end) load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_row_stride, n0 + kBlockN, Tk, p.head_dim);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -322,18 +460,32 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
     // that a NaN sum stays NaN instead of turning into zeros.
     const float inv = l == 0.f ? 0.f : 1.f / l;
     const int row = row_a + r * 8;
-    if (row < T_) {
-      T* out = reinterpret_cast<T*>(p.out) + ((static_cast<int64_t>(b) * T_ + row) * H + h) * D;
+    if (row < Tq) {
+      T* out = reinterpret_cast<T*>(p.out) + ((static_cast<int64_t>(b) * Tq + row) * H + h) * D;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         const int col = dt * 8 + 2 * t;
         if (col < D) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
       }
       if (t == 0) {
-        p.lse[static_cast<int64_t>(bh) * T_ + row] = l == 0.f ? -INFINITY : row_max[r] * kLn2 + logf(l);
+        p.lse[static_cast<int64_t>(bh) * Tq + row] = l == 0.f ? -INFINITY : row_max[r] * kLn2 + logf(l);
       }
     }
   }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParams p) {
+  attention_fwd<T, kHeadDim, false>(p);
+}
+
+// With score modifiers ptxas, left to its own occupancy target, spilled at head dim 128 (8 bytes
+// at 168 registers, sm_80): the minimum of CTAs per SM lets it use what the modifiers need
+// (FwdConfig::kModifierBlocks: 3 at head dim 64, as its plain kernel gets; 2 above).
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128, FwdConfig<kHeadDim>::kModifierBlocks)
+    attention_fwd_modifiers_kernel(const AttentionParams p) {
+  attention_fwd<T, kHeadDim, true>(p);
 }
 
 // --- backward ---------------------------------------------------------------------------------
@@ -343,11 +495,11 @@ template <typename T>
 __global__ void attention_bwd_delta_kernel(const AttentionParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen * p.heads;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads;
   if (row >= rows) return;
   const int h = static_cast<int>(row % p.heads);
-  const int i = static_cast<int>((row / p.heads) % p.seqlen);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.heads) * p.seqlen));
+  const int i = static_cast<int>((row / p.heads) % p.seqlen_q);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.heads) * p.seqlen_q));
   const T* o = reinterpret_cast<const T*>(p.out_in) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.do_batch_stride + i * p.do_row_stride + h * p.do_head_stride;
   float acc = 0.f;
@@ -361,7 +513,7 @@ __global__ void attention_bwd_delta_kernel(const AttentionParams p) {
     for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
   }
   acc = warp_sum(acc);
-  if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen + i] = acc;
+  if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen_q + i] = acc;
 }
 
 // The two score-sized products of both backward kernels, over the head dim:
@@ -419,19 +571,42 @@ __device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const
   for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
     const int row = m0 + i;
     float lse = INFINITY, delta = 0.f;
-    if (row < p.seqlen) {
-      const float l = p.lse_in[static_cast<int64_t>(bh) * p.seqlen + row];
+    if (row < p.seqlen_q) {
+      const float l = p.lse_in[static_cast<int64_t>(bh) * p.seqlen_q + row];
       lse = l == -INFINITY ? INFINITY : l * kLog2e;
-      delta = p.delta[static_cast<int64_t>(bh) * p.seqlen + row];
+      delta = p.delta[static_cast<int64_t>(bh) * p.seqlen_q + row];
     }
     sLse[i] = lse;
     sDelta[i] = delta;
   }
 }
 
-// dK, dV for 64 key rows (blockIdx.y) of one (batch, head) (blockIdx.x); dQ with atomics when
-// p.dq_accum is set. Warp w owns key rows 16 * (w % 4) .. +15 and, for dK/dV, head-dim half w / 4.
-template <typename T, int kHeadDim, bool kDouble>
+// The backward's per-element step, shared by both kernels: from the score accumulator `acc` of
+// (query row qrow, key kv) and dP = dO . v, returns dS = P (dP * keep - delta) (* (1 - t^2) under
+// softcap) and sets *pd = P * keep (keep: 1 / (1 - p) kept, 0 dropped; 1 without dropout), with
+// P = exp2(score_log2 - lse_log2) recomputed from the forward's logsumexp.
+template <bool kHasModifiers>
+__device__ __forceinline__ float backward_element(const AttentionParams& p, float acc, float dp, bool valid,
+                                                  float lse_log2, float delta, float slope_log2, int dist,
+                                                  float keep, float* pd) {
+  if constexpr (!kHasModifiers) {
+    const float pe = valid ? fast_exp2(acc * p.scale_log2 - lse_log2) : 0.f;
+    *pd = pe;
+    return pe * (dp - delta);
+  } else {
+    float th;
+    const float x = modified_score(p, acc, slope_log2, dist, &th);
+    const float pe = valid ? fast_exp2(x - lse_log2) : 0.f;
+    *pd = pe * keep;
+    const float ds = pe * (dp * keep - delta);
+    return p.softcap_log2 != 0.f ? ds * (1.f - th * th) : ds;
+  }
+}
+
+// dK, dV for 64 key rows (blockIdx.y) of one (batch, query head) (blockIdx.x); dQ with atomics
+// when p.dq_accum is set. Warp w owns key rows 16 * (w % 4) .. +15 and, for dK/dV, head-dim half
+// w / 4. Under GQA each query head writes its own dK/dV rows (dk, dv have `heads` heads).
+template <typename T, int kHeadDim, bool kDouble, bool kHasModifiers>
 __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kPitch = Cfg::kPitch, kPPitch = Cfg::kPPitch, kThreads = Cfg::kThreads;
@@ -454,14 +629,15 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
   const int r = warp % 4, c = warp / 4;
   const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int n_block = blockIdx.y, n0 = n_block * 64;
-  const int T_ = p.seqlen, H = p.heads, D = p.head_dim;
+  const int Tq = p.seqlen_q, Tk = p.seqlen_k, shift = Tk - Tq, H = p.heads, D = p.head_dim;
+  const int hk = h / (H / p.heads_k);
   const uint16_t* q = head_ptr<T>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
-  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
-  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
+  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, hk);
+  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, hk);
   const uint16_t* dout = head_ptr<T>(p.dout, p.do_batch_stride, p.do_head_stride, b, h);
 
-  load_tile<64, kHeadDim, kThreads>(sK, k, p.k_row_stride, n0, T_, D);
-  load_tile<64, kHeadDim, kThreads>(sV, v, p.v_row_stride, n0, T_, D);
+  load_tile<64, kHeadDim, kThreads>(sK, k, p.k_row_stride, n0, Tk, D);
+  load_tile<64, kHeadDim, kThreads>(sV, v, p.v_row_stride, n0, Tk, D);
   cp_async_commit();
 
   float dk[kDT][4], dv[kDT][4];
@@ -470,14 +646,19 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   }
-  // Causal: query rows below the first key of this block see none of it (kBlockM == kBlockN).
-  const int m_begin = p.causal ? n_block : 0;
-  const int m_blocks = (T_ + kBlockM - 1) / kBlockM;
+  // Query blocks that see any key of this block: rows [n0 - shift - right, n0 + 63 - shift + left]
+  // (causal: rows before this block's first key, shifted, see none of it).
+  const int m_lo = max(0, n0 - shift - p.window_right);
+  const int m_hi = kHasModifiers ? min(Tq, n0 + 64 - shift + window_left<kHasModifiers>(p)) : Tq;  // exclusive
+  const int m_begin = m_lo / kBlockM;
+  const int m_blocks = m_hi > m_lo ? (m_hi + kBlockM - 1) / kBlockM : m_begin;  // none: dK = dV = 0
   const int kv_a = n0 + r * 16 + g;  // this thread's key rows: kv_a and kv_a + 8
+  float slope_log2 = 0.f;
+  if constexpr (kHasModifiers) slope_log2 = alibi_slope_log2(p, b, h);
 
   auto load_q_do = [&](int mb, uint16_t* dst_q, uint16_t* dst_do) {
-    load_tile<kBlockM, kHeadDim, kThreads>(dst_q, q, p.q_row_stride, mb * kBlockM, T_, D);
-    load_tile<kBlockM, kHeadDim, kThreads>(dst_do, dout, p.do_row_stride, mb * kBlockM, T_, D);
+    load_tile<kBlockM, kHeadDim, kThreads>(dst_q, q, p.q_row_stride, mb * kBlockM, Tq, D);
+    load_tile<kBlockM, kHeadDim, kThreads>(dst_do, dout, p.do_row_stride, mb * kBlockM, Tq, D);
     cp_async_commit();
   };
   if (kDouble && m_begin < m_blocks) load_q_do(m_begin, sQ0, sdO0);
@@ -503,17 +684,29 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
     // Unrolled by 4 only: with 128 registers of dK/dV live, a full unroll spilled at 256.
     float st[4][4], dpt[4][4];
     two_score_products<T, kHeadDim, 4>(st, sK, sQ, dpt, sV, sdO, r * 16, c * 32, lane);
-    // P^T = exp2(scale_log2 * S^T - lse_log2[query]);  dS^T = P^T * (dP^T - delta[query]).
+    // P^T = exp2(scale_log2 * S^T - lse_log2[query]);  dS^T = P^T * (dP^T - delta[query]); with
+    // modifiers, backward_element's. Dropout: the thread's scores (key kv, queries 2t, 2t + 1)
+    // are words kv % 4 of two Philox calls (one per query row) for each key row.
+    const Dropout drop(p, bh);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = c * 32 + nt * 8 + 2 * t + (e & 1);
         const int qrow = m0 + ql, kv = kv_a + (e >> 1) * 8;
-        const bool valid = qrow < T_ && kv < T_ && !(p.causal && kv > qrow);
-        const float pe = valid ? fast_exp2(st[nt][e] * p.scale_log2 - sLse[ql]) : 0.f;
-        st[nt][e] = pe;
-        dpt[nt][e] = pe * (dpt[nt][e] - sDelta[ql]);
+        const bool valid = qrow < Tq && kv < Tk && visible<kHasModifiers>(p, qrow + shift, kv);
+        float keep = 1.f;
+        if constexpr (kHasModifiers) {
+          if (p.dropout) {
+            uint32_t w[4];
+            drop.words(w, qrow, kv >> 2);
+            keep = drop.factor(w, kv);
+          }
+        }
+        float pd;
+        dpt[nt][e] = backward_element<kHasModifiers>(p, st[nt][e], dpt[nt][e], valid, sLse[ql], sDelta[ql],
+                                                     slope_log2, qrow + shift - kv, keep, &pd);
+        st[nt][e] = pd;
       }
       const int col = c * 32 + nt * 8 + 2 * t;
       uint16_t* pt = sPt + (r * 16 + g) * kPPitch + col;
@@ -548,7 +741,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
     if (p.dq_accum != nullptr) {
       // dQ[query strip r, half c] += scale * dS K, 32 columns at a time (16 accumulators) and
       // added to the fp32 buffer with atomics: every key block contributes to every query row.
-      float* dq_rows = p.dq_accum + (static_cast<int64_t>(b) * T_ * H + h) * D;
+      float* dq_rows = p.dq_accum + (static_cast<int64_t>(b) * Tq * H + h) * D;
 #pragma unroll 1
       for (int chunk = 0; chunk < kHalf / 32; ++chunk) {
         float acc[4][4];
@@ -570,7 +763,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
           for (int e = 0; e < 4; ++e) {
             const int qrow = m0 + r * 16 + g + (e >> 1) * 8;
             const int col = c * kHalf + chunk * 32 + nt * 8 + 2 * t + (e & 1);
-            if (qrow < T_ && col < D) atomicAdd(dq_rows + static_cast<int64_t>(qrow) * H * D + col, acc[nt][e] * p.scale);
+            if (qrow < Tq && col < D) atomicAdd(dq_rows + static_cast<int64_t>(qrow) * H * D + col, acc[nt][e] * p.scale);
           }
         }
       }
@@ -578,12 +771,15 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
     __syncthreads();  // the next query block overwrites sQ, sdO, sPt, sdSt
   }
 
+  // A key block no query row sees (a window, Tq < Tk causal) ran no iteration: its K/V copy is
+  // still in flight, and must land before the CTA exits.
+  cp_async_wait<0>();
   // dK = scale * dS^T Q (the scores were scaled); dV = P^T dO.
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int kv = kv_a + half * 8;
-    if (kv >= T_) continue;
-    const int64_t off = ((static_cast<int64_t>(b) * T_ + kv) * H + h) * D;
+    if (kv >= Tk) continue;
+    const int64_t off = ((static_cast<int64_t>(b) * Tk + kv) * H + h) * D;
     T* dk_row = reinterpret_cast<T*>(p.dk) + off;
     T* dv_row = reinterpret_cast<T*>(p.dv) + off;
 #pragma unroll
@@ -599,7 +795,7 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
 // Deterministic dQ: 64 query rows (blockIdx.y, longest first) of one (batch, head) per CTA, looping
 // over key blocks in a fixed order (K and V double-buffered up to head dim 128). Warp w owns query rows 16 * (w % 4) .. +15; for S/dP key
 // columns 32 * (w / 4) .. +31, for dQ head-dim half w / 4.
-template <typename T, int kHeadDim, bool kDouble>
+template <typename T, int kHeadDim, bool kDouble, bool kHasModifiers>
 __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kPitch = Cfg::kPitch, kPPitch = Cfg::kPPitch, kThreads = Cfg::kThreads;
@@ -620,34 +816,40 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
   const int r = warp % 4, c = warp / 4;
   const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;
-  const int T_ = p.seqlen, H = p.heads, D = p.head_dim;
+  const int Tq = p.seqlen_q, Tk = p.seqlen_k, shift = Tk - Tq, H = p.heads, D = p.head_dim;
+  const int hk = h / (H / p.heads_k);
   const uint16_t* q = head_ptr<T>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
-  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
-  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
+  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, hk);
+  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, hk);
   const uint16_t* dout = head_ptr<T>(p.dout, p.do_batch_stride, p.do_head_stride, b, h);
 
-  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_row_stride, m0, T_, D);
-  load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_row_stride, m0, T_, D);
+  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_row_stride, m0, Tq, D);
+  load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_row_stride, m0, Tq, D);
   cp_async_commit();
   load_row_stats(sLse, sDelta, p, bh, m0);
 
   float dq[kDT][4];
 #pragma unroll
   for (int i = 0; i < kDT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-  const int n_end = p.causal ? min(T_, m0 + kBlockM) : T_;
-  const int n_blocks = (n_end + 63) / 64;
+  // Key blocks any row of this block can see (as in the forward).
+  const int n_lo = kHasModifiers ? max(0, m0 + shift - window_left<kHasModifiers>(p)) : 0;
+  const int n_hi = min(Tk, m0 + kBlockM + shift + p.window_right);  // exclusive
+  const int j_begin = n_lo / 64;
+  const int n_blocks = n_hi > n_lo ? (n_hi + 63) / 64 : j_begin;  // one past the last block
   const int q_a = r * 16 + g;  // local query rows q_a and q_a + 8
+  float slope_log2 = 0.f;
+  if constexpr (kHasModifiers) slope_log2 = alibi_slope_log2(p, b, h);
 
   auto load_k_v = [&](int j, uint16_t* dst_k, uint16_t* dst_v) {
-    load_tile<64, kHeadDim, kThreads>(dst_k, k, p.k_row_stride, j * 64, T_, D);
-    load_tile<64, kHeadDim, kThreads>(dst_v, v, p.v_row_stride, j * 64, T_, D);
+    load_tile<64, kHeadDim, kThreads>(dst_k, k, p.k_row_stride, j * 64, Tk, D);
+    load_tile<64, kHeadDim, kThreads>(dst_v, v, p.v_row_stride, j * 64, Tk, D);
     cp_async_commit();
   };
-  if (kDouble && n_blocks > 0) load_k_v(0, sK0, sV0);
+  if (kDouble && j_begin < n_blocks) load_k_v(j_begin, sK0, sV0);
 
-  for (int j = 0; j < n_blocks; ++j) {
+  for (int j = j_begin; j < n_blocks; ++j) {
     const int n0 = j * 64;
-    const bool odd = kDouble && (j & 1);
+    const bool odd = kDouble && ((j - j_begin) & 1);
     uint16_t* sK = odd ? sK1 : sK0;
     uint16_t* sV = odd ? sV1 : sV0;
     if (kDouble) {
@@ -664,16 +866,30 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
     // S = Q K^T and dP = dO V^T for query rows of strip r, key columns 32c .. 32c+31.
     float s[4][4], dp[4][4];
     two_score_products<T, kHeadDim, kHeadDim / 16>(s, sQ, sK, dp, sdO, sV, r * 16, c * 32, lane);
+    const Dropout drop(p, bh);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const int kl = c * 32 + nt * 8 + 2 * t;
+      // Dropout: keys 2t, 2t + 1 of a row share one Philox group (words kl % 4, + 1).
+      uint32_t w[2][4];
+      if constexpr (kHasModifiers) {
+        if (p.dropout) {
+          drop.words(w[0], m0 + q_a, (n0 + kl) >> 2);
+          drop.words(w[1], m0 + q_a + 8, (n0 + kl) >> 2);
+        }
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = q_a + (e >> 1) * 8;
         const int qrow = m0 + ql, kv = n0 + kl + (e & 1);
-        const bool valid = qrow < T_ && kv < T_ && !(p.causal && kv > qrow);
-        const float pe = valid ? fast_exp2(s[nt][e] * p.scale_log2 - sLse[ql]) : 0.f;
-        dp[nt][e] = pe * (dp[nt][e] - sDelta[ql]);
+        const bool valid = qrow < Tq && kv < Tk && visible<kHasModifiers>(p, qrow + shift, kv);
+        float keep = 1.f;
+        if constexpr (kHasModifiers) {
+          if (p.dropout) keep = drop.factor(w[e >> 1], kv);
+        }
+        float pd;
+        dp[nt][e] = backward_element<kHasModifiers>(p, s[nt][e], dp[nt][e], valid, sLse[ql], sDelta[ql], slope_log2,
+                                                    qrow + shift - kv, keep, &pd);
       }
       uint16_t* dst = sdS + q_a * kPPitch + kl;
       *reinterpret_cast<uint32_t*>(dst) = pack2<T>(dp[nt][0], dp[nt][1]);
@@ -693,12 +909,13 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
     }
     __syncthreads();  // the next key block overwrites sK, sV, sdS
   }
+  cp_async_wait<0>();  // rows that see no key block ran no iteration: Q/dO are still in flight
 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int qrow = m0 + q_a + half * 8;
-    if (qrow >= T_) continue;
-    T* dq_row = reinterpret_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * T_ + qrow) * H + h) * D;
+    if (qrow >= Tq) continue;
+    T* dq_row = reinterpret_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * Tq + qrow) * H + h) * D;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       const int col = c * kHalf + dt * 8 + 2 * t;
@@ -736,56 +953,62 @@ int attention_smem_bytes(int head_dim, int kernel) {
 cudaError_t attention_forward_launch(const AttentionParams& p, cudaStream_t stream) {
   return FP16_SWITCH(p.is_bf16, [&] {
     return HEADDIM_SWITCH(p.head_dim, [&] {
-      using Cfg = FwdConfig<kHeadDim>;
-      auto kernel = attention_fwd_kernel<elem_t, kHeadDim>;
-      cudaError_t err = set_smem(kernel, Cfg::kSmemBytes);
-      if (err != cudaSuccess) return err;
-      const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen, kBlockM));
-      kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-      return cudaGetLastError();
+      return BOOL_SWITCH(p.has_modifiers, kHasModifiers, [&] {
+        using Cfg = FwdConfig<kHeadDim>;
+        auto kernel = kHasModifiers ? attention_fwd_modifiers_kernel<elem_t, kHeadDim>
+                                    : attention_fwd_kernel<elem_t, kHeadDim>;
+        cudaError_t err = set_smem(kernel, Cfg::kSmemBytes);
+        if (err != cudaSuccess) return err;
+        const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen_q, kBlockM));
+        kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+        return cudaGetLastError();
+      });
     });
   });
 }
 
 namespace {
 // The dK/dV kernel, then dQ (conversion of the atomics' buffer, or the deterministic kernel).
-template <typename T, int kHeadDim, bool kDouble>
+template <typename T, int kHeadDim, bool kDouble, bool kHasModifiers>
 cudaError_t launch_backward_main(const AttentionParams& p, cudaStream_t stream) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kSmem = Cfg::template smem_bytes<kDouble>();
-  const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen, 64));
-  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kDouble>;
+  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kDouble, kHasModifiers>;
   cudaError_t e = set_smem(dkdv, kSmem);
   if (e != cudaSuccess) return e;
-  dkdv<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  dkdv<<<dim3(p.batch * p.heads, ceil_div(p.seqlen_k, 64)), Cfg::kThreads, kSmem, stream>>>(p);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   if (p.dq_accum != nullptr) {
-    const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * p.heads * p.head_dim;
+    const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads * p.head_dim;
     const int blocks = static_cast<int>(n / 256 + 1 < 65536 ? n / 256 + 1 : 65536);
     attention_bwd_dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, reinterpret_cast<T*>(p.dq), n);
     return cudaGetLastError();
   }
-  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDouble>;
+  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDouble, kHasModifiers>;
   e = set_smem(dq, kSmem);
   if (e != cudaSuccess) return e;
-  dq<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  dq<<<dim3(p.batch * p.heads, ceil_div(p.seqlen_q, kBlockM)), Cfg::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 }  // namespace
 
 cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t stream) {
   return FP16_SWITCH(p.is_bf16, [&] {
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen * p.heads;
+    const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads;
     attention_bwd_delta_kernel<elem_t><<<ceil_div(rows, 8), 256, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     return HEADDIM_SWITCH(p.head_dim, [&] {
-      using Cfg = BwdConfig<kHeadDim>;
-      if constexpr (Cfg::kCanDouble) {
-        if (Cfg::kSmemBytesDouble <= p.max_smem_per_block) return launch_backward_main<elem_t, kHeadDim, true>(p, stream);
-      }
-      return launch_backward_main<elem_t, kHeadDim, false>(p, stream);
+      return BOOL_SWITCH(p.has_modifiers, kHasModifiers, [&] {
+        using Cfg = BwdConfig<kHeadDim>;
+        if constexpr (Cfg::kCanDouble) {
+          if (Cfg::kSmemBytesDouble <= p.max_smem_per_block) {
+            return launch_backward_main<elem_t, kHeadDim, true, kHasModifiers>(p, stream);
+          }
+        }
+        return launch_backward_main<elem_t, kHeadDim, false, kHasModifiers>(p, stream);
+      });
     });
   });
 }

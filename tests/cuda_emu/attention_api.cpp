@@ -1,6 +1,7 @@
 // ctypes entry points of the emulated csrc/cuda/attention.cu (built by tests/test_cuda_emulated.py
 // from the rewritten copy, see rewrite.py). Strides: q, k, v, out, dout, each (batch, row, head),
-// in elements.
+// in elements. Options go through emu_attention_set_options (kept until the next call), then
+// attention.h's set_attention_options, as csrc/cuda/attention.cpp does.
 #include "attention.cu"
 
 using gptfast::cuda::AttentionParams;
@@ -10,35 +11,57 @@ using gptfast::cuda::AttentionParams;
 static int g_max_smem = 227 * 1024;
 EMU_API void emu_attention_set_max_smem(int bytes) { g_max_smem = bytes; }
 
-static void fill(AttentionParams& p, const void* q, const void* k, const void* v, const int64_t* st, int B, int T,
-                 int H, int D, float scale, int causal, int bf16) {
+// The normalised options of csrc/common/backend.h's AttentionOptions (window sides -1 =
+// unbounded; causal is window_right 0), ALiBi slopes (fp32, batch stride 0 or heads) or null.
+static struct {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  const float* alibi = nullptr;
+  int64_t alibi_batch_stride = 0;
+  double dropout_p = 0.0;
+  uint32_t threshold = 0;
+  uint64_t seed = 0, offset = 0;
+} g_opts;
+EMU_API void emu_attention_set_options(int64_t window_left, int64_t window_right, double softcap, const float* alibi,
+                                       int64_t alibi_batch_stride, double dropout_p, uint32_t threshold, uint64_t seed,
+                                       uint64_t offset) {
+  g_opts.window_left = window_left, g_opts.window_right = window_right, g_opts.softcap = softcap;
+  g_opts.alibi = alibi, g_opts.alibi_batch_stride = alibi_batch_stride;
+  g_opts.dropout_p = dropout_p, g_opts.threshold = threshold, g_opts.seed = seed, g_opts.offset = offset;
+}
+
+static void fill(AttentionParams& p, const void* q, const void* k, const void* v, const int64_t* st, int B, int Tq,
+                 int Tk, int H, int Hk, int D, float scale, int bf16) {
   p.q = q, p.k = k, p.v = v;
   p.q_batch_stride = st[0], p.q_row_stride = st[1], p.q_head_stride = st[2];
   p.k_batch_stride = st[3], p.k_row_stride = st[4], p.k_head_stride = st[5];
   p.v_batch_stride = st[6], p.v_row_stride = st[7], p.v_head_stride = st[8];
-  p.batch = B, p.seqlen = T, p.heads = H, p.head_dim = D;
+  p.batch = B, p.seqlen_q = Tq, p.seqlen_k = Tk, p.heads = H, p.heads_k = Hk, p.head_dim = D;
   p.scale = scale;
   p.scale_log2 = static_cast<float>(static_cast<double>(scale) * M_LOG2E);  // as csrc/cuda/attention.cpp
-  p.causal = causal;
+  gptfast::cuda::set_attention_options(p, g_opts.window_left, g_opts.window_right, g_opts.softcap, g_opts.alibi,
+                                       g_opts.alibi_batch_stride, g_opts.dropout_p, g_opts.threshold, g_opts.seed,
+                                       g_opts.offset);
   p.is_bf16 = bf16;
   p.max_smem_per_block = g_max_smem;
 }
 
-EMU_API int emu_attention_forward(const void* q, const void* k, const void* v, const int64_t* st, int B, int T,
-                                  int H, int D, float scale, int causal, int bf16, void* out, float* lse) {
+EMU_API int emu_attention_forward(const void* q, const void* k, const void* v, const int64_t* st, int B, int Tq,
+                                  int Tk, int H, int Hk, int D, float scale, int bf16, void* out, float* lse) {
   AttentionParams p{};
-  fill(p, q, k, v, st, B, T, H, D, scale, causal, bf16);
+  fill(p, q, k, v, st, B, Tq, Tk, H, Hk, D, scale, bf16);
   p.out = out;
   p.lse = lse;
   return gptfast::cuda::attention_forward_launch(p, nullptr);
 }
 
-EMU_API int emu_attention_backward(const void* q, const void* k, const void* v, const int64_t* st, int B, int T,
-                                   int H, int D, float scale, int causal, int bf16, const void* out,
+// dk, dv: (B, Tk, H, D), one gradient per query head (the host sums each kv head's group).
+EMU_API int emu_attention_backward(const void* q, const void* k, const void* v, const int64_t* st, int B, int Tq,
+                                   int Tk, int H, int Hk, int D, float scale, int bf16, const void* out,
                                    const void* dout, const float* lse, float* delta, void* dq, void* dk, void* dv,
                                    float* dq_accum) {
   AttentionParams p{};
-  fill(p, q, k, v, st, B, T, H, D, scale, causal, bf16);
+  fill(p, q, k, v, st, B, Tq, Tk, H, Hk, D, scale, bf16);
   p.out_in = out, p.dout = dout;
   p.o_batch_stride = st[9], p.o_row_stride = st[10], p.o_head_stride = st[11];
   p.do_batch_stride = st[12], p.do_row_stride = st[13], p.do_head_stride = st[14];

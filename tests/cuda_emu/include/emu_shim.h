@@ -77,6 +77,10 @@ inline long max(long a, long b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 // tanhf, erff, expf are the host's (glibc, <= 1 ulp); CUDA's are within 2 ulp.
+// The upper 32 bits of the 64-bit product of two uint32 (the attention dropout's Philox rounds).
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
 
 // ---------------- 16-bit float types (bit layouts as in CUDA) ------------------------------------
 struct __half { uint16_t x; };
