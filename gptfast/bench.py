@@ -14,8 +14,15 @@ One implementation for the CPU and the GPU. For every size of the grid and every
    ``torch.autograd.grad(..., retain_graph=True)`` on graphs built once before timing, so it is
    the backward alone, not fwd+bwd minus fwd; ``fwd-bwd`` is both.
 3. reports time, TFLOP/s (attention: FlashAttention's 4*B*H*T^2*D, /2 causal, x2.5 bwd, x3.5
-   fwd+bwd; gelu_ffn: the two GEMMs 2*M*K*H + 2*M*H*N, x2 bwd), GB/s for layer_norm (bytes in the
+   fwd+bwd, T^2 the visible pairs with a window; gelu_ffn: the two GEMMs 2*M*K*H + 2*M*H*N, x2 bwd), GB/s for layer_norm (bytes in the
    table header), peak memory, tokens/s and MFU for ``train``, and the ratio to eager and compile.
+
+Attention options (``--sizes B,T,H,D,HK`` for GQA/MQA, ``--window``, ``--softcap``, ``--alibi``,
+``--dropout``) apply to every size; the eager baseline is then what a PyTorch user writes (SDPA
+with ``enable_gqa`` and an additive window/ALiBi mask, or the scores written out for softcap, which
+SDPA lacks). With dropout, gptfast backends are checked exactly (the ground truth uses gptfast's
+Philox mask for the same seed); the baselines drop with torch's own RNG, so they are checked without
+dropout and timed with it.
 
 Output: a tqdm progress bar, then an aligned table; with ``--out DIR``: ``results.json`` (rows,
 machine, versions, commands, ceilings; rows of other ops already in the file are kept, so one
@@ -81,8 +88,10 @@ def _ints(spec: str, n_min: int, n_max: int, what: str) -> list[int]:
 
 def parse_size(op: str, spec: str) -> dict:
     if op == "attention":
-        b, t, h, d = _ints(spec, 4, 4, "B,T,H,D (batch, seqlen, heads, headdim)")
-        return dict(B=b, T=t, H=h, D=d)
+        b, t, h, d, *hk = _ints(spec, 4, 5, "B,T,H,D[,HK] (batch, seqlen, heads, headdim, kv heads)")
+        if hk and (hk[0] > h or h % hk[0]):
+            raise BenchError(f"--sizes: {spec!r}: the kv heads {hk[0]} must divide the heads {h}")
+        return dict(B=b, T=t, H=h, D=d) | (dict(Hk=hk[0]) if hk and hk[0] != h else {})
     if op == "layer_norm":
         m, n = _ints(spec, 2, 2, "M,N (rows, hidden size)")
         return dict(M=m, N=n)
@@ -124,7 +133,7 @@ def default_sizes(op: str, device: str) -> list[dict]:
 
 def size_label(op: str, p: dict) -> str:
     if op == "attention":
-        return f"{p['B']}x{p['T']}x{p['H']}x{p['D']}"
+        return f"{p['B']}x{p['T']}x{p['H']}x{p['D']}" + attention_options_label(p)
     if op == "layer_norm":
         return f"{p['M']}x{p['N']}"
     if op == "gelu_ffn":
@@ -133,6 +142,90 @@ def size_label(op: str, p: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the ops' eager code
+
+# Attention options: keys of a size's params, absent when off (labels and results of plain
+# attention stay as they were).
+ATTENTION_OPTIONS = ("Hk", "window", "softcap", "alibi", "dropout")
+
+
+def attention_options_label(p: dict) -> str:
+    parts = [f"kv{p['Hk']}" if "Hk" in p else "", f"w{p['window']}" if "window" in p else "",
+             f"softcap{p['softcap']:g}" if "softcap" in p else "", "alibi" if p.get("alibi") else "",
+             f"drop{p['dropout']:g}" if "dropout" in p else ""]
+    return "".join(" " + x for x in parts if x)
+
+
+def _attention_window(p: dict, causal: bool) -> tuple[int, int]:
+    """(left, right) of a size's --window W: W keys back, and W ahead unless causal."""
+    w = p.get("window", -1)
+    return (w, 0 if causal else w) if w >= 0 else (-1, 0 if causal else -1)
+
+
+def alibi_slopes_for(nheads: int, device) -> torch.Tensor:
+    """BLOOM's ALiBi slopes for a power-of-two head count (2^(-8 h / H), h = 1..H), any H here."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / nheads) for h in range(nheads)], device=device)
+
+
+def attention_eager(q, k, v, causal: bool, p: dict, keep: torch.Tensor | None = None):
+    """What a PyTorch user writes for attention with the size's options, in the inputs' dtype and
+    gptfast's (B, T, H, D) layout: SDPA (GQA via enable_gqa; window and ALiBi as an additive mask;
+    its own dropout) unless softcap is on, which SDPA cannot do: then scores, tanh cap, bias,
+    softmax, dropout and the value product written out. ``keep`` (B, H, T, T) bool replaces the
+    random dropout by that exact mask (the float64 ground truth of a check)."""
+    b, tq, h, d = q.shape
+    tk, hk = k.shape[1], k.shape[2]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    drop = p.get("dropout", 0.0)
+    window = _attention_window(p, causal)
+    if (window == (-1, 0) or window == (-1, -1)) and "softcap" not in p and not p.get("alibi") and keep is None:
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=window == (-1, 0), dropout_p=drop,
+                                              enable_gqa=hk != h).transpose(1, 2)
+    c = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=q.device)[None, :]
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+    if window[0] >= 0:
+        visible &= j >= c - window[0]
+    if window[1] >= 0:
+        visible &= j <= c + window[1]
+    bias = torch.zeros(tq, tk, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
+    if p.get("alibi"):
+        bias = bias - alibi_slopes_for(h, q.device)[:, None, None] * (c - j).abs()
+    bias = bias.to(q.dtype)
+    if "softcap" not in p and keep is None:
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, dropout_p=drop,
+                                              enable_gqa=hk != h).transpose(1, 2)
+    kh, vh = kh.repeat_interleave(h // hk, 1), vh.repeat_interleave(h // hk, 1)
+    s = (qh @ kh.transpose(-1, -2)) * d ** -0.5
+    if "softcap" in p:
+        s = p["softcap"] * torch.tanh(s / p["softcap"])
+    probs = torch.softmax(s + bias, dim=-1)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1.0 - drop)
+    elif drop:
+        probs = F.dropout(probs, drop)
+    return (probs @ vh).transpose(1, 2)
+
+
+def attention_truth(q, k, v, causal: bool, p: dict):
+    """``attention_eager`` with gptfast's dropout mask for the key drawn now from torch's generator
+    (gptfast.ops._philox), so that a call of gptfast.attention after the same torch.manual_seed
+    drops the same entries."""
+    if not p.get("dropout"):
+        return attention_eager(q, k, v, causal, p)
+    from .ops import _philox
+    seed, offset = _philox.rng_state_values(_philox.dropout_rng_state(q.device))
+    b, tq, h, _ = q.shape
+    keep = _philox.dropout_keep_mask(seed, offset, b, h, tq, k.shape[1], p["dropout"], q.device)
+    return attention_eager(q, k, v, causal, p, keep)
+
+
+def attention_visible_pairs(tq: int, tk: int, window: tuple[int, int]) -> int:
+    """How many (query, key) pairs a (left, right) window lets through (exact, O(tq))."""
+    c = torch.arange(tq, dtype=torch.int64) + (tk - tq)
+    lo = (c - window[0]).clamp(min=0) if window[0] >= 0 else torch.zeros_like(c)
+    hi = (c + window[1]).clamp(max=tk - 1) if window[1] >= 0 else torch.full_like(c, tk - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
 
 def layer_norm_eager(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
@@ -170,7 +263,8 @@ class Case:
             return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype)
 
         if self.op == "attention":
-            return [rnd(p["B"], p["T"], p["H"], p["D"]) for _ in range(3)]
+            hk = p.get("Hk", p["H"])
+            return [rnd(p["B"], p["T"], p["H"], p["D"])] + [rnd(p["B"], p["T"], hk, p["D"]) for _ in range(2)]
         if self.op == "layer_norm":
             return [rnd(p["M"], p["N"], scale=2.0, shift=1.0), rnd(p["N"]), rnd(p["N"])]
         c, h = p["C"], p["Hd"]
@@ -179,14 +273,40 @@ class Case:
 
     def eager(self) -> Callable:
         if self.op == "attention":
-            causal = self.causal
-            return lambda q, k, v: sdpa_bthd(q, k, v, causal)
+            causal, p = self.causal, self.options
+            if not p:
+                return lambda q, k, v: sdpa_bthd(q, k, v, causal)
+            return lambda q, k, v: attention_eager(q, k, v, causal, p)
         return {"layer_norm": layer_norm_eager, "gelu_ffn": gelu_ffn_eager}[self.op]
+
+    @property
+    def options(self) -> dict:
+        """The attention options of this size (empty: plain attention)."""
+        return {k: v for k, v in self.params.items() if k in ATTENTION_OPTIONS}
+
+    def truth(self) -> Callable:
+        """The function the float64 ground truth and PyTorch's own error are computed with:
+        ``eager`` except that dropout uses gptfast's mask for the generator's next key."""
+        if self.op == "attention" and self.options.get("dropout"):
+            causal, p = self.causal, self.options
+            return lambda q, k, v: attention_truth(q, k, v, causal, p)
+        return self.eager()
+
+    def attention_kwargs(self, device) -> dict:
+        p = self.options
+        kw = dict(window_size=_attention_window(p, bool(self.causal)), dropout_p=p.get("dropout", 0.0),
+                  softcap=p.get("softcap", 0.0))
+        if p.get("alibi"):
+            kw["alibi_slopes"] = alibi_slopes_for(self.params["H"], device)
+        return kw
 
     def magnitudes(self, inputs64: list[torch.Tensor], grad64: torch.Tensor | None) -> list[float | None]:
         """gptfast.testing's term magnitudes of this case's output and input gradients."""
         if self.op == "attention":
-            return attention_magnitudes(*inputs64, grad64, self.causal)
+            kw = self.attention_kwargs(inputs64[0].device)
+            scale = 1.0 / (1.0 - kw.pop("dropout_p"))  # kept probabilities are scaled up by 1/(1-p)
+            mags = attention_magnitudes(*inputs64, grad64, self.causal, **kw)
+            return [None if m is None else m * scale for m in mags]
         if self.op == "layer_norm":
             return layer_norm_magnitudes(*inputs64, grad64, 1e-5)
         return gelu_ffn_magnitudes(*inputs64, grad64, "tanh")
@@ -195,7 +315,17 @@ class Case:
         import gptfast
         if self.op == "attention":
             causal = self.causal
-            return lambda q, k, v: gptfast.attention(q, k, v, causal=causal, backend=backend)
+            if not self.options:
+                return lambda q, k, v: gptfast.attention(q, k, v, causal=causal, backend=backend)
+            kw = self.attention_kwargs(None)
+            cache: dict = {}
+
+            def fn(q, k, v):
+                if "alibi_slopes" in kw and q.device not in cache:
+                    cache[q.device] = kw["alibi_slopes"].to(q.device)
+                extra = {"alibi_slopes": cache[q.device]} if "alibi_slopes" in kw else {}
+                return gptfast.attention(q, k, v, causal=causal, backend=backend, **(kw | extra))
+            return fn
         if self.op == "layer_norm":
             return lambda x, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend)
         return lambda x, w1, b1, w2, b2: gptfast.gelu_ffn(x, w1, b1, w2, b2, "tanh", backend=backend)
@@ -215,7 +345,11 @@ class Case:
         """FLOPs (attention, gelu_ffn) or bytes (layer_norm) of one call of ``phase``."""
         p = self.params
         if self.op == "attention":
-            fwd = 4.0 * p["B"] * p["H"] * p["T"] ** 2 * p["D"] / (2 if self.causal else 1)
+            if "window" in p:  # the pairs the window lets through, exactly
+                pairs = attention_visible_pairs(p["T"], p["T"], _attention_window(p, bool(self.causal)))
+            else:  # FlashAttention's count: T^2, halved when causal
+                pairs = p["T"] ** 2 / (2 if self.causal else 1)
+            fwd = 4.0 * p["B"] * p["H"] * pairs * p["D"]
             return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd-bwd": 3.5}[phase]
         if self.op == "gelu_ffn":
             fwd = 2.0 * p["M"] * p["C"] * p["Hd"] * 2  # x @ w1^T (M,C,H) and a @ w2^T (M,H,C)
@@ -233,6 +367,12 @@ LAYER_NORM_BYTES = ("GB/s counts fwd: read x, w, b + write y = (2MN + 2N) elemen
 
 # --------------------------------------------------------------------------- checking
 
+def _after_seed(seed: int, fn: Callable, inputs) -> torch.Tensor:
+    with torch.random.fork_rng(devices=[t.device for t in inputs if t.is_cuda][:1]):
+        torch.manual_seed(seed)
+        return fn(*inputs)
+
+
 def _grads(fn, inputs, g):
     out = fn(*inputs)
     return out, torch.autograd.grad(out, inputs, g)
@@ -245,7 +385,12 @@ def check_case(case: Case, fn: Callable, device: torch.device, dtype: torch.dtyp
     p = case.check_params(device.type)
     gen = torch.Generator().manual_seed(seed)
     base = case.make_inputs(device, torch.float32, gen, p)
-    eager = case.eager()
+    eager = case.truth()
+    if case.op == "attention" and case.options.get("dropout"):
+        # every call draws its dropout key after the same manual_seed: the same mask for all
+        truth, candidate = eager, fn
+        eager = lambda *xs: _after_seed(seed, truth, xs)  # noqa: E731
+        fn = lambda *xs: _after_seed(seed, candidate, xs)  # noqa: E731
     x64 = [t.double().requires_grad_() for t in base]
     xpt = [t.to(dtype).requires_grad_() for t in base]
     xus = [t.to(dtype).requires_grad_() for t in base]
@@ -411,7 +556,8 @@ def make_variant(case: Case, name: str, device: torch.device, dtype: torch.dtype
             return Variant(name, None, why or "flash_attn needs a CUDA GPU and fp16/bf16")
         from flash_attn import flash_attn_func
         causal = case.causal
-        return Variant(name, lambda q, k, v: flash_attn_func(q, k, v, causal=causal))
+        kw = case.attention_kwargs(device) if case.options else {}
+        return Variant(name, lambda q, k, v: flash_attn_func(q, k, v, causal=causal, **kw))
     if name == "liger":
         if case.op != "layer_norm":
             return Variant(name, None, "Liger-Kernel has no plain attention / GELU-FFN op; layer_norm only")
@@ -483,8 +629,13 @@ def run_case(case: Case, variant: Variant, phases: list[str], device: torch.devi
     if variant.fn is None:
         return mark("SKIP", variant.reason)
     backward = any(ph != "fwd" for ph in phases)
+    check, check_fn, note = case, variant.fn, ""
+    if case.op == "attention" and case.options.get("dropout") and variant.name in BASELINES:
+        # A baseline's dropout is torch's own RNG: check the rest of it, timed with dropout on.
+        check = Case(case.op, {k: v for k, v in case.params.items() if k != "dropout"}, case.causal)
+        check_fn, note = make_variant(check, variant.name, device, dtype).fn, " without dropout"
     try:
-        checked = check_case(case, variant.fn, device, dtype, backward)
+        checked = check_case(check, check_fn, device, dtype, backward) + note
     except AssertionError as exc:
         return mark("WRONG", _short(exc))
     except Exception as exc:
@@ -769,7 +920,8 @@ def table_header(op: str, device: torch.device, dtype: torch.dtype, info: dict, 
              f"times: {timing}; x eager / x compile = baseline time / this time (> 1 is faster); "
              "every backend checked against a float64 ground truth first (WRONG = failed, not timed)"]
     if op == "attention":
-        lines.append("TFLOP/s = 4*B*H*T^2*D (/2 causal; x2.5 bwd, x3.5 fwd-bwd) / time (FlashAttention's count)")
+        lines.append("TFLOP/s = 4*B*H*T^2*D (/2 causal; x2.5 bwd, x3.5 fwd-bwd) / time (FlashAttention's count; "
+                     "with a window, T^2 is the exact number of visible query-key pairs)")
     elif op == "gelu_ffn":
         lines.append("TFLOP/s = GEMM FLOPs 2*M*C*H + 2*M*H*C (x2 bwd, x3 fwd-bwd) / time; size = M x C x H")
     elif op == "layer_norm":
@@ -923,7 +1075,8 @@ def plot(op: str, rows: list[Row], out: Path, title: str, ceilings: dict | None)
 # --------------------------------------------------------------------------- command line
 
 SIZES_HELP = """sizes, separated by spaces or ';' (default: the device's grid, see --dry-run):
-attention B,T,H,D (batch, seqlen, heads, headdim; e.g. 4,512,12,64);
+attention B,T,H,D[,HK] (batch, seqlen, heads, headdim, kv heads for GQA/MQA; e.g. 4,512,12,64
+or 4,512,32,128,8; options: --window, --softcap, --alibi, --dropout);
 layer_norm M,N (rows, hidden); gelu_ffn M,C[,H] (rows, width, FFN width, default 4C);
 train PRESET,BATCH[,SEQLEN] (e.g. gpt2,8 or tiny,8,128)"""
 
@@ -946,6 +1099,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", default=None, metavar="SIZE", help=SIZES_HELP)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                    help="attention: causal only / non-causal only (default: both)")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="attention: sliding window of W keys back (and W ahead when not causal)")
+    p.add_argument("--softcap", type=float, default=None, help="attention: softcap > 0 (Gemma-2: 50)")
+    p.add_argument("--alibi", action="store_true", help="attention: ALiBi with BLOOM's slopes")
+    p.add_argument("--dropout", type=float, default=None, metavar="P",
+                   help="attention: dropout probability in [0, 1) (checked with gptfast's exact mask)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, results.csv and PNG plots here (merged with other ops' rows)")
     p.add_argument("--min-run-time", type=float, default=0.3,
@@ -967,6 +1126,27 @@ def _resolve(args) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def attention_options(args) -> dict:
+    """The option keys of an attention size from --window/--softcap/--alibi/--dropout (validated)."""
+    o: dict = {}
+    if getattr(args, "window", None) is not None:
+        if args.window < 0:
+            raise BenchError(f"--window must be >= 0 keys, got {args.window}")
+        o["window"] = args.window
+    if getattr(args, "softcap", None) is not None:
+        if not args.softcap > 0 or math.isinf(args.softcap):
+            raise BenchError(f"--softcap must be a finite number > 0, got {args.softcap}")
+        o["softcap"] = args.softcap
+    if getattr(args, "alibi", False):
+        o["alibi"] = True
+    if getattr(args, "dropout", None) is not None:
+        if not 0.0 <= args.dropout < 1.0:
+            raise BenchError(f"--dropout must be in [0, 1), got {args.dropout}")
+        if args.dropout > 0:
+            o["dropout"] = args.dropout
+    return o
+
+
 def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
     device, dtype = _resolve(args)
     op = args.op
@@ -977,7 +1157,10 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
         sizes = default_sizes(op, device.type)
     if op == "attention":
         causals = [True, False] if args.causal is None else [args.causal]
-        cases = [Case(op, s, c) for s in sizes for c in causals]
+        options = attention_options(args)
+        cases = [Case(op, s | options, c) for s in sizes for c in causals]
+    elif any(getattr(args, a, None) not in (None, False) for a in ("window", "softcap", "alibi", "dropout")):
+        raise BenchError(f"--window/--softcap/--alibi/--dropout are attention options, not {op}'s")
     else:
         cases = [Case(op, s) for s in sizes]
     if args.backends:

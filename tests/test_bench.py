@@ -109,6 +109,41 @@ def test_wrong_gradient_is_caught_too():
     bench.check_case(case, bad, torch.device("cpu"), torch.float32, backward=False)  # forward is right
 
 
+def test_attention_options_are_checked_and_timed(tmp_path, capsys):
+    out = tmp_path / "res"
+    main(["bench", "attention", *FAST, "--sizes", "2,48,4,16,2", "--causal", "--window", "8", "--softcap", "5",
+          "--alibi", "--dropout", "0.2", "--backends", "cpu,eager", "--out", str(out)])
+    rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"cpu", "eager"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["ms"] > 0 and r["size"] == "2x48x4x16 kv2 w8 softcap5 alibi drop0.2"
+    assert rows["eager"]["checked_at"].endswith("without dropout")   # torch's RNG: checked without it
+    assert "without dropout" not in rows["cpu"]["checked_at"]          # gptfast's mask: checked exactly
+    # 4 B H D times the visible pairs of a causal 8-back window over 48 rows: 9 keys each, fewer at the top
+    pairs = sum(min(i, 8) + 1 for i in range(48))
+    assert bench.attention_visible_pairs(48, 48, (8, 0)) == pairs
+    assert rows["cpu"]["tflops"] == pytest.approx(3.5 * 4 * 2 * 4 * pairs * 16 / (rows["cpu"]["ms"] * 1e9))
+
+
+def test_attention_dropout_check_uses_the_exact_mask():
+    case = bench.Case("attention", dict(B=1, T=24, H=2, D=8, dropout=0.3), causal=True)
+    import gptfast
+
+    def no_dropout(q, k, v):  # right everywhere except that nothing is dropped
+        return gptfast.attention(q, k, v, causal=True, backend="cpu")
+
+    with pytest.raises(AssertionError, match="out"):
+        bench.check_case(case, no_dropout, torch.device("cpu"), torch.float32, backward=False)
+    bench.check_case(case, case.gptfast_fn("cpu"), torch.device("cpu"), torch.float32, backward=True)
+    # the eager baseline with softcap written out equals SDPA's path where both apply (no softcap)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = case.make_inputs("cpu", torch.float64, g, dict(B=1, T=24, H=4, D=8, Hk=2))
+    p = dict(window=5, alibi=True)
+    keep = torch.ones(1, 4, 24, 24, dtype=torch.bool)
+    torch.testing.assert_close(bench.attention_eager(q, k, v, False, p),
+                               bench.attention_eager(q, k, v, False, p, keep))
+
+
 def test_train_step_rows_have_tokens_per_second_and_mfu(tmp_path, capsys):
     out = tmp_path / "res"
     main(["bench", "train", *FAST, "--sizes", "tiny,2,16", "--backends", "reference,eager", "--out", str(out)])
@@ -165,6 +200,11 @@ def test_default_grids_and_backends():
 
 @pytest.mark.parametrize("argv, message", [
     (["attention", "--sizes", "1,2,3"], "B,T,H,D"),
+    (["attention", "--sizes", "1,8,4,16,3"], "must divide the heads"),
+    (["attention", "--dropout", "1.0"], "--dropout must be in [0, 1)"),
+    (["attention", "--softcap", "0"], "--softcap must be"),
+    (["attention", "--window", "-2"], "--window must be"),
+    (["layer_norm", "--alibi"], "attention options"),
     (["train", "--sizes", "nope,2"], "PRESET,BATCH"),
     (["layer_norm", "--backends", "reference,fast"], "unknown ['fast']"),
 ])
