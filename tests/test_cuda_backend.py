@@ -29,6 +29,13 @@ def test_cuda_backend_registered_for_cuda_tensors(op):
     assert set(impl.dtypes) == set(expected)
 
 
+def test_cuda_declares_every_attention_option():
+    """csrc/cuda/attention.cu implements FlashAttention 2.8's dense options (numerics:
+    tests/test_cuda_emulated.py, tests/gpu); auto may route any option call to it."""
+    assert _backend.KERNEL_ATTENTION_FEATURES["cuda"] == frozenset(_backend.ATTENTION_FEATURES)
+    assert not _backend._REGISTRY[("attention", "cuda")].missing(frozenset(_backend.ATTENTION_FEATURES))
+
+
 def test_explicit_cuda_backend_on_cpu_tensors_raises():
     x = torch.randn(2, 8, 2, 16, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu: runs on cuda, not cpu"):
@@ -66,8 +73,11 @@ def test_gencode_flags_from_the_arch_list():
 def test_spill_check_flags_attention_kernels_only():
     rows = [dict(kernel="attention_fwd_kernel<__half, 64>", arch="sm_80", stack=0, local=0),
             dict(kernel="attention_bwd_dkdv_kernel<__half, 256>", arch="sm_90", stack=24, local=0),
+            dict(kernel="modified_attention_fwd_kernel<__half, 128>", arch="sm_80", stack=8, local=0),
             dict(kernel="layer_norm_fwd_kernel<float>", arch="sm_80", stack=16, local=0)]
-    assert [r["kernel"] for r in _build.spills(rows)] == ["attention_bwd_dkdv_kernel<__half, 256>"]
+    # the kHasModifiers instantiations ("modified_" + the plain name) are checked as well
+    assert [r["kernel"] for r in _build.spills(rows)] == ["attention_bwd_dkdv_kernel<__half, 256>",
+                                                          "modified_attention_fwd_kernel<__half, 128>"]
     # without c++filt the names stay mangled: still checked
     mangled = [dict(kernel="_ZN7gptfast4cuda12_GLOBAL__N_120attention_fwd_kernelI6__halfLi64EEEvNS0_15AttentionParamsE",
                     arch="sm_80", stack=8, local=0)]
@@ -98,9 +108,13 @@ def test_extension_builds_for_both_archs(ext):
                        ("gelu_ffn", "gelu")):
         found = {r["arch"] for r in rows if prefix in r["kernel"]}
         assert found == archs, f"{op}: no {prefix}* kernel for {archs - found}"
-    # three head-dim instantiations x two dtypes, per arch
-    fwd = {r["kernel"] for r in rows if r["kernel"].startswith("attention_fwd_kernel")}
-    assert len(fwd) == 6
+    # three head-dim instantiations x two dtypes, per arch, plain and with score modifiers
+    for prefix in ("attention_fwd_kernel", "modified_attention_fwd_kernel"):
+        assert len({r["kernel"] for r in rows if r["kernel"].startswith(prefix)}) == 6, prefix
+    # the backward's (dK/dV and dQ): double-buffered up to head dim 128, single-buffered for all
+    for prefix in ("attention_bwd_dkdv_kernel", "modified_attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
+                   "modified_attention_bwd_dq_kernel"):
+        assert len({r["kernel"] for r in rows if r["kernel"].startswith(prefix)}) == 10, prefix
 
 
 @needs_build

@@ -925,5 +925,18 @@ def test_emulator_detects_misaligned_vector_access(libs, build_root):
         run_gelu(mutant, 9, 36, FP16, True)
 
 
+def test_emulator_detects_window_off_by_one(libs, build_root):
+    """attention.cu's window with its left edge one key short (`>` for `>=`): a sliding-window
+    case fails `out` (the first visible key of every row is lost), caught far above the bound."""
+    def shrink_left_edge(src):
+        old = "j >= i_shifted - p.window_left"
+        assert old in src, "visible()'s left edge not found: update this test"
+        return src.replace(old, "j > i_shifted - p.window_left", 1)
+
+    mutant = Lib(_done(build_library("attention", build_root, mutate=shrink_left_edge)))
+    with pytest.raises(AssertionError, match=r"out: max \|out - ref\|"):
+        run_attention(mutant, 1, 64, 2, 64, False, FP16, False, seed=4, opts=AttnOptions(window=(5, 9)))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

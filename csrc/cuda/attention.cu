@@ -285,7 +285,7 @@ template <int kHeadDim> struct FwdConfig {
   static constexpr int kThreads = 128;
   static constexpr int kPitch = kHeadDim + 8;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
-  static constexpr int kModifierBlocks = kHeadDim == 64 ? 3 : 2;  // see attention_fwd_modifiers_kernel
+  static constexpr int kModifierBlocks = kHeadDim == 64 ? 3 : 2;  // see modified_attention_fwd_kernel
 };
 
 // The forward of one CTA; the two kernels below differ in their launch bounds only.
@@ -479,12 +479,13 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(const AttentionParam
   attention_fwd<T, kHeadDim, false>(p);
 }
 
-// With score modifiers ptxas, left to its own occupancy target, spilled at head dim 128 (8 bytes
-// at 168 registers, sm_80): the minimum of CTAs per SM lets it use what the modifiers need
+// The kHasModifiers forward ("modified_" + the plain name, which gptfast/_build.py's spill check
+// matches). Left to its own occupancy target, ptxas spilled it at head dim 128 (8 bytes at 168
+// registers, sm_80): the minimum of CTAs per SM lets it use what the modifiers need
 // (FwdConfig::kModifierBlocks: 3 at head dim 64, as its plain kernel gets; 2 above).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128, FwdConfig<kHeadDim>::kModifierBlocks)
-    attention_fwd_modifiers_kernel(const AttentionParams p) {
+    modified_attention_fwd_kernel(const AttentionParams p) {
   attention_fwd<T, kHeadDim, true>(p);
 }
 
@@ -607,7 +608,7 @@ __device__ __forceinline__ float backward_element(const AttentionParams& p, floa
 // when p.dq_accum is set. Warp w owns key rows 16 * (w % 4) .. +15 and, for dK/dV, head-dim half
 // w / 4. Under GQA each query head writes its own dK/dV rows (dk, dv have `heads` heads).
 template <typename T, int kHeadDim, bool kDouble, bool kHasModifiers>
-__global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
+__device__ __forceinline__ void attention_bwd_dkdv(const AttentionParams& p) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kPitch = Cfg::kPitch, kPPitch = Cfg::kPPitch, kThreads = Cfg::kThreads;
   constexpr int kHalf = kHeadDim / 2;
@@ -792,11 +793,21 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const Attent
   }
 }
 
+// The backward kernels, plain and with score modifiers (named as the forward's).
+template <typename T, int kHeadDim, bool kDouble>
+__global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  attention_bwd_dkdv<T, kHeadDim, kDouble, false>(p);
+}
+template <typename T, int kHeadDim, bool kDouble>
+__global__ void __launch_bounds__(256, 1) modified_attention_bwd_dkdv_kernel(const AttentionParams p) {
+  attention_bwd_dkdv<T, kHeadDim, kDouble, true>(p);
+}
+
 // Deterministic dQ: 64 query rows (blockIdx.y, longest first) of one (batch, head) per CTA, looping
 // over key blocks in a fixed order (K and V double-buffered up to head dim 128). Warp w owns query rows 16 * (w % 4) .. +15; for S/dP key
 // columns 32 * (w / 4) .. +31, for dQ head-dim half w / 4.
 template <typename T, int kHeadDim, bool kDouble, bool kHasModifiers>
-__global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const AttentionParams p) {
+__device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kPitch = Cfg::kPitch, kPPitch = Cfg::kPPitch, kThreads = Cfg::kThreads;
   constexpr int kHalf = kHeadDim / 2;
@@ -924,6 +935,15 @@ __global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const Attentio
   }
 }
 
+template <typename T, int kHeadDim, bool kDouble>
+__global__ void __launch_bounds__(256, 1) attention_bwd_dq_kernel(const AttentionParams p) {
+  attention_bwd_dq<T, kHeadDim, kDouble, false>(p);
+}
+template <typename T, int kHeadDim, bool kDouble>
+__global__ void __launch_bounds__(256, 1) modified_attention_bwd_dq_kernel(const AttentionParams p) {
+  attention_bwd_dq<T, kHeadDim, kDouble, true>(p);
+}
+
 // dq = dq_accum in the element type (the atomics path).
 template <typename T>
 __global__ void attention_bwd_dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n) {
@@ -955,7 +975,7 @@ cudaError_t attention_forward_launch(const AttentionParams& p, cudaStream_t stre
     return HEADDIM_SWITCH(p.head_dim, [&] {
       return BOOL_SWITCH(p.has_modifiers, kHasModifiers, [&] {
         using Cfg = FwdConfig<kHeadDim>;
-        auto kernel = kHasModifiers ? attention_fwd_modifiers_kernel<elem_t, kHeadDim>
+        auto kernel = kHasModifiers ? modified_attention_fwd_kernel<elem_t, kHeadDim>
                                     : attention_fwd_kernel<elem_t, kHeadDim>;
         cudaError_t err = set_smem(kernel, Cfg::kSmemBytes);
         if (err != cudaSuccess) return err;
@@ -973,7 +993,8 @@ template <typename T, int kHeadDim, bool kDouble, bool kHasModifiers>
 cudaError_t launch_backward_main(const AttentionParams& p, cudaStream_t stream) {
   using Cfg = BwdConfig<kHeadDim>;
   constexpr int kSmem = Cfg::template smem_bytes<kDouble>();
-  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kDouble, kHasModifiers>;
+  auto dkdv = kHasModifiers ? modified_attention_bwd_dkdv_kernel<T, kHeadDim, kDouble>
+                            : attention_bwd_dkdv_kernel<T, kHeadDim, kDouble>;
   cudaError_t e = set_smem(dkdv, kSmem);
   if (e != cudaSuccess) return e;
   dkdv<<<dim3(p.batch * p.heads, ceil_div(p.seqlen_k, 64)), Cfg::kThreads, kSmem, stream>>>(p);
@@ -985,7 +1006,8 @@ cudaError_t launch_backward_main(const AttentionParams& p, cudaStream_t stream) 
     attention_bwd_dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, reinterpret_cast<T*>(p.dq), n);
     return cudaGetLastError();
   }
-  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDouble, kHasModifiers>;
+  auto dq = kHasModifiers ? modified_attention_bwd_dq_kernel<T, kHeadDim, kDouble>
+                          : attention_bwd_dq_kernel<T, kHeadDim, kDouble>;
   e = set_smem(dq, kSmem);
   if (e != cudaSuccess) return e;
   dq<<<dim3(p.batch * p.heads, ceil_div(p.seqlen_q, kBlockM)), Cfg::kThreads, kSmem, stream>>>(p);

@@ -99,7 +99,7 @@ ATTENTION_FEATURES = ("gqa", "seqlen_q != seqlen_k", "window_size", "softcap", "
 KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
     "cpu": frozenset(ATTENTION_FEATURES),  # csrc/cpu/attention.cpp; tests/test_cpu_attention_options.py
     "triton": frozenset(ATTENTION_FEATURES),  # kernels/attention.py; tests/test_triton_attention_options.py
-    "cuda": frozenset(),
+    "cuda": frozenset(ATTENTION_FEATURES),  # csrc/cuda/attention.cu; tests/test_cuda_emulated.py, tests/gpu
 }
 # The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)

@@ -97,6 +97,76 @@ def test_attention_race_large_batch(backend, deterministic):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=1e-2, rtol=1e-2)
 
 
+# FlashAttention 2.8's dense options (the emulator's grid, tests/test_cuda_emulated.py, at GPU
+# sizes): ((H, Hk), (Tq, Tk), D, causal, window, softcap, alibi "h" (H,) / "bh" (B, H), dropout_p).
+# Every pair of options appears at least once; (130, 70) with window (5, 2) leaves rows 0..57
+# without keys, (239, 1) and (1, 239) are prefill/decode edges.
+OPTION_GRID = [
+    ((6, 2), (113, 203), 64, True, (40, -1), 30.0, "h", 0.17),     # everything
+    ((3, 1), (239, 1), 40, True, (-1, -1), 30.0, "bh", 0.17),
+    ((4, 2), (1, 239), 96, False, (17, 3), 0.0, "bh", 0.17),
+    ((3, 1), (3, 80), 128, False, (-1, -1), 30.0, None, 0.17),
+    ((4, 4), (64, 64), 128, False, (5, 9), 30.0, "h", 0.0),
+    ((6, 2), (64, 128), 64, True, (-1, -1), 0.0, None, 0.0),       # plain GQA
+    ((4, 4), (113, 203), 40, True, (-1, -1), 0.0, None, 0.0),      # bottom-right causal
+    ((2, 2), (300, 300), 256, False, (-1, -1), 0.0, None, 0.17),   # dropout only
+    ((2, 2), (257, 257), 64, False, (-1, -1), 2.0, None, 0.0),     # small softcap
+    ((2, 2), (257, 257), 256, True, (-1, -1), 0.0, "bh", 0.0),     # ALiBi only
+    ((3, 1), (239, 1), 128, False, (0, 0), 0.0, None, 0.0),        # one key, Tk = 1
+    ((6, 2), (3, 80), 40, True, (2, -1), 0.0, "h", 0.0),
+    ((2, 1), (130, 70), 64, False, (5, 2), 0.0, None, 0.0),        # rows without keys
+    ((4, 4), (1024, 1024), 128, True, (256, -1), 0.0, None, 0.0),  # sliding window skips blocks
+]
+
+
+def _option_id(c):
+    (h, hk), (tq, tk), d, causal, window, softcap, alibi, p = c
+    return (f"H{h}Hk{hk}-Tq{tq}Tk{tk}-D{d}-{'causal' if causal else 'full'}-w{window[0]}_{window[1]}"
+            f"-softcap{softcap:g}-alibi{alibi}-drop{p:g}")
+
+
+def _run_options(backend, q, k, v, dout, kw, deterministic=False):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(1234)  # every backend draws the same dropout (seed, offset)
+    out, lse = gptfast.attention(*leaves, backend=backend, return_lse=True, deterministic=deterministic, **kw)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), lse, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", OPTION_GRID, ids=_option_id)
+def test_attention_options(backend, case, dtype):
+    """Forward, lse and every gradient against float64 (the reference backend on the GPU) within
+    2x / 3x the reference's own same-dtype error (as tests/test_cpu_attention_options.py); the
+    dropout mask is the same Philox draw in every backend, or nothing here matches."""
+    from gptfast.testing import assert_within_pytorch_error, attention_magnitudes, rounding_atol
+
+    (h, hk), (tq, tk), d, causal, window, softcap, alibi, p = case
+    B = 2
+    g = torch.Generator(device="cuda").manual_seed(tq * 7 + tk)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
+    q, k, v, dout = rnd(B, tq, h, d), rnd(B, tk, hk, d), rnd(B, tk, hk, d), rnd(B, tq, h, d)
+    slopes = None if alibi is None else torch.rand((h,) if alibi == "h" else (B, h), device="cuda",
+                                                   generator=g, dtype=torch.float32) * 0.5
+    kw = dict(causal=causal, softmax_scale=d ** -0.5, window_size=window, softcap=softcap, alibi_slopes=slopes,
+              dropout_p=p)
+    truth = _run_options("reference", q, k, v, dout, kw)
+    low = [t.to(dtype) for t in (q, k, v, dout)]
+    got, pt = _run_options(backend, *low, kw), _run_options("reference", *low, kw)
+    mags = attention_magnitudes(*low, causal, d ** -0.5, window_size=window, softcap=softcap, alibi_slopes=slopes)
+    mags = [m / (1.0 - p) for m in mags]  # kept terms are scaled by 1 / (1 - p)
+    empty = torch.isneginf(truth[1])
+    assert torch.equal(torch.isneginf(got[1]), empty), "rows without keys: lse must be -inf exactly there"
+    assert_within_pytorch_error(got[0], truth[0], pt[0], factor=2, atol=rounding_atol(mags[0], dtype), name="out")
+    assert_within_pytorch_error(got[1][~empty], truth[1][~empty], pt[1][~empty], factor=2, atol=1e-4, name="lse")
+    for name, a, r, c, m in zip(("dq", "dk", "dv"), got[2], truth[2], pt[2], mags[1:]):
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        assert_within_pytorch_error(a, r, c, factor=3, atol=rounding_atol(m, dtype), name=name)
+    if backend == "cuda":  # the deterministic backward is bitwise reproducible with every option
+        one, two = (_run_options(backend, *low, kw, deterministic=True)[2] for _ in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(one, two)), "deterministic backward not reproducible"
+
+
 @pytest.mark.parametrize("dtype", LOW + [torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("N", [1, 123, 768, 1000, 4096, 65536])
 def test_layer_norm_sizes(backend, N, dtype):
