@@ -80,6 +80,14 @@ suite() {
     for D in 64 128; do for T in 512 1024 2048 4096 8192; do SIZES="$SIZES $((16384 / T)),$T,$((2048 / D)),$D"; done; done
     stage attention 100 $BENCH attention $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
         --backends cuda,triton,eager,flash_attn --sizes $SIZES
+    # The options real models use, at Llama-style shapes (32 heads of 128, 8 kv heads), into a
+    # subfolder (one op's rows per folder): GQA alone, + Mistral's window, + Gemma-2's softcap,
+    # + dropout 0.1, + BLOOM's ALiBi
+    GQA="4,2048,32,128,8"
+    for OPT in "" "--window 1024" "--softcap 50" "--dropout 0.1" "--alibi"; do
+        stage "attention options ${OPT:-gqa}" 20 $BENCH attention $DEV_ARGS $DRY --causal \
+            --out "$OUT/attention-options" --fwd-bwd --backends cuda,triton,eager,flash_attn --sizes $GQA $OPT
+    done
     stage layer_norm 40 $BENCH layer_norm $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
         --backends cuda,triton,eager,compile,liger
     stage gelu_ffn 40 $BENCH gelu_ffn $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \

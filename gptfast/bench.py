@@ -337,8 +337,11 @@ class Case:
             budget = CHECK_SCORES[device]
             while p["B"] > 1 and p["B"] * p["H"] * p["T"] ** 2 > budget:
                 p["B"] = max(1, p["B"] // 2)
-            while p["H"] > 1 and p["B"] * p["H"] * p["T"] ** 2 > budget:
-                p["H"] = max(1, p["H"] // 2)
+            group = p["H"] // p.get("Hk", p["H"])  # GQA: keep the query heads per kv head
+            while p["H"] >= 2 * group and p["B"] * p["H"] * p["T"] ** 2 > budget:
+                p["H"] //= 2
+                if "Hk" in p:
+                    p["Hk"] = p["H"] // group
         return p
 
     def work(self, phase: str, dtype: torch.dtype) -> float:

@@ -196,6 +196,8 @@ def test_default_grids_and_backends():
     # check sizes of huge attention cases shrink batch, then heads, never T or D
     p = bench.Case("attention", dict(B=1, T=16384, H=16, D=128), True).check_params("cuda")
     assert (p["T"], p["D"], p["B"], p["H"]) == (16384, 128, 1, 1)
+    p = bench.Case("attention", dict(B=4, T=16384, H=32, D=128, Hk=8), True).check_params("cuda")
+    assert (p["B"], p["H"], p["Hk"]) == (1, 4, 1)  # GQA: 4 query heads per kv head kept
 
 
 @pytest.mark.parametrize("argv, message", [
