@@ -28,9 +28,16 @@ seqlen_q == seqlen_k)::
     (batch, seqlen_k, nheads_k, headdim) and, for a call that uses any feature, the keywords
     ``window=(left, right)`` (normalised: right = 0 when causal), ``softcap`` (0: none),
     ``alibi_slopes`` (float32 (nheads,) / (batch, nheads) or None), ``dropout_p`` and
-    ``rng_state`` (int64 CPU tensor [seed, offset] of gptfast.ops._philox's mask, or None) on
-    both launchers; dk, dv are summed over each kv head's query heads. A call without features
-    passes none of them, so a kernel that implements none keeps the signatures above.
+    ``rng_state`` (int64 tensor [seed, offset] of gptfast.ops._philox's mask, on the CPU or q's
+    device, or None) on both launchers; dk, dv are summed over each kv head's query heads. A call
+    without features passes none of them, so a kernel that implements none keeps the signatures
+    above.
+
+    An implementation with the ``varlen`` layout feature takes packed q (total_q, nheads, headdim)
+    and k, v (total_k, nheads_k, headdim) with the keyword ``varlen=(cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k)`` (int32 (batch + 1,) prefix sums on q's device, two ints) and every
+    option keyword, on both launchers (the backward takes ``deterministic`` positionally); it
+    returns out (total_q, nheads, headdim) and lse (nheads, total_q) (gptfast.ops.varlen).
 
 layer_norm (x: (M, N) contiguous; weight, bias: (N,) contiguous or None, dtype of x)::
 
@@ -95,6 +102,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # declares those it implements: ``auto`` picks the first backend that implements all of a call's,
 # an explicit backend lacking one raises NotImplementedError naming it.
 ATTENTION_FEATURES = ("gqa", "seqlen_q != seqlen_k", "window_size", "softcap", "alibi_slopes", "dropout_p")
+# Call layouts beyond the dense (batch, seqlen, nheads, headdim) one: "varlen" is packed
+# variable-length sequences (gptfast.ops.varlen; launchers get the ``varlen`` keyword).
+LAYOUT_FEATURES = ("varlen",)
 # What each kernel backend's attention implements (the reference implements all of them).
 KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
     "cpu": frozenset(ATTENTION_FEATURES),  # csrc/cpu/attention.cpp; tests/test_cpu_attention_options.py
@@ -145,7 +155,7 @@ class Impl:
 
     def missing(self, features: frozenset[str]) -> list[str]:
         """The features of a call that this implementation lacks, in ATTENTION_FEATURES order."""
-        return [f for f in ATTENTION_FEATURES if f in features and f not in self.features]
+        return [f for f in ATTENTION_FEATURES + LAYOUT_FEATURES if f in features and f not in self.features]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this implementation can run on ``device``, else why not."""
@@ -181,7 +191,7 @@ for _op in OPS:
         op=_op, backend="reference", devices=("cpu", "cuda"), module=f"gptfast.ops.{_op}",
         fwd_name=f"{_op}_forward_reference", bwd_name=f"{_op}_backward_reference",
         dtypes=REFERENCE_DTYPES, note="pure PyTorch, explicit backward",
-        features=frozenset(ATTENTION_FEATURES) if _op == "attention" else frozenset(),
+        features=frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES) if _op == "attention" else frozenset(),
     ))
     register(Impl(
         op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",

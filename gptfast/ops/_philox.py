@@ -162,9 +162,11 @@ def keep_scale(p: float) -> float:
 
 
 def dropout_bits(seed: int, offset: int, batch: int, nheads: int, seqlen_q: int, seqlen_k: int,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, batch_start: int = 0) -> torch.Tensor:
     """The uint32 draws r of the layout in the module docstring, as int64 (batch, nheads, seqlen_q, seqlen_k).
 
+    ``batch_start`` offsets the batch index: the result is batch entries batch_start ..
+    batch_start + batch - 1 (a variable-length call draws sequence b's mask as batch entry b).
     A reference: materialises O(batch * nheads * seqlen_q * seqlen_k) int64 values.
     """
     fn = "dropout_bits"
@@ -173,11 +175,12 @@ def dropout_bits(seed: int, offset: int, batch: int, nheads: int, seqlen_q: int,
     if offset % 4:
         raise ValueError(f"gptfast.{fn}: offset must be a multiple of 4 (a position in the Philox "
                          f"stream counted in 32-bit values, as torch's CUDA generator does), got {offset}")
-    batch, nheads, seqlen_q, seqlen_k = (_index(fn, n, v, 0) for n, v in (
-        ("batch", batch), ("nheads", nheads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)))
-    if batch * nheads > _TWO32:
+    batch, nheads, seqlen_q, seqlen_k, batch_start = (_index(fn, n, v, 0) for n, v in (
+        ("batch", batch), ("nheads", nheads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k),
+        ("batch_start", batch_start)))
+    if (batch_start + batch) * nheads > _TWO32:
         raise ValueError(f"gptfast.{fn}: batch * nheads must be <= 2^32 (counter word 3), got "
-                         f"{batch} * {nheads}")
+                         f"{batch_start + batch} * {nheads}")
     if seqlen_q > _TWO32:
         raise ValueError(f"gptfast.{fn}: seqlen_q must be <= 2^32 (counter word 2), got {seqlen_q}")
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -185,7 +188,7 @@ def dropout_bits(seed: int, offset: int, batch: int, nheads: int, seqlen_q: int,
     arange = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
     n = (offset >> 2) + arange(ngroups).view(1, 1, ngroups)   # < 2^62 + 2^32: fits int64
     rows = arange(seqlen_q).view(1, seqlen_q, 1)
-    bh = arange(batch * nheads).view(batch * nheads, 1, 1)
+    bh = (batch_start * nheads + arange(batch * nheads)).view(batch * nheads, 1, 1)
     words = philox4x32_10((n & _MASK32, n >> 32, rows, bh), (seed & _MASK32, seed >> 32))
     words = torch.broadcast_tensors(*words)                    # (B*H, Tq, G) each
     bits = torch.stack(words, dim=-1).reshape(batch * nheads, seqlen_q, 4 * ngroups)  # word m -> 4g+m
@@ -193,14 +196,14 @@ def dropout_bits(seed: int, offset: int, batch: int, nheads: int, seqlen_q: int,
 
 
 def dropout_keep_mask(seed: int, offset: int, batch: int, nheads: int, seqlen_q: int, seqlen_k: int,
-                      p: float, device: torch.device | str | None = None) -> torch.Tensor:
+                      p: float, device: torch.device | str | None = None, batch_start: int = 0) -> torch.Tensor:
     """Bool (batch, nheads, seqlen_q, seqlen_k): True where score (b, h, i, j) is kept at dropout p.
 
     Kept iff ``dropout_bits(...)[b, h, i, j] >= floor(p * 2^32)``; see the module docstring for
     the exact counter/key layout every backend follows. p in [0, 1); p = 0 keeps everything.
     """
     threshold = math.floor(_check_p("dropout_keep_mask", p) * _TWO32)
-    return dropout_bits(seed, offset, batch, nheads, seqlen_q, seqlen_k, device) >= threshold
+    return dropout_bits(seed, offset, batch, nheads, seqlen_q, seqlen_k, device, batch_start) >= threshold
 
 
 dropout_mask_like = dropout_keep_mask  # the name backends' tests use for "the reference mask"

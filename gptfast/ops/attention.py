@@ -146,13 +146,16 @@ def dropout_scale(keep: torch.Tensor | None, dropout_p: float, dtype: torch.dtyp
     return keep.to(dtype) / (1.0 - dropout_p)
 
 
-def _keep_mask(rng_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, dropout_p: float):
+def _keep_mask(rng_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, dropout_p: float,
+               batch_start: int = 0):
+    """The (B, H, Tq, Tk) keep mask of gptfast.ops._philox for q's batch entries batch_start..;
+    None without dropout."""
     if dropout_p <= 0.0 or rng_state is None:
         return None
     from . import _philox
     seed, offset = _philox.rng_state_values(rng_state)
     b, tq, h, _ = q.shape
-    return _philox.dropout_keep_mask(seed, offset, b, h, tq, k.shape[1], dropout_p, q.device)
+    return _philox.dropout_keep_mask(seed, offset, b, h, tq, k.shape[1], dropout_p, q.device, batch_start)
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -206,20 +209,32 @@ def _launcher_options(causal: bool, window: tuple[int, int], softcap: float, dro
 def attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                                 softmax_scale: float, *, window: tuple[int, int] = (-1, -1),
                                 softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                                dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+                                dropout_p: float = 0.0, rng_state: torch.Tensor | None = None,
+                                varlen: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference launcher: returns out (B, Tq, H, D) in q.dtype and lse (B, H, Tq) in fp32.
 
     The keyword options are the normalised ones (:func:`normalise`; ``causal`` is implied by
     ``window``'s right side when given) and the dropout generator's (seed, offset) as an int64
-    tensor ``rng_state``; kernels without those features are called without them.
+    tensor ``rng_state``; kernels without those features are called without them. ``varlen``:
+    packed sequences (gptfast.ops.varlen's launcher contract).
     """
-    acc = _acc_dtype(q.dtype)
+    if varlen is not None:
+        from .varlen import attention_varlen_forward_reference
+        return attention_varlen_forward_reference(q, k, v, *varlen, causal, softmax_scale, window=window,
+                                                  softcap=softcap, alibi_slopes=alibi_slopes,
+                                                  dropout_p=dropout_p, rng_state=rng_state)
     opts = _launcher_options(causal, window, softcap, dropout_p)
+    return _forward_reference(q, k, v, opts, softmax_scale, alibi_slopes,
+                              _keep_mask(rng_state, q, k, dropout_p))
+
+
+def _forward_reference(q, k, v, opts: Options, softmax_scale: float, alibi_slopes, keep):
+    """The reference forward given the options and the dropout keep mask (or None)."""
+    acc = _acc_dtype(q.dtype)
     s, _ = _scores(q.to(acc), k.to(acc), opts, softmax_scale, alibi_slopes)
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Tq); -inf for a row with no keys
     p = _probabilities(s, lse)
-    drop = dropout_scale(_keep_mask(rng_state, q, k, dropout_p), dropout_p, acc)
+    drop = dropout_scale(keep, opts.dropout_p, acc)
     if drop is not None:
         p = p * drop
     out = torch.matmul(p, _expand_kv(v.to(acc), q.shape[2])).transpose(1, 2)
@@ -230,17 +245,29 @@ def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.T
                                  out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
                                  deterministic: bool = False, *, window: tuple[int, int] = (-1, -1),
                                  softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                                 dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
-                                 ) -> tuple[torch.Tensor, ...]:
+                                 dropout_p: float = 0.0, rng_state: torch.Tensor | None = None,
+                                 varlen: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Reference launcher for the FlashAttention-2 backward, untiled. Always deterministic."""
+    if varlen is not None:
+        from .varlen import attention_varlen_backward_reference
+        return attention_varlen_backward_reference(dout, q, k, v, out, lse, *varlen, causal, softmax_scale,
+                                                   deterministic, window=window, softcap=softcap,
+                                                   alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                                   rng_state=rng_state)
+    opts = _launcher_options(causal, window, softcap, dropout_p)
+    return _backward_reference(dout, q, k, v, out, lse, opts, softmax_scale, alibi_slopes,
+                               _keep_mask(rng_state, q, k, dropout_p))
+
+
+def _backward_reference(dout, q, k, v, out, lse, opts: Options, softmax_scale: float, alibi_slopes, keep):
+    """The reference backward given the options and the dropout keep mask (or None)."""
     acc = _acc_dtype(q.dtype)
     h, hk = q.shape[2], k.shape[2]
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    opts = _launcher_options(causal, window, softcap, dropout_p)
     do = dout.to(acc).transpose(1, 2)                    # (B, H, Tq, D)
     s, t = _scores(qa, ka, opts, softmax_scale, alibi_slopes)  # (B, H, Tq, Tk)
     p = _probabilities(s, lse.to(acc))
-    drop = dropout_scale(_keep_mask(rng_state, q, k, dropout_p), dropout_p, acc)
+    drop = dropout_scale(keep, opts.dropout_p, acc)
     pd = p if drop is None else p * drop
     dv = _group_sum(torch.matmul(pd.transpose(-1, -2), do), hk)     # (B, Hk, Tk, D)
     dp = torch.matmul(do, _expand_kv(va, h).transpose(-1, -2))      # (B, H, Tq, Tk)
@@ -275,6 +302,14 @@ def _check_inputs(q, k, v, causal, softmax_scale, window_size, softcap, alibi_sl
                          f"match q {tuple(q.shape)}; got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"gptfast.{op}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _check_options(op, causal, softmax_scale, window_size, softcap, dropout_p, alibi_slopes, [(h,), (b, h)],
+                   q.device)
+
+
+def _check_options(op: str, causal, softmax_scale, window_size, softcap, dropout_p, alibi_slopes,
+                   slope_shapes: list[tuple[int, ...]], device) -> None:
+    """The option arguments shared by the dense and varlen functions; the messages name them."""
+    h = slope_shapes[0][0]
     if not isinstance(causal, bool):
         raise TypeError(f"gptfast.{op}: causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float))
@@ -291,11 +326,11 @@ def _check_inputs(q, k, v, causal, softmax_scale, window_size, softcap, alibi_sl
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
             raise TypeError(f"gptfast.{op}: alibi_slopes must be a float32 tensor, got "
                             f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
-        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            raise ValueError(f"gptfast.{op}: alibi_slopes must have shape (nheads,) = ({h},) or "
-                             f"(batch, nheads) = ({b}, {h}), got {tuple(alibi_slopes.shape)}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"gptfast.{op}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        if tuple(alibi_slopes.shape) not in slope_shapes:
+            raise ValueError(f"gptfast.{op}: alibi_slopes must have shape (nheads,) = {slope_shapes[0]} or "
+                             f"(batch, nheads) = {slope_shapes[1]}, got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != device:
+            raise ValueError(f"gptfast.{op}: alibi_slopes is on {alibi_slopes.device} but q is on {device}")
 
 
 def _features(q: torch.Tensor, k: torch.Tensor, opts: Options, alibi_slopes) -> frozenset[str]:
@@ -505,27 +540,35 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                          deterministic=deterministic)
-    state = torch.random.get_rng_state() if q.device.type == "cpu" else torch.cuda.get_rng_state(q.device)
+    state = _rng_snapshot(q.device)
     out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                          deterministic=deterministic, return_lse=True)
-    return out, lse, _dropped_probabilities(q, k, v, state, dropout_p, softmax_scale, causal, window_size,
+    return out, lse, _dropped_probabilities(q, k, state, dropout_p, softmax_scale, causal, window_size,
                                             softcap, alibi_slopes)
 
 
-def _dropped_probabilities(q, k, v, rng_before, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes) -> torch.Tensor:
+def _rng_snapshot(device: torch.device) -> torch.Tensor:
+    """The default generator's state of ``device`` (to replay a call's dropout draw)."""
+    return torch.random.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+
+
+def _dropped_probabilities(q, k, rng_before, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, batch_start: int = 0, seqlen_k_norm: int | None = None) -> torch.Tensor:
     """FlashAttention's S_dmask: (B, H, Tq, Tk) probabilities with dropped entries negated, for
-    the call that ran with the default generator in state ``rng_before`` (replayed here)."""
+    the call that ran with the default generator in state ``rng_before`` (replayed here). A
+    varlen sequence b passes ``batch_start=b`` and the call's max_seqlen_k (``seqlen_k_norm``,
+    the window normalisation's length)."""
     with torch.no_grad():
         qa, ka = q.detach().to(_acc_dtype(q.dtype)), k.detach().to(_acc_dtype(q.dtype))
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-        opts = normalise(causal, window_size, softcap, dropout_p, k.shape[1])
+        opts = normalise(causal, window_size, softcap, dropout_p,
+                         k.shape[1] if seqlen_k_norm is None else seqlen_k_norm)
         s, _ = _scores(qa, ka, opts, scale, alibi_slopes)
         p = _probabilities(s, torch.logsumexp(s, dim=-1))
         if opts.dropout_p <= 0:
             return p
-        after = torch.random.get_rng_state() if q.device.type == "cpu" else torch.cuda.get_rng_state(q.device)
+        after = _rng_snapshot(q.device)
         setter = torch.random.set_rng_state if q.device.type == "cpu" else (
             lambda st: torch.cuda.set_rng_state(st, q.device))
         setter(rng_before)
@@ -533,7 +576,7 @@ def _dropped_probabilities(q, k, v, rng_before, dropout_p, softmax_scale, causal
             rng = _rng_state(q.device, opts.dropout_p)
         finally:
             setter(after)
-        keep = _keep_mask(rng, q, k, opts.dropout_p)
+        keep = _keep_mask(rng, q, k, opts.dropout_p, batch_start)
         return torch.where(keep, p, -p)
 
 
