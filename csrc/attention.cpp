@@ -2,8 +2,10 @@
 // Shapes, dtypes and return values follow the launcher contract in gptfast/ops/_backend.py:
 // q (B, Tq, H, D), k and v (B, Tk, Hk, D) with H % Hk == 0, and FlashAttention 2.8's dense
 // options (window, softcap, ALiBi, dropout), normalised here into one AttentionOptions.
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #include "common/backend.h"
 
@@ -49,7 +51,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 AttentionOptions make_options(const at::Tensor& q, const at::Tensor& k, bool causal, double scale,
                               int64_t window_left, int64_t window_right, double softcap,
                               const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                              const std::optional<at::Tensor>& rng_state) {
+                              const std::optional<at::Tensor>& rng_state, int64_t sequences = -1) {
   TORCH_CHECK_VALUE(std::isfinite(scale), kOp, ": softmax_scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp,
                     ": window_size must be two integers >= -1 (-1: unbounded), got (", window_left,
@@ -57,7 +59,8 @@ AttentionOptions make_options(const at::Tensor& q, const at::Tensor& k, bool cau
   TORCH_CHECK_VALUE(std::isfinite(softcap), kOp, ": softcap must be finite, got ", softcap);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, kOp, ": dropout_p must be in [0, 1), got ",
                     dropout_p);
-  const int64_t B = q.size(0), H = q.size(2), Tk = k.size(1);
+  // sequences: a packed call's number of sequences (each plays a batch entry); -1: q's batch.
+  const int64_t B = sequences < 0 ? q.size(0) : sequences, H = q.size(2), Tk = k.size(1);
   AttentionOptions o;
   o.window_left = window_left >= Tk ? -1 : window_left;
   o.window_right = causal ? 0 : (window_right >= Tk ? -1 : window_right);
@@ -100,25 +103,73 @@ AttentionOptions make_options(const at::Tensor& q, const at::Tensor& k, bool cau
   }
   return o;
 }
+// A packed (varlen) call: q (total_q, H, D), k, v (total_k, Hk, D) and int32 prefix sums. Returns
+// the 4-D views (1, total, H, D) the kernels take (sequence s: rows cu[s] .. cu[s+1] - 1) and
+// records the prefix sums in `opts`. Which backends run it: those whose kernels read `Seqs`.
+std::array<at::Tensor, 3> packed_views(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& cu_q, const std::optional<at::Tensor>& cu_k_opt) {
+  TORCH_CHECK_NOT_IMPLEMENTED(std::strcmp(kBackendName, "cpu") == 0, kOp, ": backend '", kBackendName,
+                              "' does not support varlen yet; backend='auto' routes such calls to a ",
+                              "backend that does");
+  TORCH_CHECK_VALUE(cu_k_opt.has_value(), kOp, ": cu_seqlens_q needs cu_seqlens_k");
+  const at::Tensor& cu_k = *cu_k_opt;
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK_VALUE(t->dim() == 3, kOp, ": a varlen call takes q, k, v of shape (total, nheads, headdim), ",
+                      "got ", t->sizes());
+  }
+  for (const auto* t : {&cu_q, &cu_k}) {
+    const char* name = t == &cu_q ? "cu_seqlens_q" : "cu_seqlens_k";
+    const int64_t total = (t == &cu_q ? q : k).size(0);
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->numel() == cu_q.numel() &&
+                          t->numel() >= 1 && t->device().is_cpu(),
+                      kOp, ": ", name, " must be a 1-D int32 CPU tensor of batch + 1 = ", cu_q.numel(),
+                      " prefix sums, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+    const at::Tensor c = t->contiguous();
+    const int32_t* p = c.const_data_ptr<int32_t>();
+    bool ok = p[0] == 0 && p[c.numel() - 1] == total;
+    for (int64_t i = 1; i < c.numel() && ok; ++i) ok = p[i] >= p[i - 1];
+    TORCH_CHECK_VALUE(ok, kOp, ": ", name, " must start at 0, never decrease and end at the number of rows (",
+                      total, ")");
+  }
+  return {q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)};
+}
+
+void set_packed(AttentionOptions& o, const at::Tensor& cu_q, const at::Tensor& cu_k) {
+  o.cu_seqlens_q = cu_q.contiguous();
+  o.cu_seqlens_k = cu_k.contiguous();
+}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double softmax_scale,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, double softmax_scale,
     int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k) {
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  if (cu_seqlens_q) std::tie(q, k, v) = std::tuple_cat(packed_views(q_in, k_in, v_in, *cu_seqlens_q, cu_seqlens_k));
   check_qkv(q, k, v);
-  const AttentionOptions opts = make_options(q, k, causal, softmax_scale, window_left, window_right,
-                                             softcap, alibi_slopes, dropout_p, rng_state);
-  return backend::attention_forward(q, k, v, softmax_scale, opts);
+  AttentionOptions opts = make_options(q, k, causal, softmax_scale, window_left, window_right,
+                                       softcap, alibi_slopes, dropout_p, rng_state,
+                                       cu_seqlens_q ? cu_seqlens_q->numel() - 1 : -1);
+  if (!cu_seqlens_q) return backend::attention_forward(q, k, v, softmax_scale, opts);
+  set_packed(opts, *cu_seqlens_q, *cu_seqlens_k);
+  auto [out, lse] = backend::attention_forward(q, k, v, softmax_scale, opts);
+  return {out.squeeze(0), lse.squeeze(0)};  // (total_q, H, D), (H, total_q)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double softmax_scale,
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double softmax_scale,
     bool deterministic, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k) {
+  at::Tensor q = q_in, k = k_in, v = v_in, dout = dout_in, out = out_in, lse = lse_in;
+  if (cu_seqlens_q) {
+    std::tie(q, k, v) = std::tuple_cat(packed_views(q_in, k_in, v_in, *cu_seqlens_q, cu_seqlens_k));
+    dout = dout_in.unsqueeze(0), out = out_in.unsqueeze(0), lse = lse_in.unsqueeze(0);
+  }
   check_qkv(q, k, v);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   CHECK_DEVICE(dout, q.device());  // one GPU of several: all on q's
@@ -134,9 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   CHECK_ROWS_DISJOINT(dout);
   CHECK_ROWS_DISJOINT(out);
   CHECK_DTYPE(lse, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const AttentionOptions opts = make_options(q, k, causal, softmax_scale, window_left, window_right,
-                                             softcap, alibi_slopes, dropout_p, rng_state);
-  return backend::attention_backward(dout, q, k, v, out, lse, softmax_scale, deterministic, opts);
+  AttentionOptions opts = make_options(q, k, causal, softmax_scale, window_left, window_right,
+                                       softcap, alibi_slopes, dropout_p, rng_state,
+                                       cu_seqlens_q ? cu_seqlens_q->numel() - 1 : -1);
+  if (!cu_seqlens_q) return backend::attention_backward(dout, q, k, v, out, lse, softmax_scale, deterministic, opts);
+  set_packed(opts, *cu_seqlens_q, *cu_seqlens_k);
+  auto [dq, dk, dv] = backend::attention_backward(dout, q, k, v, out, lse, softmax_scale, deterministic, opts);
+  return {dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)};
 }
 
 }  // namespace gptfast

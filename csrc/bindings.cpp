@@ -20,11 +20,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor&, const at
                                                      const at::Tensor&, bool, double, int64_t,
                                                      int64_t, double,
                                                      const std::optional<at::Tensor>&, double,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&,
                                                      const std::optional<at::Tensor>&);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, bool, double, bool, int64_t, int64_t, double,
-    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
@@ -48,12 +51,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("causal"), py::arg("softmax_scale"), py::arg("window_left") = -1,
         py::arg("window_right") = -1, py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none(),
         py::arg("dropout_p") = 0.0, py::arg("rng_state") = py::none(),
-        "FlashAttention-2 forward: (out (B,Tq,H,D), lse (B,H,Tq) fp32); k, v (B,Tk,Hk,D)");
+        py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        "FlashAttention-2 forward: (out (B,Tq,H,D), lse (B,H,Tq) fp32); k, v (B,Tk,Hk,D); with "
+        "cu_seqlens: packed q (total_q,H,D), k, v (total_k,Hk,D) -> (out (total_q,H,D), lse (H,total_q))");
   m.def("attention_backward", &gptfast::attention_backward, py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("causal"),
         py::arg("softmax_scale"), py::arg("deterministic") = false, py::arg("window_left") = -1,
         py::arg("window_right") = -1, py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none(),
         py::arg("dropout_p") = 0.0, py::arg("rng_state") = py::none(),
+        py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         "FlashAttention-2 backward: (dq, dk, dv); deterministic avoids atomics where a backend uses them");
   m.def("layer_norm_forward", &gptfast::layer_norm_forward, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), "LayerNorm forward: (y, mean, rstd)");

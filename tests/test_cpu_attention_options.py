@@ -73,7 +73,7 @@ def _check(name, got, want, atol):
 
 
 def test_cpu_declares_every_option():
-    assert _backend.KERNEL_ATTENTION_FEATURES["cpu"] == frozenset(_backend.ATTENTION_FEATURES)
+    assert _backend.KERNEL_ATTENTION_FEATURES["cpu"] == frozenset(_backend.ATTENTION_FEATURES + _backend.LAYOUT_FEATURES)
 
 
 @pytest.mark.parametrize("case", GRID)

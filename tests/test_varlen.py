@@ -79,12 +79,42 @@ def test_each_sequence_equals_dense_attention_on_it(case):
             torch.testing.assert_close(full[r], part[0], rtol=1e-12, atol=1e-12)
 
 
-def test_equal_lengths_equal_the_dense_batch_with_dropout_bit_for_bit():
+CPU_BACKENDS = ["cpu"] if "cpu" in gptfast.available_backends("attention", "cpu") else []
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_kernel_backend_matches_the_reference(case, dtype, backend):
+    """The cpu kernels' packed path against the float64 reference: fp64 to 1e-10 (the index math),
+    fp32 and bf16 within the rounding of their accumulation (fp32) and of the bf16 output."""
+    lens_q, lens_k, h, hk, causal, window, softcap, alibi = case
+    q, k, v, cq, ck = _packed(lens_q, lens_k, h, hk, 40)
+    slopes = _slopes(alibi, len(lens_q), h)
+    kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, dropout_p=0.17)
+    dout = torch.randn_like(q)
+    results = []
+    for name, dt in (("reference", F64), (backend, dtype)):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(11)
+        out, lse = V.attention_varlen(*leaves, cq, ck, max(lens_q), max(lens_k), backend=name, return_lse=True, **kw)
+        results.append((out, lse, *torch.autograd.grad(out, leaves, dout.to(dt))))
+    tol = {F64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), results[1], results[0]):
+        assert a.dtype == (r.dtype if name == "lse" and dtype == F64 else torch.float32 if name == "lse" else dtype)
+        finite = r != float("-inf")
+        assert torch.equal(a == float("-inf"), ~finite), name  # the same rows see no key
+        err = (a.double()[finite] - r[finite]).abs().max().item() if finite.any() else 0.0
+        assert err <= tol * max(1.0, r[finite].abs().max().item() if finite.any() else 0.0), (name, err)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_equal_lengths_equal_the_dense_batch_with_dropout_bit_for_bit(backend):
     b, t, h, hk, d = 3, 9, 4, 2, 8
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(b, t, n, d, generator=g) for n in (h, hk, hk))
     slopes = torch.rand(b, h, generator=g)
-    kw = dict(causal=True, dropout_p=0.3, alibi_slopes=slopes, softcap=4.0, backend="reference")
+    kw = dict(causal=True, dropout_p=0.3, alibi_slopes=slopes, softcap=4.0, backend=backend)
     torch.manual_seed(5)
     dense = gptfast.attention(q, k, v, **kw)
     cu = _cu([t] * b)
@@ -202,13 +232,14 @@ def test_bad_input_names_the_argument(change, exc, msg):
         V.attention_varlen(**args)
 
 
-def test_routing_kernel_backends_lack_varlen_so_far():
+def test_routing_triton_lacks_varlen_so_far():
+    from gptfast.ops import _backend
     q, k, v, cq, ck = _packed([3, 2], [3, 2], 2, 2, 8, dtype=torch.float32)
-    out = V.attention_varlen(q, k, v, cq, ck, 3, 3)  # auto: the reference
+    out = V.attention_varlen(q, k, v, cq, ck, 3, 3)  # auto: cpu where built, else the reference
     assert out.shape == q.shape
-    for name in ("cpu", "triton"):
-        with pytest.raises(NotImplementedError, match="varlen"):
-            V.attention_varlen(q, k, v, cq, ck, 3, 3, backend=name)
+    assert "varlen" in _backend._REGISTRY[("attention", "cpu")].features
+    with pytest.raises(NotImplementedError, match="varlen"):
+        V.attention_varlen(q, k, v, cq, ck, 3, 3, backend="triton")
 
 
 def test_compiles_fullgraph_and_opcheck():

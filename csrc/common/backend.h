@@ -42,6 +42,9 @@ struct AttentionOptions {
   double dropout_p = 0.0;     // 0: none
   uint64_t seed = 0, offset = 0;      // gptfast/ops/_philox.py's (seed, offset), from rng_state
   std::optional<at::Tensor> rng_state;  // int64 [seed, offset], contiguous, on the CPU or q's device
+  // Packed variable-length sequences (gptfast/ops/varlen.py): q, k, v are then one batch entry of
+  // total rows, sequence s is rows cu[s] .. cu[s+1] - 1 (int32, contiguous, validated); none: dense.
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;
   uint32_t dropout_threshold = 0;     // floor(dropout_p * 2^32), computed in double
 
   bool causal() const { return window_left < 0 && window_right == 0; }

@@ -20,6 +20,11 @@
 // heads and sums their dK, dV in a fixed order: deterministic without atomics. Dropout regenerates
 // gptfast/ops/_philox.py's mask (Philox 4x32-10 below) per tile, scales kept P by 1/(1-p) before
 // P V, and in the backward uses it for dV and dP; lse stays the undropped logsumexp.
+//
+// Packed variable-length calls (gptfast/ops/varlen.py) run in the options kernels too: q, k, v
+// arrive as one batch entry of total rows, and `Seqs` maps sequence s to its rows (cu_seqlens), so a
+// task is one (sequence, head, query block) -- work sum_s Tq_s Tk_s, nothing padded -- and sequence s
+// plays batch entry s for its window, ALiBi row and dropout counters.
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -345,6 +350,38 @@ struct Window {
   }
 };
 
+// The sequences of a call: the batch entries of a dense call, or the packed sequences of a
+// varlen one (memory batch entry 0, rows cu[s] .. cu[s+1] - 1).
+struct Seq {
+  int64_t b, q0, tq, k0, tk;  // memory batch entry, first q row and count, first k row and count
+};
+struct Seqs {
+  int64_t n, Tq, Tk;  // sequences; rows per batch entry of q and k (dense: the lengths)
+  const int32_t* cq = nullptr;
+  const int32_t* ck = nullptr;
+  explicit Seqs(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& o)
+      : n(o.cu_seqlens_q ? o.cu_seqlens_q->numel() - 1 : q.size(0)), Tq(q.size(1)), Tk(k.size(1)) {
+    if (o.cu_seqlens_q) {
+      cq = o.cu_seqlens_q->const_data_ptr<int32_t>();
+      ck = o.cu_seqlens_k->const_data_ptr<int32_t>();
+    }
+  }
+  Seq operator[](int64_t s) const {
+    if (!cq) return {s, 0, Tq, 0, Tk};
+    return {0, cq[s], cq[s + 1] - cq[s], ck[s], ck[s + 1] - ck[s]};
+  }
+  int64_t max_tq() const { return max_len(cq, Tq); }
+  int64_t max_tk() const { return max_len(ck, Tk); }
+
+ private:
+  int64_t max_len(const int32_t* cu, int64_t dense) const {
+    if (!cu) return dense;
+    int64_t m = 0;
+    for (int64_t s = 0; s < n; ++s) m = std::max<int64_t>(m, cu[s + 1] - cu[s]);
+    return m;
+  }
+};
+
 // tanh for the softcap, relative error ~1e-7: libm's tanhf made a softcapped fp32 forward 2.5x
 // slower at T = 1024, D = 64. vec::tanh_f32 (exp-based) has an absolute error of ~1 ulp of 1,
 // which softcap * tanh would turn into ~softcap * 6e-8 on small scores, so |x| < 1/4 takes
@@ -392,8 +429,9 @@ void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& lse, double scale_d, const AttentionOptions& opts) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), Hk = k.size(2), G = H / Hk;
+  const int64_t Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(2), G = H / Hk;
+  const Seqs seqs(q, k, opts);
   const int64_t sqb = q.stride(0), sqt = q.stride(1), sqh = q.stride(2);
   const int64_t skb = k.stride(0), skt = k.stride(1), skh = k.stride(2);
   const int64_t svb = v.stride(0), svt = v.stride(1), svh = v.stride(2);
@@ -403,22 +441,27 @@ void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const Window win{Tq, Tk, Tk - Tq, opts.window_left, opts.window_right};
   const acc_t softcap = static_cast<acc_t>(opts.softcap);
   const float* slopes = opts.alibi_slopes ? opts.alibi_slopes->const_data_ptr<float>() : nullptr;
   const int64_t slope_sb = opts.alibi_slopes && opts.alibi_slopes->dim() == 2 ? H : 0;
   const bool dropout = opts.dropout_p > 0.0;
   const acc_t rp = static_cast<acc_t>(1.0 / (1.0 - opts.dropout_p));
-  const int64_t nqb = (Tq + BQ - 1) / BQ;
+  // Tasks: (sequence, head, query block), sequence s owning [first[s], first[s + 1]).
+  std::vector<int64_t> first(seqs.n + 1, 0);
+  for (int64_t sq = 0; sq < seqs.n; ++sq) first[sq + 1] = first[sq] + H * ((seqs[sq].tq + BQ - 1) / BQ);
 
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first[seqs.n], 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(kDirect ? 0 : BQ * D), kbuf(kDirect ? 0 : BK * D),
         vbuf(kDirect ? 0 : BK * D), s(BQ * BK), o(BQ * D), m(BQ), l(BQ), mult(dropout ? BK : 0);
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t bh = idx / nqb, qb = idx % nqb, b = bh / H, h = bh % H, kvh = h / G;
-      const int64_t q0 = qb * BQ, nq = std::min(BQ, Tq - q0);
-      const acc_t slope = slopes ? static_cast<acc_t>(slopes[b * slope_sb + h]) : acc_t(0);
-      const scalar_t* qt = qp + b * sqb + h * sqh + q0 * sqt;
+      const int64_t si = std::upper_bound(first.begin(), first.end(), idx) - first.begin() - 1;
+      const Seq sq = seqs[si];
+      const int64_t nqb = (sq.tq + BQ - 1) / BQ, h = (idx - first[si]) / nqb, qb = (idx - first[si]) % nqb;
+      const int64_t b = sq.b, kvh = h / G, bh = si * H + h;  // bh: the dropout counter's (batch, head)
+      const Window win{sq.tq, sq.tk, sq.tk - sq.tq, opts.window_left, opts.window_right};
+      const int64_t q0 = qb * BQ, nq = std::min(BQ, sq.tq - q0);
+      const acc_t slope = slopes ? static_cast<acc_t>(slopes[si * slope_sb + h]) : acc_t(0);
+      const scalar_t* qt = qp + b * sqb + h * sqh + (sq.q0 + q0) * sqt;
       int64_t ldq;
       const acc_t* Q = operand_rows<acc_t>(qt, sqt, nq, D, qbuf.data(), &ldq);
       std::fill(o.begin(), o.begin() + nq * D, acc_t(0));
@@ -428,8 +471,8 @@ void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t kbeg = win.key_lo(q0), kend = win.key_hi(q0 + nq - 1);
       for (int64_t k0 = kbeg; k0 < kend; k0 += BK) {
         const int64_t nk = std::min(BK, kend - k0);
-        const scalar_t* kt = kp + b * skb + kvh * skh + k0 * skt;
-        const scalar_t* vt = vp + b * svb + kvh * svh + k0 * svt;
+        const scalar_t* kt = kp + b * skb + kvh * skh + (sq.k0 + k0) * skt;
+        const scalar_t* vt = vp + b * svb + kvh * svh + (sq.k0 + k0) * svt;
         int64_t ldk, ldv;
         const acc_t* K = operand_rows<acc_t>(kt, skt, nk, D, kbuf.data(), &ldk);
         const acc_t* V = operand_rows<acc_t>(vt, svt, nk, D, vbuf.data(), &ldv);
@@ -450,9 +493,9 @@ void forward_options_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
         const bool has_keys = l[i] > acc_t(0) || l[i] != l[i];  // NaN propagates, 0 means no keys
         const acc_t inv = has_keys ? acc_t(1) / l[i] : acc_t(0);
         acc_t* orow = o.data() + i * D;
-        scalar_t* dst = op + ((b * Tq + q0 + i) * H + h) * D;
+        scalar_t* dst = op + ((b * Tq + sq.q0 + q0 + i) * H + h) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(has_keys ? orow[d] * inv : acc_t(0));
-        lp[bh * Tq + q0 + i] =
+        lp[(b * H + h) * Tq + sq.q0 + q0 + i] =
             has_keys ? m[i] + std::log(l[i]) : -std::numeric_limits<acc_t>::infinity();
       }
     }
@@ -466,8 +509,10 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
                            const AttentionOptions& opts) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), Hk = k.size(2), G = H / Hk;
+  const int64_t Tq_rows = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk_rows = k.size(1), Hk = k.size(2), G = H / Hk;
+  const Seqs seqs(q, k, opts);
+  const int64_t max_tq = seqs.max_tq(), max_tk = seqs.max_tk();
   const scalar_t* qp = q.const_data_ptr<scalar_t>();
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
@@ -479,38 +524,41 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const Window win{Tq, Tk, Tk - Tq, opts.window_left, opts.window_right};
   const acc_t softcap = static_cast<acc_t>(opts.softcap);
   const float* slopes = opts.alibi_slopes ? opts.alibi_slopes->const_data_ptr<float>() : nullptr;
   const int64_t slope_sb = opts.alibi_slopes && opts.alibi_slopes->dim() == 2 ? H : 0;
   const bool dropout = opts.dropout_p > 0.0;
   const acc_t rp = static_cast<acc_t>(1.0 / (1.0 - opts.dropout_p));
 
-  // One task per (batch, kv head): its query heads' dK, dV are summed here, in head order.
-  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
-    const int64_t dense_q = kDirect ? 0 : Tq * D, dense_k = kDirect ? 0 : Tk * D;
-    std::vector<acc_t> qf(dense_q), dof(dense_q), kf(dense_k), vf(dense_k), dqacc(Tq * D),
-        dkacc(Tk * D), dvacc(Tk * D), s(BQ * BK), dp(BQ * BK), delta(Tq), lrow(Tq),
+  // One task per (sequence, kv head): its query heads' dK, dV are summed here, in head order.
+  at::parallel_for(0, seqs.n * Hk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t dense_q = kDirect ? 0 : max_tq * D, dense_k = kDirect ? 0 : max_tk * D;
+    std::vector<acc_t> qf(dense_q), dof(dense_q), kf(dense_k), vf(dense_k), dqacc(max_tq * D),
+        dkacc(max_tk * D), dvacc(max_tk * D), s(BQ * BK), dp(BQ * BK), delta(max_tq), lrow(max_tq),
         tanh_t(softcap > acc_t(0) ? BQ * BK : 0), mult(dropout ? BQ * BK : 0), pd(dropout ? BQ * BK : 0);
-    for (int64_t bkv = begin; bkv < end; ++bkv) {
-      const int64_t b = bkv / Hk, kvh = bkv % Hk;
-      const scalar_t* kt = kp + b * k.stride(0) + kvh * k.stride(2);
-      const scalar_t* vt = vp + b * v.stride(0) + kvh * v.stride(2);
+    for (int64_t skv = begin; skv < end; ++skv) {
+      const int64_t si = skv / Hk, kvh = skv % Hk;
+      const Seq sq = seqs[si];
+      const int64_t b = sq.b, Tq = sq.tq, Tk = sq.tk;
+      const Window win{Tq, Tk, Tk - Tq, opts.window_left, opts.window_right};
+      const scalar_t* kt = kp + b * k.stride(0) + kvh * k.stride(2) + sq.k0 * k.stride(1);
+      const scalar_t* vt = vp + b * v.stride(0) + kvh * v.stride(2) + sq.k0 * v.stride(1);
       int64_t ldk, ldv;
       const acc_t* K = operand_rows<acc_t>(kt, k.stride(1), Tk, D, kf.data(), &ldk);
       const acc_t* V = operand_rows<acc_t>(vt, v.stride(1), Tk, D, vf.data(), &ldv);
       std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
       std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
       for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-        const acc_t slope = slopes ? static_cast<acc_t>(slopes[b * slope_sb + h]) : acc_t(0);
-        const uint64_t bh = static_cast<uint64_t>(b * H + h);
-        const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(2);
-        const scalar_t* dot = dop + b * dout.stride(0) + h * dout.stride(2);
-        const scalar_t* ot = outp + b * out.stride(0) + h * out.stride(2);
+        const acc_t slope = slopes ? static_cast<acc_t>(slopes[si * slope_sb + h]) : acc_t(0);
+        const uint64_t bh = static_cast<uint64_t>(si * H + h);
+        const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(2) + sq.q0 * q.stride(1);
+        const scalar_t* dot = dop + b * dout.stride(0) + h * dout.stride(2) + sq.q0 * dout.stride(1);
+        const scalar_t* ot = outp + b * out.stride(0) + h * out.stride(2) + sq.q0 * out.stride(1);
         int64_t ldq, lddo;
         const acc_t* Q = operand_rows<acc_t>(qt, q.stride(1), Tq, D, qf.data(), &ldq);
         const acc_t* dO = operand_rows<acc_t>(dot, dout.stride(1), Tq, D, dof.data(), &lddo);
-        backward_row_stats(dO, lddo, ot, out.stride(1), lsep + b * lse_sb + h * lse_sh, lse_st, Tq, D,
+        backward_row_stats(dO, lddo, ot, out.stride(1), lsep + b * lse_sb + h * lse_sh + sq.q0 * lse_st,
+                           lse_st, Tq, D,
                            delta.data(), lrow.data());
         std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
         for (int64_t k0 = 0; k0 < Tk; k0 += BK) {
@@ -556,10 +604,10 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
             blas::gemm_nn<acc_t>(nq, D, nk, scale, s.data(), BK, Kj, ldk, acc_t(1), dqacc.data() + q0 * D, D);
           }
         }
-        store_rows(dqacc.data(), Tq, D, dqp + (b * Tq * H + h) * D, H * D);
+        store_rows(dqacc.data(), Tq, D, dqp + ((b * Tq_rows + sq.q0) * H + h) * D, H * D);
       }
-      store_rows(dkacc.data(), Tk, D, dkp + (b * Tk * Hk + kvh) * D, Hk * D);
-      store_rows(dvacc.data(), Tk, D, dvp + (b * Tk * Hk + kvh) * D, Hk * D);
+      store_rows(dkacc.data(), Tk, D, dkp + ((b * Tk_rows + sq.k0) * Hk + kvh) * D, Hk * D);
+      store_rows(dvacc.data(), Tk, D, dvp + ((b * Tk_rows + sq.k0) * Hk + kvh) * D, Hk * D);
     }
   });
 }
@@ -569,7 +617,7 @@ void backward_options_impl(const at::Tensor& dout, const at::Tensor& q, const at
 // A call that uses no option (equal lengths and heads, causal or full mask) takes the original
 // kernels above; every other call the options kernels.
 static bool plain_call(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& opts) {
-  return opts.plain() && k.size(1) == q.size(1) && k.size(2) == q.size(2);
+  return opts.plain() && !opts.cu_seqlens_q && k.size(1) == q.size(1) && k.size(2) == q.size(2);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,

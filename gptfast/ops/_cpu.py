@@ -4,7 +4,8 @@ The extension is built on first use by :mod:`gptfast._build`; importing this mod
 The launchers themselves are :class:`gptfast.ops._native.NativeLaunchers`; the attention backward
 is always deterministic here (one task per (batch, head), or per (batch, kv head) under GQA, which
 sums its query heads' dK/dV in order; no atomics). Its attention implements every option of
-``_backend.ATTENTION_FEATURES`` (GQA, unequal lengths, windows, softcap, ALiBi, dropout).
+``_backend.ATTENTION_FEATURES`` (GQA, unequal lengths, windows, softcap, ALiBi, dropout) and packed
+variable-length batches (``varlen``).
 """
 from __future__ import annotations
 

@@ -27,28 +27,33 @@ class NativeLaunchers:
     def attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                           softmax_scale: float, *, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                           alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
-                          rng_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """out (B, Tq, H, D) in q.dtype, lse (B, H, Tq) fp32 (fp64 for fp64 inputs on cpu).
+                          rng_state: torch.Tensor | None = None, varlen: tuple | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (B, Tq, H, D) in q.dtype, lse (B, H, Tq) fp32 (fp64 for fp64 inputs on cpu); with
+        ``varlen`` (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): packed q, k, v,
+        out (total_q, H, D), lse (H, total_q).
 
         The keyword options as the contract gives them; the extension raises NotImplementedError
-        naming any option its kernels lack (the cuda backend: all of them, for now)."""
+        naming any option its kernels lack."""
+        cu_q, cu_k = (None, None) if varlen is None else varlen[:2]
         return self.ext.attention_forward(q, k, v, bool(causal), float(softmax_scale), int(window[0]),
                                           int(window[1]), float(softcap), alibi_slopes, float(dropout_p),
-                                          rng_state)
+                                          rng_state, cu_q, cu_k)
 
     def attention_backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
                            deterministic: bool = False, *, window: tuple[int, int] = (-1, -1),
                            softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                           dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, ...]:
+                           dropout_p: float = 0.0, rng_state: torch.Tensor | None = None,
+                           varlen: tuple | None = None) -> tuple[torch.Tensor, ...]:
         """dq, dk, dv (dk, dv summed over each kv head's query heads). Deterministic (no atomics)
         when asked for here or through ``torch.use_deterministic_algorithms(True)``; the cpu
         kernels always are."""
         deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
         return self.ext.attention_backward(dout, q, k, v, out, lse, bool(causal), float(softmax_scale),
                                            deterministic, int(window[0]), int(window[1]), float(softcap),
-                                           alibi_slopes, float(dropout_p), rng_state)
+                                           alibi_slopes, float(dropout_p), rng_state,
+                                           *((None, None) if varlen is None else varlen[:2]))
 
     def layer_norm_forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
