@@ -10,7 +10,8 @@ file, cached by a hash of its inputs. The tests call the kernels' own launch fun
 ctypes on NaN-guarded buffers and compare every output with a float64 reference.
 
 What this proves: the kernels' index math, tiling, masking (causal, partial blocks, padded head
-dims), online softmax, the fragment bookkeeping between ldmatrix and mma.sync calls, cp.async
+dims; GQA/MQA, seqlen_q != seqlen_k, sliding windows, rows without keys), the score modifiers
+(softcap, ALiBi, dropout with _philox.py's mask bit for bit), online softmax, the fragment bookkeeping between ldmatrix and mma.sync calls, cp.async
 group counting, the barrier placement (a shared-memory race detector is on for every launch: any race, out-of-
 bounds or misaligned access, deadlock or divergent warp collective fails the test), the host-side
 launch logic (grid sizes, instantiation switches, vector/scalar path choice -- 16-byte accesses
@@ -49,7 +50,8 @@ Checked by hand with mutated builds of attention.cu (tests/cuda_emu/README.md): 
 forward's `__syncthreads()` after the QK^T loop is reported as a race, `cp_async_wait<2>` for
 `<1>` as a read of an in-flight copy, a dK/dV store without its `col < D` check as an
 out-of-bounds store, and a causal mask of `>=` for `>` (forward or backward) fails out or dq/dk
-with errors ~100x over the bound. Of gelu_ffn.cu: the db1 partial row indexed by blockIdx.x for
+with errors ~100x over the bound; a window's left edge one key short fails out
+(test_emulator_detects_window_off_by_one). Of gelu_ffn.cu: the db1 partial row indexed by blockIdx.x for
 blockIdx.y fails db1 (unwritten NaN partials), store_vec without `j < valid` and a forward tail
 loop of `i <= numel` write into guard zones, no `__syncthreads()` in write_column_partials is a
 race, the finalize stepping chunks by 1 for kTileY and `2.f * kKappa` for `3.f` in tanh-GELU' fail
