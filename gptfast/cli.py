@@ -52,6 +52,9 @@ _TRAIN_HELP = {
     "eval_iters": "batches per split in each evaluation",
     "sample_tokens": "tokens to sample at the end; 0 for none",
     "quiet": "no banner and no progress bar",
+    "no_pack": "let attention cross document boundaries (default: on data with documents -- the built-in "
+               "corpus, a directory of text files, GPT-2 .bin tokens split at <|endoftext|> -- each token "
+               "attends within its own document, positions restart at each)",
 }
 
 

@@ -9,6 +9,13 @@ Three input kinds, all exposed as a :class:`Dataset` of two 1-D token sequences 
   to 50304, decoded with ``tiktoken`` if it is installed);
 - nothing: a built-in corpus that needs no download, the Python standard library's own source.
 
+Documents: the built-in corpus and a directory of text files hold one document per file; nanoGPT's
+``.bin`` tokens with GPT-2's tokenizer separate documents by the end-of-text token 50256 (it ends a
+document: the next token starts a new one, as nanoGPT's prepare.py writes them); a single text
+file is one document. With ``pack=True`` batches carry each token's document index within its
+window, and a target in another document than its input is -1 (ignored): the model then attends
+within documents only (gptfast.model.GPT's ``doc_ids``).
+
 Nothing larger than the built-in corpus is read into memory: single files are ``np.memmap``-ed
 and a directory of files is read on demand, a window at a time. Batches are a pure function of
 ``(seed, step)`` so that a resumed run draws exactly the batches an uninterrupted one would.
@@ -203,14 +210,24 @@ class Dataset:
     vocab_size: int
     tokenizer: Tokenizer
     description: str
+    # Document boundaries: sorted offsets into the token source where a document starts (one per
+    # file), or the token id that ends a document; neither: one document (nothing to pack).
+    doc_starts: np.ndarray | None = None
+    doc_end_token: int | None = None
+
+    @property
+    def has_documents(self) -> bool:
+        return self.doc_starts is not None or self.doc_end_token is not None
 
     def get_batch(
-        self, split: str, batch_size: int, block_size: int, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, split: str, batch_size: int, block_size: int, rng: np.random.Generator, pack: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Random windows of ``block_size + 1`` tokens: inputs x and next-token targets y.
 
-        Returns two (batch_size, block_size) int64 CPU tensors. All randomness comes from
-        ``rng``, so the caller decides what the batch is a function of.
+        Returns two (batch_size, block_size) int64 CPU tensors, and with ``pack`` (on data with
+        documents) a third, ``doc``: each input token's document index within its window (0, 1, ...
+        from the left), with the targets that cross into another document set to -1. All
+        randomness comes from ``rng``, so the caller decides what the batch is a function of.
         """
         data = self.train if split == "train" else self.val
         self.check_block_size(block_size, (split,))
@@ -222,7 +239,23 @@ class Dataset:
                 f"of size {self.vocab_size} (set vocab_size in meta.pkl)"
             )
         batch = torch.from_numpy(windows)
-        return batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1], batch[:, 1:]
+        if not (pack and self.has_documents):
+            return x, y
+        doc = torch.from_numpy(self._window_documents(data, starts, windows))  # (B, T + 1)
+        y = y.masked_fill(doc[:, 1:] != doc[:, :-1], -1)  # the next document's first token: ignored
+        return x, y, doc[:, :-1].contiguous()
+
+    def _window_documents(self, data: "TokenView", starts: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """(B, n) document index of every token of each window, counted from 0 at its start."""
+        n = windows.shape[1]
+        if self.doc_end_token is not None:  # a new document after each end-of-text token
+            ends = windows == self.doc_end_token
+            return np.concatenate([np.zeros((len(windows), 1), np.int64),
+                                   np.cumsum(ends[:, :-1], axis=1, dtype=np.int64)], axis=1)
+        pos = data.start + starts[:, None] + np.arange(n)[None, :]  # absolute positions in the source
+        docs = np.searchsorted(self.doc_starts, pos, side="right")
+        return docs - docs[:, :1]
 
     def check_block_size(self, block_size: int, splits: Sequence[str] = ("train", "val")) -> None:
         """Raise DataError unless each split holds a window of ``block_size + 1`` tokens.
@@ -261,7 +294,8 @@ class Dataset:
         return float(-(p * np.log(p)).sum())
 
 
-def _split(source, description: str, vocab_size: int, tokenizer: Tokenizer) -> Dataset:
+def _split(source, description: str, vocab_size: int, tokenizer: Tokenizer,
+           doc_starts: Sequence[int] | None = None) -> Dataset:
     n = len(source)
     n_val = math.ceil(n * VAL_FRACTION)
     return Dataset(
@@ -270,6 +304,7 @@ def _split(source, description: str, vocab_size: int, tokenizer: Tokenizer) -> D
         vocab_size=vocab_size,
         tokenizer=tokenizer,
         description=description,
+        doc_starts=None if doc_starts is None else np.asarray(doc_starts, dtype=np.int64),
     )
 
 
@@ -317,7 +352,7 @@ def load_text_dir(path: Path) -> Dataset:
         )
     source = FileConcat(files, sizes)
     description = f"{len(files)} text files under {path} ({len(source):,} bytes)"
-    return _split(source, description, 256, Tokenizer("bytes"))
+    return _split(source, description, 256, Tokenizer("bytes"), doc_starts=source.starts[:-1])
 
 
 def load_token_dir(path: Path) -> Dataset:
@@ -334,7 +369,8 @@ def load_token_dir(path: Path) -> Dataset:
         splits[split] = TokenView(np.memmap(file, dtype=np.uint16, mode="r"))
     n_train, n_val = len(splits["train"]), len(splits["val"])
     description = f"token files in {path} ({n_train:,} train / {n_val:,} val tokens, vocab {vocab_size})"
-    return Dataset(splits["train"], splits["val"], vocab_size, tokenizer, description)
+    end = GPT2_EOT if tokenizer.kind == "gpt2" and vocab_size > GPT2_EOT else None
+    return Dataset(splits["train"], splits["val"], vocab_size, tokenizer, description, doc_end_token=end)
 
 
 def _read_meta(path: Path) -> tuple[int, Tokenizer]:
@@ -391,10 +427,11 @@ def load_builtin_corpus(max_bytes: int = BUILTIN_CORPUS_BYTES) -> Dataset:
     if not files:
         raise DataError("the built-in corpus (the Python standard library's source) was not found; "
                         "pass --data")
-    text = b"".join(f.read_bytes() for f in files)
-    data = np.frombuffer(text, dtype=np.uint8)
+    texts = [f.read_bytes() for f in files]
+    data = np.frombuffer(b"".join(texts), dtype=np.uint8)
     description = f"built-in corpus: {len(files)} Python stdlib files ({len(data):,} bytes)"
-    return _split(data, description, 256, Tokenizer("bytes"))
+    doc_starts = np.cumsum([0] + [len(t) for t in texts[:-1]])
+    return _split(data, description, 256, Tokenizer("bytes"), doc_starts=doc_starts)
 
 
 def load_dataset(path: str | os.PathLike | None = None) -> Dataset:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .nn import MLP, CausalSelfAttention, LayerNorm
 
-__all__ = ["GPTConfig", "GPT", "PRESETS"]
+__all__ = ["GPTConfig", "GPT", "PRESETS", "Segments", "document_segments"]
 
 
 @dataclass
@@ -52,6 +52,35 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Packed documents of a (B, T) batch as gptfast.attention_varlen takes them: the batch's
+    B * T token rows split at every row start and document change."""
+
+    cu_seqlens: torch.Tensor  # int32 (S + 1,) prefix sums over the flattened B * T tokens
+    max_seqlen: int           # the longest segment
+    positions: torch.Tensor   # (B, T) int64: each token's position within its document
+
+
+def document_segments(doc_ids: torch.Tensor) -> Segments:
+    """:class:`Segments` of ``doc_ids`` (B, T) integers: consecutive equal ids in a row are one
+    document (e.g. gptfast.data's ``doc``; any labels work, only changes count). Reads the
+    segment count and longest length on the host (a synchronisation on a GPU)."""
+    if doc_ids.dim() != 2 or doc_ids.dtype.is_floating_point:
+        raise ValueError(f"GPT: doc_ids must be (batch, seqlen) integers, got {doc_ids.dtype} {tuple(doc_ids.shape)}")
+    b, t = doc_ids.shape
+    starts = torch.ones(b, t, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    flat = starts.flatten()
+    index = torch.arange(b * t, device=doc_ids.device)
+    first = torch.nonzero(flat).flatten()
+    cu = torch.cat([first, first.new_tensor([b * t])]).to(torch.int32)
+    # each token's position: its index minus the index of the latest segment start at or before it
+    seg_start = torch.cummax(torch.where(flat, index, torch.zeros_like(index)), dim=0).values
+    lengths = cu[1:] - cu[:-1]
+    return Segments(cu, int(lengths.max()) if lengths.numel() else 0, (index - seg_start).view(b, t))
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -61,8 +90,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config.n_embd, 4 * config.n_embd, config.bias, config.gelu_approximate, config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:  # (B, T, C)
+        x = x + self.attn(self.ln_1(x), segments)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -110,17 +139,34 @@ class GPT(nn.Module):
         t = c.block_size if seq_len is None else seq_len
         return 6.0 * self.num_params() + 12.0 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * t
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) int64 token ids -> logits (B, T, vocab), loss (cross-entropy, -1 ignored) or None."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None):
+        """idx (B, T) int64 token ids -> logits (B, T, vocab), loss (cross-entropy, -1 ignored) or None.
+
+        ``doc_ids`` (B, T) integers packs documents: a token attends only to earlier tokens of its
+        own document (consecutive equal ids in a row; gptfast.attention_varlen) and its position
+        embedding counts from its document's start. Mask the targets that cross a boundary
+        yourself (gptfast.data's batches do). Eager-friendly: the segments are read on the host.
+        """
         if idx.dim() != 2:
             raise ValueError(f"GPT: idx must be (batch, seqlen) token ids, got shape {tuple(idx.shape)}")
         b, t = idx.shape
         if t > self.config.block_size:
             raise ValueError(f"GPT: sequence length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(t, dtype=torch.long, device=idx.device)
+        segments = None
+        if doc_ids is None:
+            pos = torch.arange(t, dtype=torch.long, device=idx.device)
+        else:
+            if doc_ids.shape != idx.shape or doc_ids.device != idx.device:
+                raise ValueError(f"GPT: doc_ids must have idx's shape {tuple(idx.shape)} and device {idx.device}, "
+                                 f"got {tuple(doc_ids.shape)} on {doc_ids.device}")
+            segments = document_segments(doc_ids)
+            pos = segments.positions
+            if segments.cu_seqlens.numel() == b + 1:
+                segments = None  # one document per row: the dense kernels (faster) do the same
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, segments)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import attention, gelu_ffn, layer_norm
+from .ops import attention, attention_varlen, gelu_ffn, layer_norm
 
 __all__ = ["LayerNorm", "CausalSelfAttention", "MLP"]
 
@@ -64,7 +64,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout, self.attn_dropout = resid_dropout, attn_dropout
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments=None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). ``segments`` (gptfast.model.Segments): attend within packed
+        documents only (gptfast.attention_varlen over the B * T tokens)."""
         b, t, c = x.shape                                               # (B, T, C)
         h, hk, d = self.n_head, self.n_kv_head, c // self.n_head
         qkv = self.c_attn(x)
@@ -73,8 +75,13 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = qkv.split([h * d, hk * d, hk * d], dim=-1)
             q, k, v = q.view(b, t, h, d), k.view(b, t, hk, d), v.view(b, t, hk, d)
-        y = attention(q, k, v, causal=True, backend=self.backend,
-                      dropout_p=self.attn_dropout if self.training else 0.0)  # (B, T, H, D)
+        drop = self.attn_dropout if self.training else 0.0
+        if segments is None:
+            y = attention(q, k, v, causal=True, backend=self.backend, dropout_p=drop)  # (B, T, H, D)
+        else:
+            n = segments.max_seqlen
+            y = attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), segments.cu_seqlens,
+                                 segments.cu_seqlens, n, n, causal=True, backend=self.backend, dropout_p=drop)
         y = self.c_proj(y.reshape(b, t, c))
         return F.dropout(y, self.resid_dropout, self.training) if self.resid_dropout else y
 

@@ -79,7 +79,7 @@ TRAIN_PRESETS: dict[str, dict] = {
 DEFAULTS = dict(
     out_dir="out", seed=1337, batch_size=16, grad_accum=1, max_iters=5000, lr=6e-4, warmup_iters=200,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=500, eval_iters=50,
-    sample_tokens=200, compile=False, resume=False, quiet=False,
+    sample_tokens=200, compile=False, resume=False, quiet=False, no_pack=False,
 )
 
 # Dense bf16/fp16 tensor-core peaks from NVIDIA datasheets (FLOP/s), matched against
@@ -174,6 +174,7 @@ class TrainConfig:
     eval_iters: int | None = None        # batches per split per evaluation
     sample_tokens: int | None = None     # tokens sampled at the end; 0 for none
     quiet: bool | None = None            # no banner, no progress bar
+    no_pack: bool | None = None          # attend across document boundaries (default: pack documents)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None replaced by the preset's or the global default."""
@@ -729,6 +730,12 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
                 else contextlib.nullcontext())
     block = model_config.block_size
     tokens_per_iter = cfg.batch_size * cfg.grad_accum * block * info.world_size  # all ranks
+    # Packed documents: attention stays within each document of a window (gptfast.data).
+    pack = data.has_documents and not cfg.no_pack
+
+    def forward(m, batch):
+        x, y, *doc = (t.to(device, non_blocking=True) for t in batch)
+        return m(x, y, doc_ids=doc[0] if doc else None)
     flops_per_token = model.flops_per_token(block)
     unigram = data.unigram_entropy()
     log = print if cfg.quiet else tqdm.write
@@ -737,6 +744,9 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         print(f"model: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters, "
               f"block {block}, vocab {model_config.vocab_size}; {device.type} {str(dtype)[6:]}"
               f"{', compiled' if cfg.compile else ''}")
+        if data.has_documents:
+            print("documents: packed, attention within each document (--no-pack: across them)" if pack else
+                  "documents: not packed (--no-pack), attention crosses document boundaries")
         # Resolving loads each backend now (a native one may build on first use), so that cost
         # is not charged to the first timed step, and the log says which kernels ran.
         chosen = ", ".join(f"{op} {name}" for op, name in resolved_backends(device, dtype).items())
@@ -772,9 +782,9 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
         total = 0.0
         with torch.no_grad():
             for _ in range(cfg.eval_iters):
-                x, y = data.get_batch("val", cfg.batch_size, block, rng)
+                batch = data.get_batch("val", cfg.batch_size, block, rng, pack)
                 with autocast:
-                    _, loss = eval_model(x.to(device), y.to(device))
+                    _, loss = forward(eval_model, batch)
                 total += loss.item()
         eval_model.train()
         return total / cfg.eval_iters
@@ -824,16 +834,16 @@ def _run(given: TrainConfig, cfg: TrainConfig, ckpt: dict | None, data: Dataset,
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x_all, y_all = data.get_batch("train", cfg.batch_size * cfg.grad_accum, block,
-                                          gdist.batch_rng(cfg.seed, it, info.rank, info.world_size))
+            batch_all = data.get_batch("train", cfg.batch_size * cfg.grad_accum, block,
+                                       gdist.batch_rng(cfg.seed, it, info.rank, info.world_size), pack)
             loss_sum = 0.0
-            for micro, (x, y) in enumerate(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum))):
+            for micro, batch in enumerate(zip(*(t.chunk(cfg.grad_accum) for t in batch_all))):
                 # DDP: all-reduce gradients once per step, in the last micro-batch's backward.
                 sync = (step_model.no_sync() if info.enabled and micro < cfg.grad_accum - 1
                         else contextlib.nullcontext())
                 with sync:
                     with autocast:
-                        _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                        _, loss = forward(step_model, batch)
                     # Each micro-batch's loss is a mean; dividing makes the accumulated gradient the
                     # gradient of the mean over the whole step.
                     scaler.scale(loss / cfg.grad_accum).backward()
