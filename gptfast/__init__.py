@@ -10,8 +10,8 @@ Importing gptfast imports neither triton nor the native extension; backends load
 """
 from .ops import (attention, attention_ref, attention_varlen, available_backends, backend_table,
                   flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
-                  flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, gelu_ffn, gelu_ffn_ref,
-                  layer_norm, layer_norm_ref, pad_input, unpad_input, use_backend)
+                  flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache,
+                  gelu_ffn, gelu_ffn_ref, layer_norm, layer_norm_ref, pad_input, unpad_input, use_backend)
 
 from . import model, nn  # noqa: E402  (after the ops they build on)
 from .model import GPT, GPTConfig  # noqa: E402
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
     "attention_varlen", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
-    "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input",
+    "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input", "flash_attn_with_kvcache",
     "layer_norm", "gelu_ffn",
     "attention_ref", "layer_norm_ref", "gelu_ffn_ref",
     "available_backends", "backend_table", "use_backend", "GPT", "GPTConfig",

@@ -94,6 +94,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), segments)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_cached(self, x: torch.Tensor, k_cache, v_cache, cache_len: int) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, cache_len)
+        return x + self.mlp(self.ln_2(x))
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -187,16 +191,50 @@ class GPT(nn.Module):
             extra["fused"] = True
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
+    def kv_cache(self, batch: int, length: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Empty per-layer (k_cache, v_cache) pairs, (batch, length, n_kv_head, head_dim) in the
+        model's dtype and device (length: block_size), for :meth:`forward_cached`."""
+        c = self.config
+        length = c.block_size if length is None else length
+        w = self.lm_head.weight
+        shape = (batch, length, c.n_kv_head or c.n_head, c.n_embd // c.n_head)
+        return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(c.n_layer)]
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: list, cache_len: int) -> torch.Tensor:
+        """Logits (B, T, vocab) of idx (B, T), the tokens at positions cache_len .. cache_len + T - 1
+        after the ``cache_len`` tokens whose keys/values ``cache`` (:meth:`kv_cache`) holds; their
+        keys/values are appended to it. Inference only (no dropout, no gradients)."""
+        t = idx.shape[1]
+        if cache_len + t > cache[0][0].shape[1]:
+            raise ValueError(f"GPT: {cache_len} cached + {t} new tokens exceed the cache's {cache[0][0].shape[1]}")
+        pos = torch.arange(cache_len, cache_len + t, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block, (kc, vc) in zip(self.transformer.h, cache):
+            x = block.forward_cached(x, kc, vc, cache_len)
+        return self.lm_head(self.transformer.ln_f(x))
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to idx (B, T); returns (B, T + max_new_tokens).
 
         ``temperature`` <= 0 means greedy decoding; ``top_k`` keeps the k most likely tokens.
+        With ``use_cache`` the prompt is run once (prefill) and each new token attends to a
+        preallocated KV cache (gptfast.flash_attn_with_kvcache): O(T) per token instead of a
+        forward over the whole context. Once the sequence outgrows block_size, the context slides
+        and each further token re-runs the last block_size tokens (as without the cache).
         """
+        cache, cached = None, 0
+        if use_cache and idx.shape[1] <= self.config.block_size:
+            cache = self.kv_cache(idx.shape[0])
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
+            if cache is not None and idx.shape[1] <= self.config.block_size:
+                logits = self.forward_cached(idx[:, cached:], cache, cached)
+                cached = idx.shape[1]
+            else:
+                logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :].float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)

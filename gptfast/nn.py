@@ -85,6 +85,19 @@ class CausalSelfAttention(nn.Module):
         y = self.c_proj(y.reshape(b, t, c))
         return F.dropout(y, self.resid_dropout, self.training) if self.resid_dropout else y
 
+    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       cache_len: int) -> torch.Tensor:
+        """Decoding: x (B, T, C) holds the tokens after the ``cache_len`` already in k_cache/v_cache
+        (B, T_max, Hk, D); their keys and values are written into the caches in place
+        (gptfast.flash_attn_with_kvcache) and each token attends to the cache up to itself."""
+        from .ops.kvcache import flash_attn_with_kvcache
+        b, t, c = x.shape
+        h, hk, d = self.n_head, self.n_kv_head, c // self.n_head
+        q, k, v = self.c_attn(x).split([h * d, hk * d, hk * d], dim=-1)
+        y = flash_attn_with_kvcache(q.view(b, t, h, d), k_cache, v_cache, k.reshape(b, t, hk, d),
+                                    v.reshape(b, t, hk, d), cache_seqlens=cache_len, causal=True)
+        return self.c_proj(y.reshape(b, t, c))
+
 
 class MLP(nn.Module):
     """GPT feed-forward block c_fc (C -> 4C), GELU, c_proj (4C -> C), run as one fused op."""
