@@ -691,7 +691,10 @@ def run_case(case: Case, variant: Variant, phases: list[str], device: torch.devi
 
 # --------------------------------------------------------------------------- train
 
-def _eager_attention_forward(self, x):  # nanoGPT's CausalSelfAttention with SDPA
+def _eager_attention_forward(self, x, segments=None):  # nanoGPT's CausalSelfAttention with SDPA
+    if segments is not None:
+        raise NotImplementedError("the eager baseline attends across the whole row; it takes no "
+                                  "document segments")
     b, t, c = x.shape
     q, k, v = self.c_attn(x).split(c, dim=2)
     q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
