@@ -239,6 +239,15 @@ def _dropout_keep_t(seed, rng_base, bh, ri, cj, threshold):
     return r.to(tl.int64) >= threshold
 
 
+@triton.jit
+def _sequence(Cu_q, Cu_k, b):
+    """Packed (varlen) layout: (first q row, first k row, Tq, Tk) of sequence ``b``, read from the
+    int32 prefix sums cu_seqlens_q/k on the device (no host synchronisation)."""
+    q0 = tl.load(Cu_q + b)
+    k0 = tl.load(Cu_k + b)
+    return q0.to(tl.int64), k0.to(tl.int64), tl.load(Cu_q + b + 1) - q0, tl.load(Cu_k + b + 1) - k0
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +306,7 @@ def _attention_fwd_inner(
 
 
 _FWD_KEY = ["HEAD_DIM", "T_BUCKET", "TK_BUCKET", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-            "HAS_DROPOUT"]
+            "HAS_DROPOUT", "IS_VARLEN"]
 
 
 @triton.autotune(
@@ -312,12 +321,13 @@ def _attention_fwd_kernel(
     Out,  # output (B, Tq, H, D), same dtype as Q
     Lse,  # logsumexp (B, H, Tq) fp32, contiguous
     Alibi,  # ALiBi slopes fp32 (H,) or (B, H) (any pointer without ALiBi)
+    Cu_q, Cu_k,  # varlen: int32 (B + 1,) prefix sums of the sequence lengths (any pointer when dense)
     stride_qb, stride_qt, stride_qh,  # q strides (elements)
     stride_kb, stride_kt, stride_kh,  # k strides
     stride_vb, stride_vt, stride_vh,  # v strides
     stride_ob, stride_ot, stride_oh,  # out strides
     stride_ab,  # slopes' batch stride (0 for (H,))
-    Tq, Tk,  # query and key lengths
+    Tq, Tk,  # query and key lengths (varlen: the packed totals; each sequence's come from Cu_q/Cu_k)
     H,  # number of query heads
     GROUP,  # H // Hk: query heads per kv head
     left, right,  # window sides, unbounded = Tq + Tk (causal: right = 0)
@@ -332,6 +342,7 @@ def _attention_fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,  # packed sequences: batch entry b is rows Cu[b].. (batch strides 0)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner iteration
 ):
@@ -342,6 +353,18 @@ def _attention_fwd_kernel(
     off_h = (off_bh % H).to(tl.int64)
     off_hk = off_h // GROUP  # GQA: the kv head this query head reads; K/V are never repeated
     m0 = start_m * BLOCK_M
+    if IS_VARLEN:
+        # Sequence off_b from here on is a dense batch entry of lengths (Tq, Tk) whose rows start
+        # at q0/k0: the grid is sized by the longest sequence, so blocks past this one's end stop.
+        total_q = Tq
+        q0, k0, Tq, Tk = _sequence(Cu_q, Cu_k, off_b)
+        if m0 >= Tq:
+            return
+        Q += q0 * stride_qt
+        Out += q0 * stride_ot
+        K += k0 * stride_kt
+        V += k0 * stride_vt
+        Lse += off_h * total_q + q0  # (H, total_q)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -400,7 +423,10 @@ def _attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_i)) * 0.6931471805599453)  # x ln 2: back to natural log
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    tl.store(Lse + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+    if IS_VARLEN:
+        tl.store(Lse + offs_m, lse, mask=offs_m < Tq)
+    else:
+        tl.store(Lse + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,13 +470,14 @@ def _attention_bwd_dkdv_kernel(
     Lse, Delta,  # (B, H, Tq) fp32: forward logsumexp (natural log), rowsum(dO * O)
     DK, DV,  # outputs (B, Tk, Hk, D), contiguous
     Alibi,  # ALiBi slopes fp32 (H,) or (B, H) (any pointer without ALiBi)
+    Cu_q, Cu_k,  # varlen: int32 (B + 1,) prefix sums (see the forward)
     stride_qb, stride_qt, stride_qh,  # q strides
     stride_kb, stride_kt, stride_kh,  # k strides
     stride_vb, stride_vt, stride_vh,  # v strides
     stride_dob, stride_dot, stride_doh,  # dout strides
     stride_gb, stride_gt, stride_gh,  # dk/dv strides (contiguous (B, Tk, Hk, D))
     stride_ab,  # slopes' batch stride (0 for (H,))
-    Tq, Tk, H, GROUP,  # lengths, query heads, query heads per kv head
+    Tq, Tk, H, GROUP,  # lengths (varlen: the totals), query heads, query heads per kv head
     left, right,  # window sides, unbounded = Tq + Tk
     softmax_scale,  # scale applied to QK^T
     qk_scale,  # softmax_scale * log2(e)
@@ -461,6 +488,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,  # packed sequences (see the forward)
     BLOCK_M: tl.constexpr,  # query rows per inner iteration
     BLOCK_N: tl.constexpr,  # key rows per program
 ):
@@ -471,6 +499,19 @@ def _attention_bwd_dkdv_kernel(
     off_b = (off_bhk // Hk).to(tl.int64)
     off_hk = (off_bhk % Hk).to(tl.int64)
     n0 = start_n * BLOCK_N
+    if IS_VARLEN:  # as the forward; Lse and Delta are (H, total_q)
+        total_q = Tq
+        q0, k0, Tq, Tk = _sequence(Cu_q, Cu_k, off_b)
+        if n0 >= Tk:
+            return
+        Q += q0 * stride_qt
+        DO += q0 * stride_dot
+        Lse += q0
+        Delta += q0
+        K += k0 * stride_kt
+        V += k0 * stride_vt
+        DK += k0 * stride_gt
+        DV += k0 * stride_gt
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -495,7 +536,10 @@ def _attention_bwd_dkdv_kernel(
         bh = off_b * H + off_h
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        row_base = bh * Tq
+        if IS_VARLEN:
+            row_base = off_h * total_q
+        else:
+            row_base = bh * Tq
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * 1.4426950408889634
@@ -542,13 +586,14 @@ def _attention_bwd_dq_kernel(
     Lse, Delta,  # (B, H, Tq) fp32
     DQ,  # output (B, Tq, H, D), contiguous
     Alibi,  # ALiBi slopes fp32 (H,) or (B, H) (any pointer without ALiBi)
+    Cu_q, Cu_k,  # varlen: int32 (B + 1,) prefix sums (see the forward)
     stride_qb, stride_qt, stride_qh,  # q strides
     stride_kb, stride_kt, stride_kh,  # k strides
     stride_vb, stride_vt, stride_vh,  # v strides
     stride_dob, stride_dot, stride_doh,  # dout strides
     stride_gb, stride_gt, stride_gh,  # dq strides
     stride_ab,  # slopes' batch stride
-    Tq, Tk, H, GROUP,  # lengths, query heads, query heads per kv head
+    Tq, Tk, H, GROUP,  # lengths (varlen: the totals), query heads, query heads per kv head
     left, right,  # window sides, unbounded = Tq + Tk
     softmax_scale,  # scale applied to QK^T
     qk_scale,  # softmax_scale * log2(e)
@@ -559,6 +604,7 @@ def _attention_bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,  # window sides bounded (causal: right = 0)
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,  # packed sequences (see the forward)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner iteration
 ):
@@ -569,6 +615,18 @@ def _attention_bwd_dq_kernel(
     off_h = (off_bh % H).to(tl.int64)
     off_hk = off_h // GROUP
     m0 = start_m * BLOCK_M
+    if IS_VARLEN:  # as the forward; Lse and Delta are (H, total_q)
+        total_q = Tq
+        q0, k0, Tq, Tk = _sequence(Cu_q, Cu_k, off_b)
+        if m0 >= Tq:
+            return
+        Q += q0 * stride_qt
+        DO += q0 * stride_dot
+        DQ += q0 * stride_gt
+        Lse += q0
+        Delta += q0
+        K += k0 * stride_kt
+        V += k0 * stride_vt
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -577,7 +635,10 @@ def _attention_bwd_dq_kernel(
                 mask=q_mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=q_mask, other=0.0)
-    row_base = off_bh.to(tl.int64) * Tq
+    if IS_VARLEN:
+        row_base = off_h * total_q
+    else:
+        row_base = off_bh.to(tl.int64) * Tq
     lse = tl.load(Lse + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Tq, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -621,11 +682,10 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _options(q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state):
+def _options(q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state, Tq, Tk):
     """Kernel arguments for the options: (Alibi, stride_ab, left, right, softcap_scale, softcap2,
     Rng, threshold, drop_scale) and the constexprs HAS_LEFT/HAS_RIGHT/HAS_SOFTCAP/
-    HAS_ALIBI/HAS_DROPOUT."""
-    Tq, Tk = q.shape[1], k.shape[1]
+    HAS_ALIBI/HAS_DROPOUT. Tq, Tk: the (longest) lengths, whose sum stands for an unbounded side."""
     left, right = (int(w) for w in window)
     if causal:
         right = 0
@@ -658,31 +718,58 @@ def _options(q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout
                       HAS_DROPOUT=has_dropout)
 
 
+class _Layout:
+    """How the launchers address q/k/v-shaped tensors: dense (B, T, heads, D), or packed (total,
+    heads, D) seen as batch entries of stride 0 whose rows start at cu_seqlens (``varlen``).
+    Tq/Tk are what the kernels' length arguments get (varlen: the totals), max_q/max_k the
+    longest sequence (grid sizes, autotune buckets, unbounded window sides)."""
+
+    def __init__(self, q, k, varlen):
+        if varlen is None:
+            self.B, self.Tq, self.H, self.D = q.shape
+            self.Tk, self.Hk = k.shape[1], k.shape[2]
+            self.max_q, self.max_k = self.Tq, self.Tk
+            self.cu_q = self.cu_k = q  # never read
+        else:
+            self.cu_q, self.cu_k, self.max_q, self.max_k = varlen
+            self.B = self.cu_q.numel() - 1
+            (self.Tq, self.H, self.D), (self.Tk, self.Hk) = q.shape, k.shape[:2]
+            self.max_q, self.max_k = int(self.max_q), int(self.max_k)
+        self.varlen = varlen is not None
+
+    def strides(self, t):
+        """(batch, seq, head) strides."""
+        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def lse_shape(self):
+        return (self.H, self.Tq) if self.varlen else (self.B, self.H, self.Tq)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       softmax_scale: float, *, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
-                      rng_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    B, Tq, H, D = q.shape
-    Tk, Hk = k.shape[1], k.shape[2]
-    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    block_d = _block_d(D)
+                      rng_state: torch.Tensor | None = None, varlen: tuple | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    L = _Layout(q, k, varlen)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(L.lse_shape(), dtype=torch.float32, device=q.device)
+    if L.B == 0 or L.max_q == 0:
+        return out, lse  # no query rows
+    block_d = _block_d(L.D)
     (alibi, stride_ab, left, right, sc_scale, sc2, rng, threshold, drop_scale), flags = _options(
-        q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
+        q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state, L.max_q, L.max_k)
 
     def grid(meta):
-        return (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(L.max_q, meta["BLOCK_M"]), L.B * L.H)
 
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, alibi,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), stride_ab,
-        Tq, Tk, H, H // Hk, left, right, softmax_scale * LOG2E, sc_scale, sc2,
+        q, k, v, out, lse, alibi, L.cu_q, L.cu_k,
+        *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(out), stride_ab,
+        L.Tq, L.Tk, L.H, L.H // L.Hk, left, right, softmax_scale * LOG2E, sc_scale, sc2,
         rng, threshold, drop_scale,
-        triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-        HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=D == block_d, DOT_PREC=_dot_prec(q.dtype), **flags,
+        triton.next_power_of_2(L.max_q), triton.next_power_of_2(L.max_k),
+        HEAD_DIM=L.D, BLOCK_D=block_d, EVEN_D=L.D == block_d, DOT_PREC=_dot_prec(q.dtype), IS_VARLEN=L.varlen,
+        **flags,
     )
     return out, lse
 
@@ -691,42 +778,37 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
                        deterministic: bool = False, *, window: tuple[int, int] = (-1, -1),
                        softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                       dropout_p: float = 0.0, rng_state: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, rng_state: torch.Tensor | None = None,
+                       varlen: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # ``deterministic`` is accepted for the contract; this backward never uses atomics (GQA's
     # dK/dV sum runs inside one program), so every call is bitwise reproducible whatever its value.
     del deterministic
-    B, Tq, H, D = q.shape
-    Tk, Hk = k.shape[1], k.shape[2]
-    block_d = _block_d(D)
+    L = _Layout(q, k, varlen)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    if L.B == 0 or L.max_q == 0 or L.max_k == 0:
+        # no query rows, or no keys (every row's out is 0): the gradients are zeros
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = _block_d(L.D)
     out = out.contiguous() if out.stride(-1) != 1 else out
     lse = lse.contiguous()
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    delta = torch.empty(L.lse_shape(), dtype=torch.float32, device=q.device)
     pre_block = 32 if _INTERPRET else max(16, min(128, 2048 // block_d))
-    _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block), B * H)](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        Tq, H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block,
+    # Delta has lse's layout; packed, (H, total_q) is the dense layout of one batch entry of total_q rows.
+    pre_b = 1 if L.varlen else L.B
+    _attention_bwd_preprocess_kernel[(triton.cdiv(L.Tq, pre_block), pre_b * L.H)](
+        out, dout, delta, *L.strides(out), *L.strides(dout),
+        L.Tq, L.H, HEAD_DIM=L.D, BLOCK_D=block_d, BLOCK_M=pre_block,
     )
-    dq = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Tk, Hk, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Tk, Hk, D), dtype=v.dtype, device=q.device)
     (alibi, stride_ab, left, right, sc_scale, sc2, rng, threshold, drop_scale), flags = _options(
-        q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-    )
-    tail = (stride_ab, Tq, Tk, H, H // Hk, left, right, softmax_scale, softmax_scale * LOG2E, sc_scale, sc2,
-            rng, threshold, drop_scale, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **flags)
-    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hk)](
-        q, k, v, dout, lse, delta, dk, dv, alibi, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        *tail, **meta)
-    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, alibi, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        *tail, **meta)
+        q, k, causal, softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state, L.max_q, L.max_k)
+    strides = (*L.strides(q), *L.strides(k), *L.strides(v), *L.strides(dout))
+    tail = (stride_ab, L.Tq, L.Tk, L.H, L.H // L.Hk, left, right, softmax_scale, softmax_scale * LOG2E, sc_scale,
+            sc2, rng, threshold, drop_scale, triton.next_power_of_2(L.max_q), triton.next_power_of_2(L.max_k))
+    meta = dict(HEAD_DIM=L.D, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), IS_VARLEN=L.varlen, **flags)
+    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(L.max_k, m["BLOCK_N"]), L.B * L.Hk)](
+        q, k, v, dout, lse, delta, dk, dv, alibi, L.cu_q, L.cu_k, *strides, *L.strides(dk), *tail, **meta)
+    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(L.max_q, m["BLOCK_M"]), L.B * L.H)](
+        q, k, v, dout, lse, delta, dq, alibi, L.cu_q, L.cu_k, *strides, *L.strides(dq), *tail, **meta)
     return dq, dk, dv

@@ -82,18 +82,22 @@ def _attention_jobs(arch: int) -> list[Job]:
         # Each kernel in its plain causal form (every config it may select; GROUP = 1 is a
         # constexpr there, as the JIT specialises an int argument equal to 1) and, on the first
         # config, with every option on (a two-sided window, softcap, ALiBi, dropout: the
-        # constexpr variants; GQA group, window sides and lengths are runtime arguments).
+        # constexpr variants; GQA group, window sides and lengths are runtime arguments), dense
+        # and packed (varlen: per-sequence lengths and row offsets read from cu_seqlens).
         off = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False,
-                   GROUP=1)
-        on = dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True)
-        scalars = dict(Alibi="*fp32", stride_ab="i32", Tq="i32", Tk="i32", H="i32", GROUP="i32", left="i32",
+                   GROUP=1, IS_VARLEN=False)
+        on = dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True,
+                  IS_VARLEN=False)
+        on_varlen = dict(on, IS_VARLEN=True)
+        scalars = dict(Alibi="*fp32", Cu_q="*i32", Cu_k="*i32", stride_ab="i32", Tq="i32", Tk="i32", H="i32",
+                       GROUP="i32", left="i32",
                        right="i32", qk_scale="fp32", softmax_scale="fp32", softcap_scale="fp32",
                        softcap2="fp32", Rng="*i64", threshold="i64", drop_scale="fp32",
                        T_BUCKET="i32", TK_BUCKET="i32")
 
         def variants(cfgs):
             picked = cfgs if all_cfg else cfgs[:1]
-            return [(c, off, "") for c in picked] + [(cfgs[0], on, " +opts")]
+            return [(c, off, "") for c in picked] + [(cfgs[0], on, " +opts"), (cfgs[0], on_varlen, " +opts varlen")]
 
         # forward
         fn = _jit(_att._attention_fwd_kernel)
@@ -107,7 +111,7 @@ def _attention_jobs(arch: int) -> list[Job]:
             jobs.append(Job("attn_fwd", fn, _sig(fn, types, ce), ce, c.num_warps, c.num_stages,
                             f"{dt} d={head_dim} M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} "
                             f"w{c.num_warps} s{c.num_stages}{tag}", dt != "fp32",
-                            ["Q", "K", "V", "Out", "Lse"] + sum((strides(p) for p in "qkvo"), [])))
+                            ["Q", "K", "V", "Out", "Lse", "Cu_q", "Cu_k"] + sum((strides(p) for p in "qkvo"), [])))
         # backward dK/dV and dQ
         cfgs = _att.bwd_configs(arch, block_d, esize)
         for kern, name in ((_att._attention_bwd_dkdv_kernel, "attn_bwd_dkdv"),

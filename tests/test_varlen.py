@@ -80,6 +80,8 @@ def test_each_sequence_equals_dense_attention_on_it(case):
 
 
 CPU_BACKENDS = ["cpu"] if "cpu" in gptfast.available_backends("attention", "cpu") else []
+# triton runs on CPU tensors in its interpreter (conftest.py); its full varlen grid: tests/test_triton_varlen.py
+TRITON = ["triton"] if "triton" in gptfast.available_backends("attention", "cpu") else []
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -108,7 +110,7 @@ def test_kernel_backend_matches_the_reference(case, dtype, backend):
         assert err <= tol * max(1.0, r[finite].abs().max().item() if finite.any() else 0.0), (name, err)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS + TRITON)
 def test_equal_lengths_equal_the_dense_batch_with_dropout_bit_for_bit(backend):
     b, t, h, hk, d = 3, 9, 4, 2, 8
     g = torch.Generator().manual_seed(1)
@@ -232,14 +234,18 @@ def test_bad_input_names_the_argument(change, exc, msg):
         V.attention_varlen(**args)
 
 
-def test_routing_triton_lacks_varlen_so_far():
+def test_routing_triton_has_varlen_and_cuda_lacks_it():
     from gptfast.ops import _backend
     q, k, v, cq, ck = _packed([3, 2], [3, 2], 2, 2, 8, dtype=torch.float32)
     out = V.attention_varlen(q, k, v, cq, ck, 3, 3)  # auto: cpu where built, else the reference
     assert out.shape == q.shape
     assert "varlen" in _backend._REGISTRY[("attention", "cpu")].features
-    with pytest.raises(NotImplementedError, match="varlen"):
-        V.attention_varlen(q, k, v, cq, ck, 3, 3, backend="triton")
+    assert "varlen" in _backend._REGISTRY[("attention", "triton")].features
+    assert "varlen" not in _backend._REGISTRY[("attention", "cuda")].features  # csrc/cuda has no packed path
+    if TRITON:
+        packed = V.attention_varlen(q, k, v, cq, ck, 3, 3, backend="triton")
+        torch.testing.assert_close(packed, V.attention_varlen(q, k, v, cq, ck, 3, 3, backend="reference"),
+                                   rtol=0, atol=2e-5)
 
 
 def test_compiles_fullgraph_and_opcheck():

@@ -108,7 +108,7 @@ LAYOUT_FEATURES = ("varlen",)
 # What each kernel backend's attention implements (the reference implements all of them).
 KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
     "cpu": frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES),  # csrc/cpu/attention.cpp; tests/test_cpu_attention_options.py, tests/test_varlen.py
-    "triton": frozenset(ATTENTION_FEATURES),  # kernels/attention.py; tests/test_triton_attention_options.py
+    "triton": frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES),  # kernels/attention.py; tests/test_triton_attention_options.py, tests/test_triton_varlen.py
     "cuda": frozenset(ATTENTION_FEATURES),  # csrc/cuda/attention.cu; tests/test_cuda_emulated.py, tests/gpu
 }
 # The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
