@@ -56,6 +56,22 @@ b1: (H,) or None, b2: (N,) or None, contiguous; all of x's dtype; approximate in
 
     GELU(h) is recomputed from h in the backward, never saved.
 
+kvcache (decoding over a KV cache, forward only: gptfast.ops.kvcache; q (B, Tq, H, D) contiguous;
+k_cache, v_cache (B_cache, T_cache, Hk, D), or paged (num_blocks, page_block_size, Hk, D), one
+shape, stride(-1) == 1; int32 contiguous tensors on q's device)::
+
+    kvcache_forward(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
+                    softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                    alibi_slopes, num_splits: int)
+        -> out (B, Tq, H, D) q.dtype, lse (B, H, Tq) float32 (float64 for float64 inputs)
+
+    Sequence b attends to the cache positions key_start[b] .. key_end[b] - 1 (Tk_b keys, none
+    when key_end <= key_start) of cache row cache_batch_idx[b] (None: b), or through block_table
+    (B, max_blocks) (None: contiguous) -- read in place, never gathered -- with the dense options'
+    semantics over (Tq, Tk_b); the window is normalised (right = 0 when causal). num_splits: key
+    chunks per (sequence, head) a kernel may reduce in parallel (0: its heuristic); the result
+    does not depend on it beyond rounding.
+
 ``dout``/``dy`` arrive contiguous for layer_norm and gelu_ffn, and laid out like q for attention
 (stride(-1) == 1, seqlen stride >= headdim: no broadcast or overlapping rows).
 The backend is resolved when an op runs (the forward and, again, the backward), so a compiled
@@ -85,6 +101,9 @@ from typing import Callable, Iterator
 import torch
 
 OPS = ("attention", "layer_norm", "gelu_ffn")
+# Forward-only inference ops (no backward launcher); not called in training, so `gptfast train
+# --backend` does not require them. cuda has no kvcache kernel: auto routes around it.
+DECODE_OPS = ("kvcache",)
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Fastest first. Triton is never auto-selected on the CPU: there it runs in the interpreter,
@@ -178,24 +197,30 @@ _CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("gptfast_b
 
 
 def register(impl: Impl) -> None:
-    if impl.op not in OPS:
-        raise ValueError(f"unknown op {impl.op!r}; ops are {OPS}")
+    if impl.op not in OPS + DECODE_OPS:
+        raise ValueError(f"unknown op {impl.op!r}; ops are {OPS + DECODE_OPS}")
     if impl.backend not in BACKENDS:
         raise ValueError(f"unknown backend {impl.backend!r}; backends are {BACKENDS}")
     _REGISTRY[(impl.op, impl.backend)] = impl
     _LOADED.pop((impl.op, impl.backend), None)
 
 
-for _op in OPS:
+def _bwd_name(op: str, name: str) -> str:
+    return "" if op in DECODE_OPS else name
+
+
+for _op in OPS + DECODE_OPS:
     register(Impl(
         op=_op, backend="reference", devices=("cpu", "cuda"), module=f"gptfast.ops.{_op}",
-        fwd_name=f"{_op}_forward_reference", bwd_name=f"{_op}_backward_reference",
+        fwd_name=f"{_op}_forward_reference", bwd_name=_bwd_name(_op, f"{_op}_backward_reference"),
         dtypes=REFERENCE_DTYPES, note="pure PyTorch, explicit backward",
         features=frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES) if _op == "attention" else frozenset(),
     ))
+    if _op in DECODE_OPS:
+        continue  # no triton kvcache kernel yet
     register(Impl(
         op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",
-        fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward",
+        fwd_name=f"{_op}_forward", bwd_name=_bwd_name(_op, f"{_op}_backward"),
         requirement=_triton_requirement, note="Triton kernels (CPU: interpreter, for tests)",
         features=KERNEL_ATTENTION_FEATURES["triton"] if _op == "attention" else frozenset(),
     ))
@@ -289,7 +314,8 @@ def _load(impl: Impl) -> Launchers:
     loaded = _LOADED.get(key)
     if loaded is None:
         module = importlib.import_module(impl.module)
-        loaded = Launchers(impl.backend, getattr(module, impl.fwd_name), getattr(module, impl.bwd_name))
+        bwd = getattr(module, impl.bwd_name) if impl.bwd_name else None  # forward-only (DECODE_OPS)
+        loaded = Launchers(impl.backend, getattr(module, impl.fwd_name), bwd)
         _LOADED[key] = loaded
     return loaded
 
@@ -350,8 +376,8 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     ``device`` defaults to ``"cuda"`` when a GPU is visible, else ``"cpu"``. The list is in
     ``auto`` preference order for that device, followed by any other runnable backend.
     """
-    if op is not None and op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    if op is not None and op not in OPS + DECODE_OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS + DECODE_OPS}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -368,7 +394,7 @@ def backend_table(devices: tuple[str, ...] | None = None) -> list[dict]:
     if devices is None:
         devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     rows = []
-    for op in OPS:
+    for op in OPS + DECODE_OPS:
         for backend in BACKENDS:
             impl = _REGISTRY.get((op, backend))
             for dev in devices:

@@ -20,21 +20,28 @@ What a call does, in order (FlashAttention's semantics):
 Returns out (B, Tq, H, D), and with ``return_softmax_lse`` also lse (B, H, Tq) fp32. Forward only.
 
 How it runs: steps 1-2 are PyTorch index ops on the caches (FlashAttention fuses them into its
-kernel; here they are separate, O(B * T_new) work). Step 3 is gptfast.attention on views of the
-cache -- no copy -- when every sequence sees the same key range of a contiguous cache (the usual
-decoding step, and whatever backend the dense call picks); otherwise (ragged lengths, a paged
-cache) the visible keys are gathered into a packed batch for gptfast.attention_varlen (a copy of
-the visible cache, O(sum Tk_b)). ``num_splits`` is accepted for compatibility: the kernels choose
-their own parallelisation over keys.
+kernel; here they are separate, O(B * T_new) work). Step 3 is the custom op ``gptfast::kvcache_fwd``
+(backend op ``kvcache``, forward only), which reads the cache in place -- contiguous rows through
+cache_batch_idx or pages through block_table, each sequence its own key range -- and never
+gathers it. Its kernels are split-K decode kernels: the keys of one (sequence, head) are cut into
+``num_splits`` chunks (0: the kernel's heuristic, from the core / SM count), each reduced to a
+partial softmax (max m, sum l, unnormalised output acc) in parallel, then merged exactly:
+M = max_s m_s, L = sum_s l_s e^(m_s - M), out = sum_s acc_s e^(m_s - M) / L, lse = M + log L. So
+small batches still fill the machine. Backends: reference (the gather below + the dense reference
+per sequence), cpu (csrc/cpu/kvcache.cpp), triton (kernels/kvcache.py); cuda has none, ``auto``
+routes around it.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import _window_tuple, attention
-from .varlen import attention_varlen
+import math
 
-__all__ = ["flash_attn_with_kvcache", "apply_rotary"]
+from . import _backend
+from ._common import autocast_off
+from .attention import MAX_HEADDIM, Options, _check_options, _forward_reference, _lse_dtype, _window_tuple
+
+__all__ = ["flash_attn_with_kvcache", "apply_rotary", "kvcache_fwd_op", "kvcache_forward_reference"]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -58,12 +65,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
 
 
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-           rotary_cos, rotary_sin):
+           rotary_cos, rotary_sin, causal, softmax_scale, window_size, softcap, alibi_slopes):
     fn = "gptfast.flash_attn_with_kvcache"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be a 4-D tensor, got {tuple(getattr(t, 'shape', ()))}")
     b, tq, h, d = q.shape
+    if not 1 <= d <= MAX_HEADDIM:
+        raise ValueError(f"{fn}: head dim (q.shape[3]) must be in 1..{MAX_HEADDIM}, got {d}")
+    _check_options("flash_attn_with_kvcache", causal, softmax_scale, window_size, softcap, 0.0, alibi_slopes,
+                   [(h,), (b, h)], q.device)
     if k_cache.shape != v_cache.shape or k_cache.shape[3] != d or h % k_cache.shape[2]:
         raise ValueError(f"{fn}: k_cache and v_cache must have one shape (..., nheads_k, {d}) with nheads ({h}) a "
                          f"multiple of nheads_k, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -106,10 +117,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """Drop-in for ``flash_attn.flash_attn_with_kvcache`` (FlashAttention 2.8): same arguments,
     order, defaults and returns; see the module docstring for the semantics and how it runs.
     k_cache/v_cache are updated in place when k/v are given. Forward only (no autograd)."""
-    del num_splits
-    _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-           rotary_cos, rotary_sin)
     window_size = _window_tuple(window_size)
+    _check(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+           rotary_cos, rotary_sin, causal, softmax_scale, window_size, softcap, alibi_slopes)
     b, tq, h, d = q.shape
     dev = q.device
     paged = block_table is not None
@@ -120,9 +130,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rows = _per_batch(cache_batch_idx, b, dev, default=None)
     rows = torch.arange(b, device=dev) if rows is None else rows
     leftpad = _per_batch(cache_leftpad, b, dev, default=0)
-    if int((seqlens + t_new).max()) > cache_len if b else False:
-        raise ValueError(f"gptfast.flash_attn_with_kvcache: cache_seqlens + seqlen_new exceeds the cache's "
-                         f"{cache_len} positions")
+    # Bounds: a kernel reads positions leftpad .. seqlens + t_new - 1 of the cache. (A host sync;
+    # skipped while torch.compile traces, where the values are not known.)
+    if b and not torch.compiler.is_compiling():
+        if int((seqlens + t_new).max()) > cache_len:
+            raise ValueError(f"gptfast.flash_attn_with_kvcache: cache_seqlens + seqlen_new exceeds the cache's "
+                             f"{cache_len} positions")
+        if int(leftpad.min()) < 0:
+            raise ValueError("gptfast.flash_attn_with_kvcache: cache_leftpad must be >= 0")
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     with torch.no_grad():
         if rotary_cos is not None:
             steps = torch.arange(max(tq, t_new), device=dev)[None, :]
@@ -140,17 +156,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             else:
                 k_cache[rows[:, None], pos] = k
                 v_cache[rows[:, None], pos] = v
-        ends = seqlens + t_new                                  # one past each sequence's last key
-        kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                  alibi_slopes=alibi_slopes)
-        lo, hi = leftpad.tolist(), ends.tolist()
-        if not paged and len(set(lo)) <= 1 and len(set(hi)) <= 1 and b:
-            # one key range for every sequence: views of the cache, no copy
-            kc = k_cache if cache_batch_idx is None else k_cache[rows]
-            vc = v_cache if cache_batch_idx is None else v_cache[rows]
-            out, lse = attention(q, kc[:, lo[0]:hi[0]], vc[:, lo[0]:hi[0]], return_lse=True, **kw)
-        else:
-            out, lse = _ragged(q, k_cache, v_cache, rows, block_table, page, lo, hi, kw)
+        # step 3: every sequence's own key range [leftpad, seqlens + t_new), read in place
+        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+        out, lse = kvcache_fwd_op(
+            q.contiguous(), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
+            None if block_table is None else block_table.contiguous(),
+            None if cache_batch_idx is None else i32(rows), i32(leftpad), i32(seqlens + t_new),
+            bool(causal), scale, window_size[0], window_size[1], float(softcap) if softcap > 0 else 0.0,
+            None if alibi_slopes is None else alibi_slopes.contiguous(), int(num_splits), "")
     return (out, lse) if return_softmax_lse else out
 
 
@@ -162,22 +175,92 @@ def _per_batch(x, b, dev, default):
     return x.to(device=dev, dtype=torch.int64)
 
 
-def _ragged(q, k_cache, v_cache, rows, block_table, page, lo, hi, kw):
-    """Sequences with their own key ranges: gather them into one packed batch (attention_varlen)."""
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels read rows of headdim values; any other strides are fine (no copy of the cache).
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------- the reference backend
+
+def _gather(k_cache: torch.Tensor, block_table, row: int, lo: int, hi: int) -> torch.Tensor:
+    """Cache positions lo .. hi - 1 of one sequence as (1, hi - lo, Hk, D): cache row ``row`` of
+    a contiguous cache, or the pages of block_table row ``row`` of a paged one."""
+    pos = torch.arange(lo, max(hi, lo), device=k_cache.device)
+    if block_table is None:
+        return k_cache[row, pos][None]
+    page = k_cache.shape[1]
+    return k_cache[block_table[row].long()[pos // page], pos % page][None]
+
+
+def kvcache_forward_reference(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
+                              softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                              alibi_slopes, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference launcher (the contract in _backend.py): gathers each sequence's visible keys and
+    runs the dense reference on them. out (B, Tq, H, D) in q.dtype, lse (B, H, Tq) fp32 (fp64 for
+    fp64 inputs); a sequence without keys gives out 0, lse -inf. ``num_splits`` is ignored."""
+    del num_splits
     b, tq, h, d = q.shape
-    keys, values = [], []
+    out = torch.zeros_like(q)
+    lse = torch.full((b, h, tq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
+    opts = Options(window_left < 0 and window_right == 0, (window_left, window_right), softcap)
+    lo, hi = key_start.tolist(), key_end.tolist()
+    rows = list(range(b)) if cache_batch_idx is None else cache_batch_idx.tolist()
     for s in range(b):
-        pos = torch.arange(lo[s], max(hi[s], lo[s]), device=q.device)
-        if block_table is not None:
-            blocks = block_table[s].long()[pos // page]
-            keys.append(k_cache[blocks, pos % page])
-            values.append(v_cache[blocks, pos % page])
-        else:
-            keys.append(k_cache[rows[s], pos])
-            values.append(v_cache[rows[s], pos])
-    lengths = [len(x) for x in keys]
-    cu_k = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=q.device)
-    cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
-    out, lse = attention_varlen(q.reshape(b * tq, h, d), torch.cat(keys), torch.cat(values), cu_q, cu_k, tq,
-                                max(lengths), return_lse=True, **kw)
-    return out.view(b, tq, h, d), lse.view(h, b, tq).transpose(0, 1).contiguous()
+        if hi[s] <= lo[s]:
+            continue
+        row = s if block_table is not None else rows[s]
+        ks, vs = (_gather(c, block_table, row, lo[s], hi[s]) for c in (k_cache, v_cache))
+        slopes = None if alibi_slopes is None else alibi_slopes[s:s + 1] if alibi_slopes.dim() == 2 else alibi_slopes
+        o, l = _forward_reference(q[s:s + 1], ks, vs, opts, softmax_scale, slopes, None)
+        out[s], lse[s] = o[0], l[0]
+    return out, lse
+
+
+# --------------------------------------------------------------------------- the custom op
+
+def _normalised_window(tq: int, key_start, key_end, causal: bool, left: int, right: int,
+                       cache_len: int) -> tuple[int, int]:
+    """FlashAttention's window normalisation against the longest key range Tk_max (a side >=
+    Tk_max is unbounded; causal sets right = 0), computed without reading the lengths where the
+    answer does not depend on them: a left side >= cache_len >= Tk_max, or a right side >= Tq - 1
+    (every row then sees its last key), is unbounded either way."""
+    left = -1 if left >= cache_len else left
+    if causal:
+        return left, 0
+    if right >= tq - 1:
+        return left, -1
+    if right >= 0:
+        tk_max = int((key_end - key_start).clamp_min(0).max()) if key_start.numel() else 0
+        right = -1 if right >= tk_max else right
+    return left, right
+
+
+# A custom op so that torch.compile(fullgraph=True) traces a decoding step through it; the backend
+# is resolved when it runs. The cache is an input, never an output: nothing aliases.
+@torch.library.custom_op("gptfast::kvcache_fwd", mutates_args=())
+def kvcache_fwd_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                   cache_batch_idx: torch.Tensor | None, key_start: torch.Tensor, key_end: torch.Tensor,
+                   causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                   alibi_slopes: torch.Tensor | None, num_splits: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Tq, H, D) contiguous, lse (B, H, Tq) fp32: step 3 of flash_attn_with_kvcache (the
+    ``kvcache`` launcher contract in _backend.py; the window raw, normalised here)."""
+    if q.numel() == 0:
+        out, lse = _kvcache_fwd_fake(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
+                                     causal, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                     num_splits, backend)
+        return out.zero_(), lse.fill_(float("-inf"))
+    cache_len = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    left, right = _normalised_window(q.shape[1], key_start, key_end, causal, window_left, window_right, cache_len)
+    launchers = _backend.resolve("kvcache", q.device, q.dtype, backend or None)
+    with autocast_off(q.device.type):
+        return launchers.fwd(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
+                             softmax_scale, left, right, softcap, alibi_slopes, num_splits)
+
+
+@kvcache_fwd_op.register_fake
+def _kvcache_fwd_fake(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end, causal, softmax_scale,
+                      window_left, window_right, softcap, alibi_slopes, num_splits, backend):
+    b, t, h, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((b, h, t), dtype=_lse_dtype(q.dtype)))
