@@ -16,9 +16,18 @@ What is recognised, by structure rather than class name:
 - A GELU MLP: ``c_fc``, ``c_proj`` (Linear or Conv1D), one activation (``gelu``/``act``/...) that
   is identified by evaluating it: exact-erf and tanh GELU are accepted, anything else is not.
 - Hugging Face ``GPT2Attention`` (self-attention; cross-attention is left alone). Each call is
-  checked, and anything gptfast cannot compute exactly -- a padding or other non-causal mask,
-  ``head_mask``, ``output_attentions``, a non-empty KV cache (decoding), attention dropout while
-  training, an unknown attention implementation or extra argument -- runs the original forward.
+  checked: the causal mask runs dense gptfast attention; a **padding** mask (causal over the
+  tokens an ``attention_mask`` keeps, any pattern: left, right, holes) runs the packed varlen path
+  (unpad, attend, pad: the outputs at padded query positions are zeros, as FlashAttention's HF
+  integration returns, where the original returns values nothing reads); **decoding** with a
+  transformers 5 ``Cache`` (Tq != Tk, keys from the cache, bottom-right causal) runs on gptfast,
+  padded or not. Anything gptfast cannot compute exactly -- another mask, ``head_mask``,
+  ``output_attentions``, a legacy tuple cache, an unknown attention implementation or extra
+  argument -- runs the original forward.
+
+Attention dropout in training mode (nanoGPT's ``attn_dropout``, HF's ``attn_pdrop``) runs inside
+gptfast's attention kernels (same probability; gptfast's own dropout RNG, so the mask differs from
+the original module's draw, as any two dropout implementations' do).
 
 Calls that fall back are counted per module in ``module._gptfast_patch.fallbacks``.
 """
@@ -35,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import attention, gelu_ffn, layer_norm
+from .ops.varlen import attention_varlen, pad_input, unpad_input
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchEntry"]
 
@@ -228,8 +238,7 @@ def _prepare_attention(m: nn.Module):
             return None, "its 'bias' mask buffer is not the causal (lower-triangular) mask"
     p = max(_dropout_p(m, "attn_dropout"), float(getattr(m, "dropout", 0.0) or 0.0)
             if isinstance(getattr(m, "dropout", None), (int, float)) else 0.0)
-    note = (f"falls back to the original forward in training mode (attention dropout p={p:g}; "
-            "gptfast has no attention dropout)") if p > 0 else None
+    note = f"attention dropout p={p:g} in training mode runs in gptfast's kernels" if p > 0 else None
     return {"n_head": n_head, "attn_p": p, "verify": True}, note
 
 
@@ -335,12 +344,11 @@ def _mlp_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> 
 
 def _nanogpt_attention_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state = m.__dict__[_STATE]
-    if m.training and state.config["attn_p"] > 0:
-        return _fallback(m, "attention dropout in training mode", x)
     b, t, c = x.shape                                                        # (B, T, C)
     n_head = state.config["n_head"]
     q, k, v = m.c_attn(x).view(b, t, 3, n_head, c // n_head).unbind(2)     # (B, T, H, D) views
-    y = attention(q, k, v, causal=True, backend=state.backend)
+    y = attention(q, k, v, causal=True, dropout_p=state.config["attn_p"] if m.training else 0.0,
+                  backend=state.backend)
     y = m.c_proj(y.reshape(b, t, c))
     dropout = m._modules.get("resid_dropout")
     return dropout(y) if dropout is not None else y
@@ -371,32 +379,47 @@ def _prepare_hf_attention(m: nn.Module):
     if getattr(m, "reorder_and_upcast_attn", False):
         notes.append("reorder_and_upcast_attn: gptfast always accumulates scores in fp32")
     if p > 0:
-        notes.append(f"falls back in training mode (attn_pdrop={p:g}; gptfast has no attention dropout)")
-    notes.append("falls back per call for padding/non-causal masks, head_mask, output_attentions, "
-                 "a non-empty KV cache")
+        notes.append(f"attn_pdrop={p:g} in training mode runs in gptfast's kernels")
+    notes.append("falls back per call for masks other than causal + padding, head_mask, "
+                 "output_attentions, a legacy KV cache")
     signature = inspect.signature(type(m).forward)
     config = {"flavour": "hf_attention", "n_head": m.num_heads, "scale": float(scale), "attn_p": p,
               "signature": signature, "legacy": "layer_past" in signature.parameters}
     return config, "; ".join(notes)
 
 
-def _mask_is_causal(mask: torch.Tensor, t: int) -> bool:
-    """Whether a 4D HF mask (bool: True attends; float: 0 attends, very negative blocks) is exactly
-    the causal mask for every batch and head. Memoised for the last mask: a model passes the same
-    one to every layer."""
+def _mask_keep(mask: torch.Tensor, tq: int, tk: int):
+    """What a 4D HF mask (B, 1 or heads, Tq, Tk) -- bool: True attends; float: 0 attends, very
+    negative blocks -- asks of attention over the last Tq of Tk positions: ``True`` for the plain
+    bottom-right causal mask, a (B, Tk) bool tensor of the kept (non-padding) positions when it is
+    causal over those (rows of padded queries are not looked at: their outputs are discarded), or
+    None for anything else. Memoised for the last mask: a model passes the same one to every layer."""
     memo = _mask_memo[0]
-    if memo is not None and memo[0]() is mask and memo[1] == mask._version and memo[2] == t:
+    if memo is not None and memo[0]() is mask and memo[1] == mask._version and memo[2] == (tq, tk):
         return memo[3]
-    verdict = False
-    if mask.dim() == 4 and tuple(mask.shape[-2:]) == (t, t):
+    verdict = None
+    if mask.dim() == 4 and tuple(mask.shape[-2:]) == (tq, tk) and tq <= tk:
         if mask.dtype == torch.bool:
             allowed, clean = mask, True
         else:
             allowed = mask == 0
             clean = bool((allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all())
-        tril = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
-        verdict = clean and bool((allowed == tril).all())
-    _mask_memo[0] = (weakref.ref(mask), mask._version, t, verdict)
+        allowed = allowed[:, :1]
+        same_heads = bool((mask == mask[:, :1]).all()) if mask.shape[1] > 1 else True
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(tk - tq)
+        if clean and same_heads:
+            allowed = allowed[:, 0]                                  # (B, Tq, Tk)
+            keep = allowed[:, -1, :]                                 # (B, Tk)
+            if bool(keep.all()):
+                verdict = True if bool((allowed == causal).all()) else None
+            else:
+                # the last query row sees exactly the kept keys when it is a real token (left
+                # padding, decoding); otherwise (right padding) it is a padded row, whose HF mask
+                # is causal & keep too (eager) or keep (sdpa): either way its row is keep's prefix
+                rows = keep[:, tk - tq:]                             # real query rows
+                want = causal & keep[:, None, :]
+                verdict = keep if bool(((allowed == want) | ~rows[:, :, None]).all()) else None
+    _mask_memo[0] = (weakref.ref(mask), mask._version, (tq, tk), verdict)
     return verdict
 
 
@@ -427,8 +450,6 @@ def _hf_attention_forward(m: nn.Module, hidden_states, *args, **kwargs):
     impl = getattr(m.config, "_attn_implementation", None) or "eager"
     if impl not in ("eager", "sdpa"):  # read per call: set_attn_implementation may change it
         return original(f"attention implementation {impl!r}")
-    if m.training and cfg["attn_p"] > 0:
-        return original("attention dropout in training mode")
     if cfg["legacy"] and bound.get("use_cache"):  # transformers 4.x would also return `present`
         return original("use_cache with transformers 4.x")
     if bound.get("encoder_hidden_states") is not None:
@@ -448,23 +469,41 @@ def _hf_attention_forward(m: nn.Module, hidden_states, *args, **kwargs):
         cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
         if cfg["legacy"]:
             return original("KV cache with transformers 4.x")
-        if cache.get_seq_length(m.layer_idx) != 0:
-            return original("non-empty KV cache (decoding)")
+        layers = getattr(cache, "layers", None)
+        if layers is None or (m.layer_idx < len(layers) and type(layers[m.layer_idx]).__name__ != "DynamicLayer"):
+            return original("KV cache layer is not a DynamicLayer (static, sliding, quantized)")
     if hidden_states.dim() != 3:
         return original("hidden_states is not (batch, seqlen, embed)")
     b, t, c = hidden_states.shape
+    tk = t + (cache.get_seq_length(m.layer_idx) if cache is not None else 0)
     mask = bound.get("attention_mask")
+    keep = None
     if mask is None:
         causal = impl != "eager" and bound.get("is_causal", getattr(m, "is_causal", True)) is not False
-    elif isinstance(mask, torch.Tensor) and _mask_is_causal(mask, t):
-        causal = True
+        if tk != t and t > 1:  # the original (SDPA's is_causal) would align the mask top-left
+            return original("decoding several tokens against a KV cache without a mask")
     else:
-        return original("attention_mask is not the plain causal mask (padding or custom mask)")
+        verdict = _mask_keep(mask, t, tk) if isinstance(mask, torch.Tensor) else None
+        if verdict is None:
+            return original("attention_mask is neither causal nor causal with padding")
+        causal, keep = True, (None if verdict is True else verdict)
     n_head = cfg["n_head"]
     q, k, v = m.c_attn(hidden_states).view(b, t, 3, n_head, c // n_head).unbind(2)  # (B, T, H, D) views
-    if cache is not None:  # prefill: store keys/values as HF lays them out, (B, H, T, D)
-        cache.update(k.transpose(1, 2), v.transpose(1, 2), m.layer_idx)
-    y = attention(q, k, v, causal=causal, softmax_scale=cfg["scale"], backend=state.backend)
+    if cache is not None:  # HF lays the cache out (B, H, T, D); update returns every cached key
+        k, v = (z.transpose(1, 2) for z in cache.update(k.transpose(1, 2), v.transpose(1, 2), m.layer_idx))
+        if k.shape[1] != tk:  # the cache is updated: falling back now would store these keys twice
+            raise RuntimeError(f"gptfast.patch: {type(cache).__name__}.update returned {k.shape[1]} keys for "
+                               f"layer {m.layer_idx}, expected {tk}; unpatch the model to use this cache")
+    p = cfg["attn_p"] if m.training else 0.0
+    if keep is None:
+        y = attention(q, k, v, causal=causal, softmax_scale=cfg["scale"], dropout_p=p, backend=state.backend)
+    else:  # padding: attend among the kept tokens only, each row a sequence (bottom-right causal)
+        q_p, idx_q, cu_q, max_q, _ = unpad_input(q, keep[:, tk - t:])
+        k_p, _, cu_k, max_k, _ = unpad_input(k, keep)
+        v_p = unpad_input(v, keep)[0]
+        y = attention_varlen(q_p, k_p, v_p, cu_q, cu_k, max_q, max_k, causal=True, softmax_scale=cfg["scale"],
+                             dropout_p=p, backend=state.backend)
+        y = pad_input(y, idx_q, b, t)
     y = m.resid_dropout(m.c_proj(y.reshape(b, t, c)))
     return y, None
 

@@ -230,22 +230,31 @@ def test_report_table_and_ops_subset():
         patch(model, ops=("softmax",))
 
 
-def test_attention_dropout_falls_back_in_training_and_is_reported():
+def test_attention_dropout_runs_in_gptfast_attention_in_training(monkeypatch):
+    import importlib
+    gp = importlib.import_module("gptfast.patch")
     torch.manual_seed(0)
     plain = NanoGPT(Cfg(dropout=0.1))
     patched, report = patched_copy(plain)
     attn = [e for e in report.patched if e.kind == "attention"]
     assert len(attn) == 2 and all("attention dropout p=0.1" in e.reason for e in attn), str(report)
+    seen = []
+    real = gp.attention
+    monkeypatch.setattr(gp, "attention", lambda *a, **kw: seen.append(kw["dropout_p"]) or real(*a, **kw))
     idx, _ = batch()
     patched.train()
-    torch.manual_seed(5)
-    patched(idx)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        outs.append(patched(idx)[0])
     state = patched.transformer.h[0].attn._gptfast_patch
-    assert state.fallbacks == {"attention dropout in training mode": 1}
-    plain.eval(), patched.eval()  # no dropout: the fused path, and the same function
-    state.fallbacks.clear()
-    torch.testing.assert_close(patched(idx)[0], plain(idx)[0], atol=1e-5, rtol=1e-5)
-    assert state.fallbacks == {}
+    assert state.fallbacks == {} and seen == [0.1] * 4
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # one seed, one mask
+    plain.eval(), patched.eval()  # no dropout: the same function
+    eval_out = patched(idx)[0]
+    assert seen[4:] == [0.0, 0.0]
+    torch.testing.assert_close(eval_out, plain(idx)[0], atol=1e-5, rtol=1e-5)
+    assert (outs[0] - eval_out).abs().max() > 1e-3  # training mode did drop
 
 
 def test_unsupported_modules_are_skipped_with_a_reason():
@@ -380,38 +389,100 @@ def test_hf_state_dict_and_parameters_unchanged_and_unpatch():
     assert torch.equal(model(idx).logits, before)
 
 
+def padding_masks(idx):
+    left, right, holes = (torch.ones_like(idx) for _ in range(3))
+    left[0, :5] = 0
+    left[2, :1] = 0
+    right[1, 9:] = 0
+    holes[0, 3] = holes[2, 7:9] = 0
+    holes[1, :] = 0  # a row of padding only
+    return {"left": left, "right": right, "holes": holes}
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_hf_padding_mask_and_output_attentions_fall_back(impl):
+def test_hf_padding_masks_run_the_varlen_path(impl):
     plain = hf_model(impl).eval()
     patched, _ = patched_copy(plain)
-    idx, _ = batch()
+    idx, targets = batch()
     attn = patched.transformer.h[0].attn._gptfast_patch
-    # an all-ones mask is the causal mask: the fused path
+    # an all-ones mask is the causal mask: the dense path
     torch.testing.assert_close(patched(idx, attention_mask=torch.ones_like(idx)).logits,
                                plain(idx, attention_mask=torch.ones_like(idx)).logits, atol=1e-5, rtol=1e-5)
-    assert attn.fallbacks == {}
-    pad = torch.ones_like(idx)
-    pad[0, :5] = 0  # left padding
-    torch.testing.assert_close(patched(idx, attention_mask=pad).logits, plain(idx, attention_mask=pad).logits,
-                               atol=1e-5, rtol=1e-5)
-    assert attn.fallbacks == {"attention_mask is not the plain causal mask (padding or custom mask)": 1}
-    attn.fallbacks.clear()
+    for name, mask in padding_masks(idx).items():
+        real = mask.bool()
+        upstream = torch.randn(3, 17, 61, generator=torch.Generator().manual_seed(2))
+        got, want = [], []
+        for model, into in ((patched, got), (plain, want)):
+            model.zero_grad(set_to_none=True)
+            logits = model(idx, attention_mask=mask).logits
+            (logits * upstream * real[..., None]).sum().backward()  # padded positions' outputs are discarded
+            into.append(logits.detach()[real])
+            into.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, msg=name)
+        for n in want[1]:
+            torch.testing.assert_close(got[1][n], want[1][n], atol=1e-5, rtol=1e-4, msg=f"{name} grad {n}")
+    assert attn.fallbacks == {}, attn.fallbacks
+
+
+def test_hf_other_masks_and_output_attentions_fall_back():
+    from gptfast.patch import _mask_keep
+    t = 6
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    assert _mask_keep(causal.expand(2, 1, t, t).clone(), t, t) is True
+    keep = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    padded = (causal & keep[:, None, :])[:, None]
+    assert torch.equal(_mask_keep(padded, t, t), keep)
+    bidirectional = torch.ones(2, 1, t, t, dtype=torch.bool)
+    assert _mask_keep(bidirectional, t, t) is None
+    window = (causal & ~torch.ones(t, t, dtype=torch.bool).tril(-3)).expand(2, 1, t, t).clone()
+    assert _mask_keep(window, t, t) is None
+    decode = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    decode[0, 0, 0, :2] = False
+    assert torch.equal(_mask_keep(decode, 1, 9), decode[:, 0, 0])
+
+    plain = hf_model("eager").eval()
+    patched, _ = patched_copy(plain)
+    idx, _ = batch()
+    attn = patched.transformer.h[0].attn
+    hidden = torch.randn(2, t, 32, generator=torch.Generator().manual_seed(3))
+    float_window = torch.zeros(2, 1, t, t).masked_fill(~window, torch.finfo(torch.float32).min)
+    got = attn(hidden, attention_mask=float_window)[0]
+    torch.testing.assert_close(got, plain.transformer.h[0].attn(hidden, attention_mask=float_window)[0])
+    assert attn._gptfast_patch.fallbacks == {"attention_mask is neither causal nor causal with padding": 1}
+    attn._gptfast_patch.fallbacks.clear()
     out = patched(idx, output_attentions=True)
     want = plain(idx, output_attentions=True)
-    assert attn.fallbacks == {"output_attentions": 1}
-    assert len(out.attentions) == len(want.attentions) == (2 if impl == "eager" else 0)  # sdpa returns none
+    assert attn._gptfast_patch.fallbacks == {"output_attentions": 1}
+    assert len(out.attentions) == len(want.attentions) == 2
     for a, b in zip(out.attentions, want.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_generate_prefills_on_gptfast_and_decodes_with_the_original():
-    plain = hf_model().eval()
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_generate_decodes_on_gptfast_with_the_kv_cache(impl, monkeypatch):
+    import importlib
+    gp = importlib.import_module("gptfast.patch")
+    plain = hf_model(impl).eval()
     patched, _ = patched_copy(plain)
-    idx = batch(b=1, t=6)[0]
+    shapes = []
+    for fn in ("attention", "attention_varlen"):
+        real = getattr(gp, fn)
+        monkeypatch.setattr(gp, fn, lambda q, k, *a, _r=real, _f=fn, **kw: shapes.append((_f, q.shape[-3], k.shape[-3]))
+                            or _r(q, k, *a, **kw))
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    idx = batch(b=1, t=6)[0]
     assert torch.equal(patched.generate(idx, **kw), plain.generate(idx, **kw))
-    fallbacks = patched.transformer.h[0].attn._gptfast_patch.fallbacks
-    assert fallbacks == {"non-empty KV cache (decoding)": 4}, fallbacks  # 1 prefill on gptfast, 4 decode steps
+    layer0 = shapes[::2]  # two layers per step
+    assert layer0 == [("attention", 6, 6)] + [("attention", 1, 6 + i) for i in range(1, 5)], layer0
+    shapes.clear()
+    idx = batch(b=3, t=7)[0]  # a left-padded batch: prefill and decode on the varlen path
+    mask = torch.ones_like(idx)
+    mask[0, :3] = mask[2, :1] = 0
+    assert torch.equal(patched.generate(idx, attention_mask=mask, **kw),
+                       plain.generate(idx, attention_mask=mask, **kw))
+    assert shapes[::2] == [("attention_varlen", 3 * 7 - 4, 3 * 7 - 4)] + [
+        ("attention_varlen", 3, 3 * (7 + i) - 4) for i in range(1, 5)], shapes[::2]
+    assert patched.transformer.h[0].attn._gptfast_patch.fallbacks == {}
 
 
 def test_hf_attention_dropout_and_cross_attention_are_reported():
@@ -420,7 +491,12 @@ def test_hf_attention_dropout_and_cross_attention_are_reported():
     why = {e.path: e.reason for e in report.entries}
     assert "cross-attention" in why["transformer.h.0.crossattention"]
     assert "transformer.h.0.crossattention" in {e.path for e in report.skipped}
-    assert "falls back in training mode (attn_pdrop=0.1" in why["transformer.h.0.attn"]
+    assert "attn_pdrop=0.1 in training mode runs in gptfast's kernels" in why["transformer.h.0.attn"]
     model.train()
-    model(batch()[0])
-    assert model.transformer.h[0].attn._gptfast_patch.fallbacks == {"attention dropout in training mode": 1}
+    torch.manual_seed(4)
+    first = model(batch()[0]).logits
+    torch.manual_seed(4)
+    assert torch.equal(model(batch()[0]).logits, first)  # gptfast's dropout: one seed, one mask
+    assert model.transformer.h[0].attn._gptfast_patch.fallbacks == {}
+    model.eval()
+    assert (model(batch()[0]).logits - first).abs().max() > 1e-3
