@@ -41,6 +41,15 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor&, const at:
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>>
 gelu_ffn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, bool, bool, const std::string&);
+#ifndef GPTFAST_CUDA
+namespace cpu {  // csrc/cpu/kvcache.cpp (no cuda kernel: the cuda build binds no kvcache_forward)
+std::tuple<at::Tensor, at::Tensor> kvcache_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&,
+                                                   const std::optional<at::Tensor>&, const at::Tensor&,
+                                                   const at::Tensor&, double, int64_t, int64_t, double,
+                                                   const std::optional<at::Tensor>&, int64_t);
+}  // namespace cpu
+#endif
 }  // namespace gptfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -76,6 +85,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kernel"), "Dynamic shared memory (bytes) for a head dim of kernel 0 (forward), "
         "1 (dK/dV) or 2 (deterministic dQ)");
 #else
+  m.def("kvcache_forward", &gptfast::cpu::kvcache_forward, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_table"), py::arg("cache_batch_idx"), py::arg("key_start"),
+        py::arg("key_end"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("softcap"), py::arg("alibi_slopes"), py::arg("num_splits"),
+        "Split-K KV-cache decoding: (out (B,Tq,H,D), lse (B,H,Tq) fp32); the cache read in place "
+        "(contiguous rows or block_table pages), keys key_start[b] .. key_end[b] - 1 of sequence b");
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");
 #endif

@@ -233,10 +233,10 @@ def _cpu_requirement(device: torch.device) -> str | None:
     return _build.unavailable_reason("cpu")
 
 
-for _op in OPS:
+for _op in OPS + DECODE_OPS:
     register(Impl(
         op=_op, backend="cpu", devices=("cpu",), module="gptfast.ops._cpu",
-        fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward", dtypes=REFERENCE_DTYPES,
+        fwd_name=f"{_op}_forward", bwd_name=_bwd_name(_op, f"{_op}_backward"), dtypes=REFERENCE_DTYPES,
         requirement=_cpu_requirement,
         note="C++ kernels (csrc/cpu): OpenMP, vectorised, fp32 accumulation; built on first use",
         features=KERNEL_ATTENTION_FEATURES["cpu"] if _op == "attention" else frozenset(),

@@ -5,7 +5,8 @@ The launchers themselves are :class:`gptfast.ops._native.NativeLaunchers`; the a
 is always deterministic here (one task per (batch, head), or per (batch, kv head) under GQA, which
 sums its query heads' dK/dV in order; no atomics). Its attention implements every option of
 ``_backend.ATTENTION_FEATURES`` (GQA, unequal lengths, windows, softcap, ALiBi, dropout) and packed
-variable-length batches (``varlen``).
+variable-length batches (``varlen``). ``kvcache_forward`` is split-K decoding over a KV cache
+read in place (csrc/cpu/kvcache.cpp).
 """
 from __future__ import annotations
 

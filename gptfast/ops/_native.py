@@ -14,11 +14,11 @@ import torch
 from .. import _build
 
 LAUNCHERS = ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward",
-             "gelu_ffn_forward", "gelu_ffn_backward")
+             "gelu_ffn_forward", "gelu_ffn_backward", "kvcache_forward")
 
 
 class NativeLaunchers:
-    """The six launchers of one native backend, bound to its extension module (``.ext``)."""
+    """The launchers of one native backend, bound to its extension module (``.ext``)."""
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -68,6 +68,17 @@ class NativeLaunchers:
     def gelu_ffn_forward(self, x, w1, b1, w2, b2, approximate: str):
         """out (M, N), h (M, H) = x @ w1.T + b1, both in x.dtype."""
         return self.ext.gelu_ffn_forward(x, w1, b1, w2, b2, approximate)
+
+    def kvcache_forward(self, q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
+                        softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes,
+                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (B, Tq, H, D), lse (B, H, Tq) fp32 (fp64 for fp64 inputs): split-K decoding over the
+        cache in place (the kvcache contract in _backend.py). The cuda build has no such kernel."""
+        if not hasattr(self.ext, "kvcache_forward"):
+            raise NotImplementedError(f"gptfast.kvcache: the {self.backend!r} backend has no kvcache kernel")
+        return self.ext.kvcache_forward(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
+                                        float(softmax_scale), int(window_left), int(window_right), float(softcap),
+                                        alibi_slopes, int(num_splits))
 
     def gelu_ffn_backward(self, dout, x, h, w1, w2, has_b1: bool, has_b2: bool, approximate: str):
         """dx, dw1, db1 or None, dw2, db2 or None."""
