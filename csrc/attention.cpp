@@ -108,8 +108,11 @@ AttentionOptions make_options(const at::Tensor& q, const at::Tensor& k, bool cau
 // records the prefix sums in `opts`. Which backends run it: those whose kernels read `Seqs`.
 std::array<at::Tensor, 3> packed_views(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& cu_q, const std::optional<at::Tensor>& cu_k_opt) {
-  TORCH_CHECK_NOT_IMPLEMENTED(std::strcmp(kBackendName, "cpu") == 0, kOp, ": backend '", kBackendName,
-                              "' does not support varlen yet; backend='auto' routes such calls to a ",
+  // The cuda kernels read the prefix sums on q's device (no host synchronisation, so their values
+  // are not checked here); the cpu kernels on the host.
+  const bool on_device = std::strcmp(kBackendName, "cuda") == 0;
+  TORCH_CHECK_NOT_IMPLEMENTED(on_device || std::strcmp(kBackendName, "cpu") == 0, kOp, ": backend '",
+                              kBackendName, "' does not support varlen yet; backend='auto' routes such calls to a ",
                               "backend that does");
   TORCH_CHECK_VALUE(cu_k_opt.has_value(), kOp, ": cu_seqlens_q needs cu_seqlens_k");
   const at::Tensor& cu_k = *cu_k_opt;
@@ -121,9 +124,11 @@ std::array<at::Tensor, 3> packed_views(const at::Tensor& q, const at::Tensor& k,
     const char* name = t == &cu_q ? "cu_seqlens_q" : "cu_seqlens_k";
     const int64_t total = (t == &cu_q ? q : k).size(0);
     TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->numel() == cu_q.numel() &&
-                          t->numel() >= 1 && t->device().is_cpu(),
-                      kOp, ": ", name, " must be a 1-D int32 CPU tensor of batch + 1 = ", cu_q.numel(),
-                      " prefix sums, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+                          t->numel() >= 1 && (on_device ? t->device() == q.device() : t->device().is_cpu()),
+                      kOp, ": ", name, " must be a 1-D int32 tensor on ", on_device ? "q's device" : "the CPU",
+                      " of batch + 1 = ", cu_q.numel(), " prefix sums, got ", t->scalar_type(), " ", t->sizes(),
+                      " on ", t->device());
+    if (on_device) continue;
     const at::Tensor c = t->contiguous();
     const int32_t* p = c.const_data_ptr<int32_t>();
     bool ok = p[0] == 0 && p[c.numel() - 1] == total;

@@ -83,6 +83,7 @@ from gptfast.ops import _philox
 from gptfast.ops.attention import attention_backward_reference, attention_forward_reference, normalise
 from gptfast.ops.gelu_ffn import gelu, gelu_grad
 from gptfast.ops.layer_norm import layer_norm_backward_reference, layer_norm_forward_reference
+from gptfast.ops.varlen import attention_varlen_backward_reference, attention_varlen_forward_reference
 from gptfast.testing import (assert_within_pytorch_error, attention_magnitudes, layer_norm_magnitudes, max_abs_diff,
                              rounding_atol)
 
@@ -576,6 +577,205 @@ def test_attention_emulated_dropout_mask_is_philox_bit_for_bit(libs, rng):
     assert 0 < (~keep).sum() < keep.numel()
     kept = errs["kernel_out"][..., :Tk].permute(0, 2, 1, 3) > 0
     assert torch.equal(kept, keep), f"{(kept != keep).sum()} of {keep.numel()} keep bits differ"
+
+
+# --- attention, packed variable-length layout -------------------------------------------------
+
+def _varlen_signatures(dll):
+    _attn_signatures(dll)
+    dll.emu_attention_set_varlen.argtypes = [P, P, I]
+
+
+def emu_attention(lib, q, k, v, do, scale, deterministic, opts=PLAIN, causal=False, slopes=None, cu=None,
+                  kv_packed=False):
+    """The kernels on (B, T, heads, D) tensors q, k, v, do (packed: B = 1 and cu = (cu_seqlens_q,
+    cu_seqlens_k) int32): out, lse, dq, dk, dv, the gradients summed over each kv head's group as
+    csrc/cuda/attention.cpp does. `opts`: window, softcap, dropout already normalised (as
+    csrc/attention.cpp passes them). kv_packed: k and v are the two slices of one (B, Tk, 2, Hk, D)
+    buffer (row stride 2 * Hk * D)."""
+    _varlen_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    dtype = q.dtype
+    bufs = []
+
+    def place(x):
+        b = Buf(lib, tuple(x.shape), x.dtype, x)
+        bufs.append(b)
+        return b.t
+
+    if kv_packed:
+        kvb = Buf(lib, (B, Tk, 2, Hk, D), dtype)
+        kvb.t[:, :, 0], kvb.t[:, :, 1] = k, v
+        bufs.append(kvb)
+        kv, vv = kvb.t[:, :, 0], kvb.t[:, :, 1]
+    else:
+        kv, vv = place(k), place(v)
+    qv = place(q)
+    sb = place(slopes) if slopes is not None else None
+    threshold = _philox.dropout_threshold(opts.dropout_p) if opts.dropout_p > 0 else 0
+    lib.dll.emu_attention_set_options(opts.window[0], opts.window[1], opts.softcap, sb.data_ptr() if sb is not None
+                                      else None, H if slopes is not None and slopes.dim() == 2 else 0,
+                                      opts.dropout_p, threshold, opts.rng[0] % 2**64, opts.rng[1])
+    if cu is not None:  # int32, read by the kernels with plain loads (not bounds-checked)
+        cu = tuple(c.contiguous() for c in cu)
+        for c in cu:
+            lib.dll.emu_register(c.data_ptr(), c.numel() * 4)
+        lib.dll.emu_attention_set_varlen(cu[0].data_ptr(), cu[1].data_ptr(), cu[0].numel() - 1)
+
+    def strides(*views):
+        st = [x for t in views for x in t.stride()[:3]]
+        return (ctypes.c_int64 * 15)(*(st + [0] * (15 - len(st))))
+
+    bf16 = int(dtype == torch.bfloat16)
+    try:
+        out = Buf(lib, (B, Tq, H, D), dtype)
+        lse = Buf(lib, (B, H, Tq), torch.float32)
+        rc = lib.dll.emu_attention_forward(qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), strides(qv, kv, vv), B, Tq,
+                                           Tk, H, Hk, D, scale, bf16, out.ptr(), lse.ptr())
+        assert rc == 0, f"forward launch returned cudaError {rc}"
+        lib.finish(out, lse, *bufs)
+        ov, dov = place(out.t.clone()), place(do)
+        delta = Buf(lib, (B, H, Tq), torch.float32)
+        dq = Buf(lib, (B, Tq, H, D), dtype)
+        dk, dv = (Buf(lib, (B, Tk, H, D), dtype) for _ in range(2))  # per query head
+        acc = None if deterministic else Buf(lib, (B, Tq, H, D), torch.float32, torch.zeros(B, Tq, H, D))
+        rc = lib.dll.emu_attention_backward(
+            qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), strides(qv, kv, vv, ov, dov), B, Tq, Tk, H, Hk, D, scale,
+            bf16, ov.data_ptr(), dov.data_ptr(), lse.ptr(), delta.ptr(), dq.ptr(), dk.ptr(), dv.ptr(),
+            acc.ptr() if acc else None)
+        assert rc == 0, f"backward launch returned cudaError {rc}"
+        lib.finish(dq, dk, dv, delta, *bufs, *([acc] if acc else []))
+    finally:
+        lib.dll.emu_attention_set_varlen(None, None, 0)
+    group = lambda x: x.t.view(B, Tk, Hk, H // Hk, D).sum(3)  # noqa: E731
+    return out.t.clone(), lse.t.clone(), dq.t.clone(), group(dk), group(dv)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+
+
+def run_attention_varlen(lib, lens_q, lens_k, H, Hk, D, causal, dtype, deterministic, opts=PLAIN, seed=0,
+                         kv_packed=False):
+    """One packed forward and backward (sequence b: lens_q[b] queries, lens_k[b] keys) on the
+    emulator, against gptfast.ops.varlen's float64 reference launchers; `pt` (the tolerance's
+    yardstick) is PyTorch per sequence in the dtype. opts.tk / opts.hk are ignored (lens_k, Hk)."""
+    torch.manual_seed(seed)
+    tq, tk, nseq = sum(lens_q), sum(lens_k), len(lens_q)
+    scale = 1.0 / math.sqrt(D)
+    q, do = (torch.randn(1, tq, H, D).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, tk, Hk, D).to(dtype) for _ in range(2))
+    slopes = None if opts.alibi is None else torch.rand((H,) if opts.alibi == "h" else (nseq, H)) * 0.5
+    max_k = max(lens_k, default=0)
+    norm = normalise(causal, opts.window, opts.softcap, opts.dropout_p, max_k)  # the varlen functions' rule
+    eff = AttnOptions(window=norm.window, softcap=norm.softcap, dropout_p=norm.dropout_p, rng=opts.rng)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    out, lse, dq, dk, dv = emu_attention(lib, q, k, v, do, scale, deterministic, eff, causal, slopes, (cu_q, cu_k),
+                                         kv_packed)
+    lse = lse[0]  # (H, total_q), FlashAttention's varlen layout
+
+    seed64, offset = opts.rng
+    rng_state = torch.tensor([seed64 - 2**64 if seed64 >= 2**63 else seed64, offset], dtype=torch.int64)
+    kw = dict(window=norm.window, softcap=norm.softcap, alibi_slopes=slopes, dropout_p=norm.dropout_p,
+              rng_state=rng_state if norm.dropout_p > 0 else None)
+    q64, k64, v64, do64 = (x[0].double() for x in (q, k, v, do))
+    args = (cu_q, cu_k, max(lens_q, default=0), max_k, causal, scale)
+    o_ref, lse_ref = attention_varlen_forward_reference(q64, k64, v64, *args, **kw)
+    # With dropout the backward reference gets the kernel's out (see run_attention).
+    o_bwd = out[0].double() if norm.dropout_p > 0 else o_ref
+    dq_ref, dk_ref, dv_ref = attention_varlen_backward_reference(do64, q64, k64, v64, o_bwd, lse_ref, *args, **kw)
+
+    pts = [torch.zeros_like(x[0]) for x in (q, q, k, v)]  # out, dq, dk, dv: 0 where a sequence is empty
+    mags = [0.0] * 4
+    for b in range(nseq):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lens_q[b] == 0 or lens_k[b] == 0:
+            continue
+        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b:b + 1])
+        keep = None
+        if norm.dropout_p > 0:
+            keep = _philox.dropout_keep_mask(seed64, offset, 1, H, lens_q[b], lens_k[b], norm.dropout_p,
+                                             batch_start=b)
+        ref_kw = dict(window_size=norm.window, softcap=norm.softcap, alibi_slopes=sl, dropout_p=norm.dropout_p,
+                      dropout_mask=keep)
+        qb, kb, vb, dob = q[:, rq], k[:, rk], v[:, rk], do[:, rq]
+        for acc_, x, rows in zip(pts, attention_pytorch(qb, kb, vb, dob, causal, scale, ref_kw), (rq, rq, rk, rk)):
+            acc_[rows] = x[0]
+        m = attention_magnitudes(qb, kb, vb, dob, causal, scale, window_size=norm.window, softcap=norm.softcap,
+                                 alibi_slopes=sl)
+        mags = [max(a, x / (1.0 - norm.dropout_p)) for a, x in zip(mags, m)]
+    check("out", out[0], o_ref, pts[0], 2, magnitude=mags[0])
+    empty = torch.isneginf(lse_ref)
+    assert torch.equal(torch.isneginf(lse), empty), "lse: the rows without keys differ"
+    if not empty.all():
+        check_fp32("lse", lse[~empty], lse_ref[~empty])
+    for name, x, ref, pt, m in zip(("dq", "dk", "dv"), (dq, dk, dv), (dq_ref, dk_ref, dv_ref), pts[1:], mags[1:]):
+        check(name, x[0], ref, pt, 3, magnitude=m)
+    return out, lse, dq, dk, dv
+
+
+# (lens_q, lens_k, H, Hk, D, causal, dtype, deterministic dQ, options, kv_packed). Lengths 0 and 1,
+# 63/64/65 and 130 (64-row blocks cut partially, a sequence starting mid-block), sequences with
+# queries but no keys (out 0, lse -inf) and keys but no queries (dK = dV = 0), Tq > Tk and Tq < Tk
+# per sequence (bottom-right masks), GQA/MQA; the head-dim instantiations 64, 128 (112 padded),
+# 256 (and 40 padded); the plain kernels and the kHasModifiers ones with every option.
+VARLEN_CASES = [
+    ([65, 0, 1, 130], [65, 0, 1, 130], 2, 1, 64, True, FP16, False, O(), False),           # self-attention, MQA
+    ([3, 64, 0, 70, 5], [80, 64, 5, 0, 1], 4, 2, 40, True, BF16, True, O(), True),          # bottom-right, empty
+    ([63, 1, 97], [63, 50, 130], 2, 2, 112, False, FP16, True,
+     O(window=(20, 5), softcap=30.0, alibi="bh"), False),                                    # window, softcap, ALiBi
+    ([37, 0, 66], [50, 9, 66], 3, 1, 64, False, FP16, False, O(alibi="h", dropout_p=0.17), False),  # dropout
+    ([33, 65], [70, 1], 2, 1, 256, True, BF16, False, O(softcap=30.0, dropout_p=0.17), False),
+    ([1, 129], [129, 2], 2, 2, 128, False, BF16, True, O(window=(3, -1)), True),
+]
+
+
+def _varlen_id(c):
+    lq, lk, H, Hk, D, causal, dtype, det, o, kvp = c
+    parts = [f"q{'_'.join(map(str, lq))}-k{'_'.join(map(str, lk))}-H{H}Hk{Hk}D{D}", "causal" if causal else "full",
+             str(dtype).split(".")[1], "det" if det else "atomic"]
+    if o.window != (-1, -1):
+        parts.append(f"w{o.window[0]}_{o.window[1]}")
+    if o.softcap:
+        parts.append(f"softcap{o.softcap:g}")
+    if o.alibi:
+        parts.append(f"alibi_{o.alibi}")
+    if o.dropout_p:
+        parts.append(f"drop{o.dropout_p:g}")
+    if kvp:
+        parts.append("kvpacked")
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_id)
+def test_attention_emulated_varlen(libs, case):
+    lq, lk, H, Hk, D, causal, dtype, det, opts, kvp = case
+    run_attention_varlen(libs["attention"], lq, lk, H, Hk, D, causal, dtype, det, opts, seed=7, kv_packed=kvp)
+
+
+def test_attention_emulated_varlen_equal_lengths_is_the_dense_batch(libs):
+    """Equal lengths: the packed call is the dense batch bit for bit (out, lse, dq, dk, dv), with
+    dropout (sequence b draws batch entry b's Philox mask), ALiBi (B, H), GQA and a window; the
+    deterministic dQ, so that no sum depends on the schedule."""
+    lib = libs["attention"]
+    B, Tq, Tk, H, Hk, D = 3, 50, 70, 4, 2, 64
+    torch.manual_seed(9)
+    q, do = (torch.randn(B, Tq, H, D).half() for _ in range(2))
+    k, v = (torch.randn(B, Tk, Hk, D).half() for _ in range(2))
+    slopes = torch.rand(B, H) * 0.5
+    norm = normalise(True, (40, -1), 0.0, 0.17, Tk)
+    opts = AttnOptions(window=norm.window, dropout_p=norm.dropout_p)
+    scale = 1.0 / math.sqrt(D)
+    dense = emu_attention(lib, q, k, v, do, scale, True, opts, True, slopes)
+    pack = lambda x: x.reshape(1, -1, *x.shape[2:])  # noqa: E731
+    cu = (_cu([Tq] * B), _cu([Tk] * B))
+    packed = emu_attention(lib, pack(q), pack(k), pack(v), pack(do), scale, True, opts, True, slopes, cu)
+    lse_dense = dense[1].permute(1, 0, 2).reshape(1, H, B * Tq)  # (B, H, Tq) -> (H, B * Tq)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (pack(dense[0]), lse_dense, *map(pack, dense[2:])),
+                          packed):
+        assert torch.equal(a, b), f"{name}: packed != dense batch ({(a != b).sum()} elements differ)"
 
 
 # --- layer norm ---------------------------------------------------------------------------------

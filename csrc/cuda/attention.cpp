@@ -6,7 +6,9 @@
 // nothing to q.k and produce zero output columns, which are cut off again), other misaligned
 // inputs are made contiguous. Outputs are fresh, contiguous tensors (the launcher contract).
 // Every option of csrc/common/backend.h's AttentionOptions runs here (GQA/MQA, seqlen_q !=
-// seqlen_k, windows, softcap, ALiBi, dropout); under GQA the dK/dV kernel writes one gradient per
+// seqlen_k, windows, softcap, ALiBi, dropout) and the packed variable-length layout (csrc/attention.cpp
+// passes the (1, total, heads, head_dim) views and the prefix sums, which stay on the device: the
+// kernels read them, nothing here does); under GQA the dK/dV kernel writes one gradient per
 // query head and each kv head's group is summed here (deterministic, no atomics).
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
@@ -86,6 +88,11 @@ void set_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const
   set_attention_options(p, opts.window_left, opts.window_right, opts.softcap, slopes, slopes_batch_stride,
                         opts.dropout_p, opts.dropout_threshold, opts.seed, opts.offset);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  if (opts.cu_seqlens_q.has_value()) {  // packed: q, k, v are (1, total, heads, head_dim) views
+    p.batch = static_cast<int>(opts.cu_seqlens_q->numel() - 1);
+    p.cu_seqlens_q = opts.cu_seqlens_q->data_ptr<int>();
+    p.cu_seqlens_k = opts.cu_seqlens_k->data_ptr<int>();
+  }
 }
 
 at::Tensor unpad(const at::Tensor& x, int64_t head_dim) {
@@ -110,12 +117,32 @@ void check_sizes(const at::Tensor& q, const at::Tensor& k) {
   TORCH_CHECK_VALUE(q.size(0) * q.size(2) <= INT32_MAX, kOp, ": batch * nheads is too large");
 }
 
+// A packed call's grids: blocks of 64 rows over all sequences plus one per sequence (attention.h
+// varlen_blocks) on y. The prefix sums stay on the device (csrc/attention.cpp checked their dtype,
+// shape and device; their values are the caller's, gptfast.ops.varlen checks them in eager mode).
+void check_packed(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& opts) {
+  if (!opts.cu_seqlens_q.has_value()) return;
+  const int64_t batch = opts.cu_seqlens_q->numel() - 1;
+  TORCH_CHECK_VALUE(batch <= INT32_MAX, kOp, ": too many sequences (", batch, ")");
+  for (const auto* t : {&q, &k}) {
+    const char* name = t == &q ? "total_q" : "total_k";
+    const int64_t blocks = varlen_blocks(t->size(1), static_cast<int>(batch));
+    TORCH_CHECK_VALUE(blocks <= 65535, kOp, ": ", name, " / 64 + batch = ", blocks,
+                      " exceeds the cuda backend's grid limit 65535");
+  }
+  for (const auto* cu : {&*opts.cu_seqlens_q, &*opts.cu_seqlens_k}) {
+    TORCH_CHECK_VALUE(cu->device() == q.device(), kOp, ": cu_seqlens must be on q's device ", q.device(),
+                      ", got ", cu->device());
+  }
+}
+
 // What only this backend requires, beyond the shared checks of csrc/attention.cpp. Every option
 // is implemented (gptfast.ops._backend.KERNEL_ATTENTION_FEATURES["cuda"]): none is refused.
-void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, double scale) {
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, double scale, const AttentionOptions& opts) {
   check_dtype(q);
   check_sizes(q, k);
   check_scale(scale);
+  check_packed(q, k, opts);
 }
 
 // dK or dV of the kv heads: the kernels' per-query-head gradient x (B, Tk, H, Dp) summed over
@@ -130,7 +157,7 @@ at::Tensor group_sum(const at::Tensor& x, int64_t heads_k) {
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, double scale,
                                                      const AttentionOptions& options) {
-  check_cuda_inputs(q_in, k_in, scale);
+  check_cuda_inputs(q_in, k_in, scale, options);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Dp = padded_head_dim(D);
@@ -156,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, bool deterministic,
     const AttentionOptions& options) {
-  check_cuda_inputs(q_in, k_in, scale);
+  check_cuda_inputs(q_in, k_in, scale, options);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Tk = k_in.size(1), Hk = k_in.size(2);

@@ -187,10 +187,52 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* base, 
   }
 }
 
-template <typename T>
-__device__ __forceinline__ const uint16_t* head_ptr(const void* base, int64_t batch_stride, int64_t head_stride,
-                                                    int b, int h) {
-  return reinterpret_cast<const uint16_t*>(base) + b * batch_stride + h * head_stride;
+// --- the problem of a CTA: dense batch entry or packed sequence -------------------------------
+
+// What one CTA works on: query head h of sequence (batch entry) b, its 64-row block `block` (of
+// query rows: forward, dQ; of key rows: dK/dV), the sequence's lengths, and where its rows start
+// among all sequences' rows (batch * seqlen flattened, or the packed rows) and in lse/delta.
+struct Problem {
+  int b, h, block;
+  int Tq, Tk;
+  int64_t q_row0, k_row0;  // index of row 0 of the sequence in out, dq (q_row0) and dk, dv (k_row0)
+  int64_t stat0;           // lse/delta index of its query row 0 for head h
+};
+
+// Dense grid: (batch * heads, blocks). Packed grid: (heads, varlen_blocks(total, batch)), see
+// attention.h; `by_keys`: the blocks count key rows (dK/dV). `reversed`: the last block first
+// (longest causal rows first: better tail balance). Returns false for a packed grid's block
+// without rows (exit at once: nothing to store there, and every row belongs to another block).
+__device__ __forceinline__ bool locate(const AttentionParams& p, bool by_keys, bool reversed, Problem& s) {
+  const int y = reversed ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+  if (p.cu_seqlens_q == nullptr) {
+    s.b = blockIdx.x / p.heads, s.h = blockIdx.x % p.heads, s.block = y;
+    s.Tq = p.seqlen_q, s.Tk = p.seqlen_k;
+    s.q_row0 = static_cast<int64_t>(s.b) * p.seqlen_q, s.k_row0 = static_cast<int64_t>(s.b) * p.seqlen_k;
+    s.stat0 = static_cast<int64_t>(blockIdx.x) * p.seqlen_q;
+    return true;
+  }
+  const int* cu = by_keys ? p.cu_seqlens_k : p.cu_seqlens_q;
+  int lo = 0, hi = p.batch;  // the last b with first block cu[b] / 64 + b <= y (b = 0: 0 <= y)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (cu[mid] / 64 + mid <= y) lo = mid;
+    else hi = mid;
+  }
+  s.b = lo, s.h = blockIdx.x, s.block = y - (cu[lo] / 64 + lo);
+  const int q0 = p.cu_seqlens_q[lo], k0 = p.cu_seqlens_k[lo];
+  s.Tq = p.cu_seqlens_q[lo + 1] - q0, s.Tk = p.cu_seqlens_k[lo + 1] - k0;
+  s.q_row0 = q0, s.k_row0 = k0;
+  s.stat0 = static_cast<int64_t>(s.h) * p.seqlen_q + q0;
+  return s.block * 64 < (by_keys ? s.Tk : s.Tq);
+}
+
+// Row 0 of head h of the sequence in an input with strides (batch, row, head).
+__device__ __forceinline__ const uint16_t* seq_ptr(const AttentionParams& p, const void* base, int64_t batch_stride,
+                                                   int64_t row_stride, int64_t head_stride, int b, int64_t row0,
+                                                   int h) {
+  const int64_t off = p.cu_seqlens_q == nullptr ? b * batch_stride : row0 * row_stride;
+  return reinterpret_cast<const uint16_t*>(base) + off + h * head_stride;
 }
 
 // --- mask and score modifiers ----------------------------------------------------------------
@@ -301,14 +343,15 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
   uint16_t* sV = sK + kBlockN * kPitch;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  Problem s;
+  if (!locate(p, false, true, s)) return;  // longest causal rows first: better tail balance
+  const int b = s.b, h = s.h, bh = b * p.heads + h;  // bh: the dropout's subsequence
   const int hk = h / (p.heads / p.heads_k);  // the kv head of query head h (GQA/MQA)
-  const int m_block = gridDim.y - 1 - blockIdx.y;  // longest causal rows first: better tail balance
-  const int m0 = m_block * kBlockM;
-  const int Tq = p.seqlen_q, Tk = p.seqlen_k, shift = Tk - Tq;
-  const uint16_t* q = head_ptr<T>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
-  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, hk);
-  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, hk);
+  const int m0 = s.block * kBlockM;
+  const int Tq = s.Tq, Tk = s.Tk, shift = Tk - Tq;
+  const uint16_t* q = seq_ptr(p, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, s.q_row0, h);
+  const uint16_t* k = seq_ptr(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, s.k_row0, hk);
+  const uint16_t* v = seq_ptr(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, s.k_row0, hk);
 
   // Key blocks any row of this block can see: columns [m0 + shift - left, m0 + 63 + shift + right].
   const int n_lo = kHasModifiers ? max(0, m0 + shift - window_left<kHasModifiers>(p)) : 0;
@@ -461,14 +504,14 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
     const float inv = l == 0.f ? 0.f : 1.f / l;
     const int row = row_a + r * 8;
     if (row < Tq) {
-      T* out = reinterpret_cast<T*>(p.out) + ((static_cast<int64_t>(b) * Tq + row) * H + h) * D;
+      T* out = reinterpret_cast<T*>(p.out) + ((s.q_row0 + row) * H + h) * D;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         const int col = dt * 8 + 2 * t;
         if (col < D) *reinterpret_cast<uint32_t*>(out + col) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
       }
       if (t == 0) {
-        p.lse[static_cast<int64_t>(bh) * Tq + row] = l == 0.f ? -INFINITY : row_max[r] * kLn2 + logf(l);
+        p.lse[s.stat0 + row] = l == 0.f ? -INFINITY : row_max[r] * kLn2 + logf(l);
       }
     }
   }
@@ -496,7 +539,8 @@ template <typename T>
 __global__ void attention_bwd_delta_kernel(const AttentionParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads;
+  // Packed: one batch entry of total_q rows (delta (heads, total_q), as the dense (1, heads, T)).
+  const int64_t rows = (p.cu_seqlens_q == nullptr ? static_cast<int64_t>(p.batch) * p.seqlen_q : p.seqlen_q) * p.heads;
   if (row >= rows) return;
   const int h = static_cast<int>(row % p.heads);
   const int i = static_cast<int>((row / p.heads) % p.seqlen_q);
@@ -568,14 +612,15 @@ template <int kHeadDim> struct BwdConfig {
 
 // Loads the query block's logsumexp (pre-multiplied by log2 e) and delta into shared memory.
 // Rows past seqlen, and rows with lse = -inf (no unmasked key), get +inf: their P is exp2(-inf) = 0.
-__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const AttentionParams& p, int bh, int m0) {
+__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const AttentionParams& p,
+                                               const Problem& s, int m0) {
   for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
     const int row = m0 + i;
     float lse = INFINITY, delta = 0.f;
-    if (row < p.seqlen_q) {
-      const float l = p.lse_in[static_cast<int64_t>(bh) * p.seqlen_q + row];
+    if (row < s.Tq) {
+      const float l = p.lse_in[s.stat0 + row];
       lse = l == -INFINITY ? INFINITY : l * kLog2e;
-      delta = p.delta[static_cast<int64_t>(bh) * p.seqlen_q + row];
+      delta = p.delta[s.stat0 + row];
     }
     sLse[i] = lse;
     sDelta[i] = delta;
@@ -628,14 +673,16 @@ __device__ __forceinline__ void attention_bwd_dkdv(const AttentionParams& p) {
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int r = warp % 4, c = warp / 4;
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
-  const int n_block = blockIdx.y, n0 = n_block * 64;
-  const int Tq = p.seqlen_q, Tk = p.seqlen_k, shift = Tk - Tq, H = p.heads, D = p.head_dim;
+  Problem s;
+  if (!locate(p, true, false, s)) return;
+  const int b = s.b, h = s.h, bh = b * p.heads + h;
+  const int n0 = s.block * 64;
+  const int Tq = s.Tq, Tk = s.Tk, shift = Tk - Tq, H = p.heads, D = p.head_dim;
   const int hk = h / (H / p.heads_k);
-  const uint16_t* q = head_ptr<T>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
-  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, hk);
-  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, hk);
-  const uint16_t* dout = head_ptr<T>(p.dout, p.do_batch_stride, p.do_head_stride, b, h);
+  const uint16_t* q = seq_ptr(p, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, s.q_row0, h);
+  const uint16_t* k = seq_ptr(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, s.k_row0, hk);
+  const uint16_t* v = seq_ptr(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, s.k_row0, hk);
+  const uint16_t* dout = seq_ptr(p, p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, s.q_row0, h);
 
   load_tile<64, kHeadDim, kThreads>(sK, k, p.k_row_stride, n0, Tk, D);
   load_tile<64, kHeadDim, kThreads>(sV, v, p.v_row_stride, n0, Tk, D);
@@ -676,7 +723,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(const AttentionParams& p) {
     } else {
       load_q_do(mb, sQ, sdO);
     }
-    load_row_stats(sLse, sDelta, p, bh, m0);
+    load_row_stats(sLse, sDelta, p, s, m0);
     if (kDouble) cp_async_wait<1>();  // this block's Q/dO (and K/V) have landed
     else cp_async_wait<0>();
     __syncthreads();
@@ -742,7 +789,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(const AttentionParams& p) {
     if (p.dq_accum != nullptr) {
       // dQ[query strip r, half c] += scale * dS K, 32 columns at a time (16 accumulators) and
       // added to the fp32 buffer with atomics: every key block contributes to every query row.
-      float* dq_rows = p.dq_accum + (static_cast<int64_t>(b) * Tq * H + h) * D;
+      float* dq_rows = p.dq_accum + (s.q_row0 * H + h) * D;
 #pragma unroll 1
       for (int chunk = 0; chunk < kHalf / 32; ++chunk) {
         float acc[4][4];
@@ -780,7 +827,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(const AttentionParams& p) {
   for (int half = 0; half < 2; ++half) {
     const int kv = kv_a + half * 8;
     if (kv >= Tk) continue;
-    const int64_t off = ((static_cast<int64_t>(b) * Tk + kv) * H + h) * D;
+    const int64_t off = ((s.k_row0 + kv) * H + h) * D;
     T* dk_row = reinterpret_cast<T*>(p.dk) + off;
     T* dv_row = reinterpret_cast<T*>(p.dv) + off;
 #pragma unroll
@@ -825,19 +872,21 @@ __device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int r = warp % 4, c = warp / 4;
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;
-  const int Tq = p.seqlen_q, Tk = p.seqlen_k, shift = Tk - Tq, H = p.heads, D = p.head_dim;
+  Problem s;
+  if (!locate(p, false, true, s)) return;  // longest rows first
+  const int b = s.b, h = s.h, bh = b * p.heads + h;
+  const int m0 = s.block * kBlockM;
+  const int Tq = s.Tq, Tk = s.Tk, shift = Tk - Tq, H = p.heads, D = p.head_dim;
   const int hk = h / (H / p.heads_k);
-  const uint16_t* q = head_ptr<T>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
-  const uint16_t* k = head_ptr<T>(p.k, p.k_batch_stride, p.k_head_stride, b, hk);
-  const uint16_t* v = head_ptr<T>(p.v, p.v_batch_stride, p.v_head_stride, b, hk);
-  const uint16_t* dout = head_ptr<T>(p.dout, p.do_batch_stride, p.do_head_stride, b, h);
+  const uint16_t* q = seq_ptr(p, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, s.q_row0, h);
+  const uint16_t* k = seq_ptr(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, s.k_row0, hk);
+  const uint16_t* v = seq_ptr(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, s.k_row0, hk);
+  const uint16_t* dout = seq_ptr(p, p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, s.q_row0, h);
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_row_stride, m0, Tq, D);
   load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_row_stride, m0, Tq, D);
   cp_async_commit();
-  load_row_stats(sLse, sDelta, p, bh, m0);
+  load_row_stats(sLse, sDelta, p, s, m0);
 
   float dq[kDT][4];
 #pragma unroll
@@ -926,7 +975,7 @@ __device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
   for (int half = 0; half < 2; ++half) {
     const int qrow = m0 + q_a + half * 8;
     if (qrow >= Tq) continue;
-    T* dq_row = reinterpret_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * Tq + qrow) * H + h) * D;
+    T* dq_row = reinterpret_cast<T*>(p.dq) + ((s.q_row0 + qrow) * H + h) * D;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       const int col = c * kHalf + dt * 8 + 2 * t;
@@ -951,6 +1000,13 @@ __global__ void attention_bwd_dq_convert_kernel(const float* __restrict__ acc, T
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     dq[i] = from_float<T>(acc[i]);
   }
+}
+
+// The grid of 64-row blocks over `seqlen` rows (seqlen_q or seqlen_k) of every (batch, head);
+// packed: of every head over all sequences (locate()).
+dim3 launch_grid(const AttentionParams& p, int seqlen) {
+  if (p.cu_seqlens_q == nullptr) return dim3(p.batch * p.heads, ceil_div(seqlen, 64));
+  return dim3(p.heads, static_cast<unsigned>(varlen_blocks(seqlen, p.batch)));
 }
 
 template <typename Kernel>
@@ -979,7 +1035,7 @@ cudaError_t attention_forward_launch(const AttentionParams& p, cudaStream_t stre
                                     : attention_fwd_kernel<elem_t, kHeadDim>;
         cudaError_t err = set_smem(kernel, Cfg::kSmemBytes);
         if (err != cudaSuccess) return err;
-        const dim3 grid(p.batch * p.heads, ceil_div(p.seqlen_q, kBlockM));
+        const dim3 grid = launch_grid(p, p.seqlen_q);
         kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
         return cudaGetLastError();
       });
@@ -997,11 +1053,11 @@ cudaError_t launch_backward_main(const AttentionParams& p, cudaStream_t stream) 
                             : attention_bwd_dkdv_kernel<T, kHeadDim, kDouble>;
   cudaError_t e = set_smem(dkdv, kSmem);
   if (e != cudaSuccess) return e;
-  dkdv<<<dim3(p.batch * p.heads, ceil_div(p.seqlen_k, 64)), Cfg::kThreads, kSmem, stream>>>(p);
+  dkdv<<<launch_grid(p, p.seqlen_k), Cfg::kThreads, kSmem, stream>>>(p);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   if (p.dq_accum != nullptr) {
-    const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads * p.head_dim;
+    const int64_t n = total_rows_q(p) * p.heads * p.head_dim;
     const int blocks = static_cast<int>(n / 256 + 1 < 65536 ? n / 256 + 1 : 65536);
     attention_bwd_dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, reinterpret_cast<T*>(p.dq), n);
     return cudaGetLastError();
@@ -1010,14 +1066,14 @@ cudaError_t launch_backward_main(const AttentionParams& p, cudaStream_t stream) 
                           : attention_bwd_dq_kernel<T, kHeadDim, kDouble>;
   e = set_smem(dq, kSmem);
   if (e != cudaSuccess) return e;
-  dq<<<dim3(p.batch * p.heads, ceil_div(p.seqlen_q, kBlockM)), Cfg::kThreads, kSmem, stream>>>(p);
+  dq<<<launch_grid(p, p.seqlen_q), Cfg::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 }  // namespace
 
 cudaError_t attention_backward_launch(const AttentionParams& p, cudaStream_t stream) {
   return FP16_SWITCH(p.is_bf16, [&] {
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads;
+    const int64_t rows = total_rows_q(p) * p.heads;
     attention_bwd_delta_kernel<elem_t><<<ceil_div(rows, 8), 256, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

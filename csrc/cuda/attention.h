@@ -40,6 +40,16 @@ struct AttentionParams {
   float dropout_scale;          // 1 / (1 - p)
   uint64_t dropout_seed, dropout_offset;  // Philox key and stream offset (a multiple of 4)
   bool is_bf16;
+  // Packed variable-length layout (gptfast/ops/varlen.py), or nullptr for the dense one. Set: the
+  // tensors are the packed (1, total_q, heads, head_dim) / (1, total_k, heads_k, head_dim) views
+  // (seqlen_q = total_q, seqlen_k = total_k, batch strides unused), `batch` is the number of
+  // sequences, and sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q (of k, v:
+  // cu_seqlens_k), a dense problem of its own lengths (its own bottom-right masks, ALiBi row b,
+  // dropout drawn as batch entry b). int32 (batch + 1,) prefix sums in device memory, read by
+  // the kernels (no host synchronisation). lse and delta are (heads, total_q); the outputs are
+  // packed like q, k. Grids: varlen_blocks below.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
   // The device's opt-in shared-memory limit per block (bytes): the backward double-buffers its
   // streamed tiles only where that variant fits (attention_smem_bytes).
   int max_smem_per_block;
@@ -65,6 +75,17 @@ struct AttentionParams {
   void* dv;
   float* dq_accum;
 };
+
+// Rows of all sequences together: batch * seqlen_q (dense) or total_q (packed).
+inline int64_t total_rows_q(const AttentionParams& p) {
+  return p.cu_seqlens_q == nullptr ? static_cast<int64_t>(p.batch) * p.seqlen_q : p.seqlen_q;
+}
+
+// A packed grid's 64-row blocks: sequence b's blocks are numbers cu[b] / 64 + b .. + ceil(len_b /
+// 64) - 1 (disjoint and increasing in b, since floor((c + n) / 64) - floor(c / 64) >= ceil(n / 64) - 1),
+// so total / 64 + batch blocks cover every sequence without knowing the longest one, and at most
+// batch + 1 of them find no rows and exit at once. A kernel finds its sequence by binary search.
+inline int64_t varlen_blocks(int64_t total, int batch) { return total / 64 + batch; }
 
 // A window side that bounds nothing: larger than any distance between a query and a key (seqlen
 // <= 64 * 65535, checked by the host), small enough that i + shift +- it never overflows int.

@@ -8,7 +8,10 @@ float64, and float32 attention with the argument's name.
 Attention runs on tensor cores in float16/bfloat16 only; LayerNorm and the GELU-FFN also take
 float32. The attention backward adds dQ with fp32 atomics unless ``deterministic=True`` or
 ``torch.use_deterministic_algorithms(True)`` is in effect, which select a second dQ kernel that
-sums in a fixed order (bitwise reproducible, one more pass over K and V).
+sums in a fixed order (bitwise reproducible, one more pass over K and V). Attention takes packed
+variable-length batches (``varlen``) as the cpu backend does; the prefix sums stay on the GPU (the
+kernels read them, no host synchronisation) and max_seqlen_q/k are not needed: the grid covers
+total / 64 + batch blocks of 64 rows (csrc/cuda/attention.h ``varlen_blocks``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 // ctypes entry points of the emulated csrc/cuda/attention.cu (built by tests/test_cuda_emulated.py
 // from the rewritten copy, see rewrite.py). Strides: q, k, v, out, dout, each (batch, row, head),
-// in elements. Options go through emu_attention_set_options (kept until the next call), then
+// in elements; the packed layout through emu_attention_set_varlen. Options go through emu_attention_set_options (kept until the next call), then
 // attention.h's set_attention_options, as csrc/cuda/attention.cpp does.
 #include "attention.cu"
 
@@ -30,6 +30,18 @@ EMU_API void emu_attention_set_options(int64_t window_left, int64_t window_right
   g_opts.dropout_p = dropout_p, g_opts.threshold = threshold, g_opts.seed = seed, g_opts.offset = offset;
 }
 
+// The packed variable-length layout (attention.h): int32 prefix sums of `batch` sequences, or
+// null for the dense layout (kept until the next call). With it set, the calls below take the
+// packed (1, total_q, ...) / (1, total_k, ...) tensors: B = 1, Tq = total_q, Tk = total_k.
+static struct {
+  const int* cu_q = nullptr;
+  const int* cu_k = nullptr;
+  int batch = 0;
+} g_varlen;
+EMU_API void emu_attention_set_varlen(const int* cu_seqlens_q, const int* cu_seqlens_k, int batch) {
+  g_varlen.cu_q = cu_seqlens_q, g_varlen.cu_k = cu_seqlens_k, g_varlen.batch = batch;
+}
+
 static void fill(AttentionParams& p, const void* q, const void* k, const void* v, const int64_t* st, int B, int Tq,
                  int Tk, int H, int Hk, int D, float scale, int bf16) {
   p.q = q, p.k = k, p.v = v;
@@ -44,6 +56,10 @@ static void fill(AttentionParams& p, const void* q, const void* k, const void* v
                                        g_opts.offset);
   p.is_bf16 = bf16;
   p.max_smem_per_block = g_max_smem;
+  if (g_varlen.cu_q != nullptr) {  // as csrc/cuda/attention.cpp's set_qkv
+    p.batch = g_varlen.batch;
+    p.cu_seqlens_q = g_varlen.cu_q, p.cu_seqlens_k = g_varlen.cu_k;
+  }
 }
 
 EMU_API int emu_attention_forward(const void* q, const void* k, const void* v, const int64_t* st, int B, int Tq,
