@@ -188,8 +188,12 @@ def test_bad_options_name_the_argument(kwargs, error, match):
 
 
 def test_flash_attn_signatures_and_packed_variants():
+    import gptfast.flash_attn_interface as fai
     from gptfast.flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
     assert flash_attn_func is gptfast.flash_attn_func
+    assert fai.flash_attn_varlen_func is gptfast.flash_attn_varlen_func  # FA's whole interface, one import
+    assert fai.flash_attn_with_kvcache is gptfast.flash_attn_with_kvcache
+    assert set(fai.__all__) >= {"flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"}
     g = torch.Generator().manual_seed(4)
     qkv = torch.randn(2, 6, 3, 4, 8, generator=g)
     q, k, v = qkv.unbind(2)

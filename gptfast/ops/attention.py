@@ -22,10 +22,10 @@ recomputes P = exp(s - lse) and follows FlashAttention-2 (Dao, 2023, Algorithm 2
 
 with Pd = P * keep / (1 - p), and dK, dV summed over the query heads that share a kv head.
 
-Which backend runs a call depends on the call: the reference, cpu and triton backends implement
-every option (``_backend.ATTENTION_FEATURES``), cuda equal-length multi-head attention (causal or
-not) so far (``_backend.KERNEL_ATTENTION_FEATURES``); ``auto`` routes a call to the first backend
-that implements all it uses.
+Which backend runs a call depends on the call: every backend implements every dense option
+(``_backend.ATTENTION_FEATURES``; the cuda kernels are tested in the CPU emulator of their CUDA
+code, not yet on a GPU), and ``_backend.KERNEL_ATTENTION_FEATURES`` says which also take the
+packed ``varlen`` layout; ``auto`` routes a call to the first backend that implements all it uses.
 
 This file holds, in order: the shared mask and score definitions, the ground truth
 ``attention_ref``, the reference backend's launchers (the model every kernel follows), input
@@ -486,10 +486,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             corner; the same as top-left for equal lengths). A query row that sees no key gives 0.
         softmax_scale: multiplies q.k before the softmax; default 1/sqrt(headdim).
         backend: "auto", "reference", "triton", "cuda" or "cpu"; None defers to
-            ``gptfast.use_backend`` / ``GPTFAST_BACKEND`` / auto. The cpu and triton backends run
-            every option below; cuda runs equal-length multi-head attention so far: ``auto``
-            sends a call with an option it lacks on to a backend that has it, and an explicit
-            backend that lacks one raises NotImplementedError naming it.
+            ``gptfast.use_backend`` / ``GPTFAST_BACKEND`` / auto. Every backend runs every option
+            below; should one lack an option (``_backend.KERNEL_ATTENTION_FEATURES``), ``auto``
+            sends the call on to a backend that has it, and an explicit backend that lacks it
+            raises NotImplementedError naming it.
         window_size: (left, right) sliding window, -1 unbounded: query i sees keys
             j in [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right].
         softcap: > 0 caps the scaled scores to softcap * tanh(score / softcap) (Gemma-2).
