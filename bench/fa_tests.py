@@ -1,12 +1,24 @@
 """Run FlashAttention's own tests/test_flash_attn.py against gptfast, on the CPU.
 
-FlashAttention's dense tests (test_flash_attn_qkvpacked, _output, _causal, _splitkv,
-_race_condition, _deterministic, _bwd_overflow, _bwd_transpose) check flash_attn_func and its
-packed variants against an fp32 reference with FA's own rule, ``max|out - ref| <= k * max|pt - ref|
-(+ atol)`` where ``pt`` is the same reference in the input dtype. This script runs that file,
-unmodified apart from the substitutions listed below, with ``import flash_attn`` answered by a
-small shim that maps the three dense functions to ``gptfast.flash_attn_interface`` on one backend
-(``GPTFAST_BACKEND``, default ``cpu``).
+FlashAttention's tests check its functions against an fp32 reference with FA's own rule,
+``max|out - ref| <= k * max|pt - ref| (+ atol)`` where ``pt`` is the same reference in the input
+dtype. This script runs that file, unmodified apart from the substitutions listed below, with
+``import flash_attn`` answered by a small shim that maps FA's functions to gptfast on one backend
+(``GPTFAST_BACKEND``, default ``cpu``):
+
+- ``flash_attn.flash_attn_func`` / ``_kvpacked_func`` / ``_qkvpacked_func``: gptfast.flash_attn_interface;
+- ``flash_attn.flash_attn_varlen_func`` / ``_varlen_kvpacked_func`` / ``_varlen_qkvpacked_func``:
+  gptfast.ops.varlen (``block_table``, a paged KV cache, raises NotImplementedError there);
+- ``flash_attn.flash_attn_with_kvcache`` (contiguous and paged caches): gptfast.ops.kvcache;
+- ``flash_attn.bert_padding.unpad_input`` / ``pad_input``: gptfast's (FA 2.7+'s five-tuple);
+- ``flash_attn.flash_attn_interface._get_block_size_n`` and ``flash_attn.layers.rotary.apply_rotary_emb``:
+  small own implementations below. The rotary one is deliberately *not* gptfast's: the kvcache test
+  uses it to build the reference that flash_attn_with_kvcache's own rotary step is checked against.
+
+The functions it knows (``FUNCTIONS``): the dense tests (test_flash_attn_qkvpacked, _output,
+_causal, _splitkv, _race_condition, _deterministic, _bwd_overflow, _bwd_transpose) and the varlen
+and decoding ones (test_flash_attn_varlen_qkvpacked, _varlen_output, _varlen_causal,
+_varlen_deterministic, _bwd_varlen_overflow, _kvcache).
 
 FA's test file is NOT bundled (it is FlashAttention's, BSD-3): pass the path of your own copy,
 e.g. from a flash-attention 2.7/2.8 checkout (``tests/test_flash_attn.py``) or the sdist.
@@ -14,6 +26,7 @@ e.g. from a flash-attention 2.7/2.8 checkout (``tests/test_flash_attn.py``) or t
     python bench/fa_tests.py ~/flash-attention/tests/test_flash_attn.py --collect-only
     python bench/fa_tests.py FA_TESTS --functions test_flash_attn_causal --sample 10
     python bench/fa_tests.py FA_TESTS --functions test_flash_attn_output --sample 50 --widen
+    python bench/fa_tests.py FA_TESTS --functions test_flash_attn_kvcache,test_flash_attn_varlen_causal --sample 20
 
 What the runner does to the file (``rewrite``), each step printed with its match count:
 
@@ -27,9 +40,10 @@ What the runner does to the file (``rewrite``), each step printed with its match
 
 and, without touching the text, a generated conftest.py makes ``torch.cuda.get_device_capability``
 answer (8, 0) (so every backward check runs, as on an A100) and ``get_device_properties`` answer
-this host's memory, sets ``torch.set_num_threads``, samples every N-th case by sorted node id
-(``--sample N --offset K``) and records each case's outcome for the summary table. A case is
-*failed* when FA's assertion fails and an *error* when anything raises (setup included).
+this host's memory, sets ``torch.set_num_threads``, samples about one case in N by a hash of its
+node id (``--sample N --offset K``, see ``sample``) and records each case's outcome for the summary table (after every
+case: a run cut short by a timeout still reports the cases it finished). A case is *failed*
+when FA's assertion fails and an *error* when anything raises (setup included).
 
 Cost on CPU is FA's reference, not gptfast: the ``pt`` path runs fp16 einsums, which PyTorch's CPU
 matmul does at ~0.5 GFLOP/s on one core (95 s for one 4x6x2048x2048x256 product), so the
@@ -46,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -59,33 +74,16 @@ FUNCTIONS = (
     "test_flash_attn_deterministic",
     "test_flash_attn_bwd_overflow",
     "test_flash_attn_bwd_transpose",
+    "test_flash_attn_varlen_qkvpacked",
+    "test_flash_attn_varlen_output",
+    "test_flash_attn_varlen_causal",
+    "test_flash_attn_varlen_deterministic",
+    "test_flash_attn_bwd_varlen_overflow",
+    "test_flash_attn_kvcache",
 )
 
 # --------------------------------------------------------------------------- the flash_attn shim
-# Small own implementations of what the test file imports besides the dense functions.
-
-
-def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unused_mask=None):
-    """(batch, seqlen, ...) -> (nnz, ...) keeping the positions where ``attention_mask`` (or
-    ``unused_mask``) is set. Returns (rows, indices into batch*seqlen, cu_seqlens int32,
-    max_seqlen, used_seqlens int32) -- FA 2.7's five-tuple."""
-    keep = attention_mask if unused_mask is None else (attention_mask | unused_mask)
-    seqlens = keep.sum(dim=-1, dtype=torch.int32)
-    used = attention_mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
-    cu_seqlens = torch.zeros(seqlens.numel() + 1, dtype=torch.int32, device=seqlens.device)
-    cu_seqlens[1:] = torch.cumsum(seqlens, dim=0)
-    rows = hidden_states.reshape(-1, *hidden_states.shape[2:])[indices]
-    return rows, indices, cu_seqlens, int(seqlens.max().item()), used
-
-
-def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Inverse of unpad_input: (nnz, ...) rows put back at ``indices`` of a zero (batch, seqlen, ...)
-    tensor (differentiable: index_put out of place)."""
-    rest = hidden_states.shape[1:]
-    out = hidden_states.new_zeros(batch * seqlen, *rest)
-    out = out.index_put((indices,), hidden_states)
-    return out.reshape(batch, seqlen, *rest)
+# Small own implementations of what the test file imports besides gptfast's functions.
 
 
 def get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
@@ -96,16 +94,35 @@ def get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -
 
 def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0,
                      cu_seqlens=None, max_seqlen=None):
-    """Rotary embedding on the first 2*cos.shape[1] channels of x (batch, seqlen, nheads, d):
-    halves rotated (GPT-NeoX) or, ``interleaved``, adjacent pairs (GPT-J); position of token t is
-    t + seqlen_offsets (int or (batch,) tensor). Only the kvcache test uses it (out of scope)."""
+    """Rotary embedding on the first 2*cos.shape[1] channels of x: halves rotated (GPT-NeoX) or,
+    ``interleaved``, adjacent pairs (GPT-J), in fp32, the other channels passed through. x is
+    (batch, seqlen, nheads, d), or with ``cu_seqlens`` (batch + 1,) packed (total, nheads, d);
+    token t of sequence b sits at position t + seqlen_offsets (an int or a (batch,) tensor).
+    ``max_seqlen`` (FA sizes its grid with it) is not needed."""
     if cu_seqlens is not None:
-        raise NotImplementedError("apply_rotary_emb: cu_seqlens (varlen) is not supported by this shim")
-    batch, seqlen = x.shape[:2]
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        lengths = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+        pos = torch.arange(x.shape[0], device=x.device) - cu[seq]  # (total,) within each sequence
+        if isinstance(seqlen_offsets, torch.Tensor):
+            pos = pos + seqlen_offsets.to(device=x.device, dtype=torch.long)[seq]
+        else:
+            pos = pos + int(seqlen_offsets)
+        out = _rotate(x.unsqueeze(0), cos, sin, pos.unsqueeze(0), interleaved)[0]
+    else:
+        batch, seqlen = x.shape[:2]
+        pos = torch.arange(seqlen, device=x.device).unsqueeze(0)
+        off = seqlen_offsets if isinstance(seqlen_offsets, int) else seqlen_offsets.to(torch.long).view(-1, 1)
+        out = _rotate(x, cos, sin, (pos + off).expand(batch, seqlen), interleaved)
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
+
+
+def _rotate(x, cos, sin, pos, interleaved):
+    """x (batch, seqlen, nheads, d) rotated at positions ``pos`` (batch, seqlen)."""
     rot = 2 * cos.shape[-1]
-    pos = torch.arange(seqlen, device=x.device).unsqueeze(0)
-    off = seqlen_offsets if isinstance(seqlen_offsets, int) else seqlen_offsets.to(torch.long).view(-1, 1)
-    pos = (pos + off).expand(batch, seqlen)
     c = cos[pos].unsqueeze(2).float()  # (batch, seqlen, 1, rot/2)
     s = sin[pos].unsqueeze(2).float()
     xr = x[..., :rot].float()
@@ -115,18 +132,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     else:
         a, b = xr[..., : rot // 2], xr[..., rot // 2:]
         turned = torch.cat((a * c - b * s, a * s + b * c), dim=-1)
-    out = torch.cat((turned.to(x.dtype), x[..., rot:]), dim=-1)
-    if inplace:
-        x.copy_(out)
-        return x
-    return out
-
-
-def _unsupported(name: str):
-    def fn(*args, **kwargs):
-        raise NotImplementedError(f"flash_attn shim: {name} is not mapped to gptfast (out of scope)")
-    fn.__name__ = name
-    return fn
+    return torch.cat((turned.to(x.dtype), x[..., rot:]), dim=-1)
 
 
 # Each generated module re-exports from this file, copied next to them as _fa_runner.py.
@@ -134,18 +140,16 @@ _SHIM = {
     "flash_attn/__init__.py": (
         "from gptfast.flash_attn_interface import (flash_attn_func, flash_attn_kvpacked_func,\n"
         "                                          flash_attn_qkvpacked_func)\n"
-        "from _fa_runner import _unsupported\n"
+        "from gptfast.ops.varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,\n"
+        "                                flash_attn_varlen_qkvpacked_func)\n"
+        "from gptfast.ops.kvcache import flash_attn_with_kvcache\n"
         "__version__ = '2.8.0+gptfast-shim'\n"
-        "flash_attn_varlen_func = _unsupported('flash_attn_varlen_func')\n"
-        "flash_attn_varlen_kvpacked_func = _unsupported('flash_attn_varlen_kvpacked_func')\n"
-        "flash_attn_varlen_qkvpacked_func = _unsupported('flash_attn_varlen_qkvpacked_func')\n"
-        "flash_attn_with_kvcache = _unsupported('flash_attn_with_kvcache')\n"
     ),
     "flash_attn/flash_attn_interface.py": (
         "from flash_attn import *  # noqa: F401,F403\n"
         "from _fa_runner import get_block_size_n as _get_block_size_n  # noqa: F401\n"
     ),
-    "flash_attn/bert_padding.py": "from _fa_runner import pad_input, unpad_input  # noqa: F401\n",
+    "flash_attn/bert_padding.py": "from gptfast.ops.varlen import pad_input, unpad_input  # noqa: F401\n",
     "flash_attn/layers/__init__.py": "",
     "flash_attn/layers/rotary.py": "from _fa_runner import apply_rotary_emb  # noqa: F401\n",
     "flash_attn/flash_attn_triton_amd/__init__.py": "",
@@ -203,9 +207,17 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def pytest_sessionfinish(session):
+def _dump():
     with open(os.environ["FA_TESTS_LOG"], "w") as f:
         json.dump(_LOG, f, indent=1)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _dump()  # after every case, so that a run stopped by a timeout still reports what it ran
+
+
+def pytest_sessionfinish(session):
+    _dump()
 '''
 
 
@@ -215,11 +227,13 @@ def host_memory() -> int:
 
 
 def sample(nodeids, every: int, offset: int = 0) -> list[str]:
-    """Every ``every``-th of ``nodeids`` by sorted node id, starting at index ``offset``: the same
-    cases on every machine and run, independent of collection order."""
+    """The cases whose crc32(node id) % ``every`` == ``offset``, sorted: about one in ``every``, the
+    same ones on every machine and run, independent of collection order, and the residues partition
+    the cases. A hash, not every N-th by sorted id: that aliases with the parameter grid (N = 40 over
+    ids whose last two parameters take 4 combinations only ever picks one of the four)."""
     if every < 1 or not 0 <= offset < every:
         raise ValueError(f"sample: need every >= 1 and 0 <= offset < every, got {every}, {offset}")
-    return [n for i, n in enumerate(sorted(nodeids)) if i % every == offset]
+    return sorted(n for n in nodeids if zlib.crc32(n.encode()) % every == offset)
 
 
 # --------------------------------------------------------------------------- rewriting FA's file
@@ -294,9 +308,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("fa_test", type=Path, help="path to FlashAttention's tests/test_flash_attn.py")
     parser.add_argument("--functions", default=",".join(FUNCTIONS),
-                        help="comma-separated test functions (default: the eight dense ones)")
+                        help="comma-separated test functions (default: all of FUNCTIONS)")
     parser.add_argument("--backend", default="cpu", help="gptfast backend (GPTFAST_BACKEND), default cpu")
-    parser.add_argument("--sample", type=int, default=1, help="run every N-th case by sorted node id")
+    parser.add_argument("--sample", type=int, default=1, help="run about one case in N (by a hash of the node id)")
     parser.add_argument("--offset", type=int, default=0, help="which of the N residues to run (0..N-1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS)")
     parser.add_argument("--collect-only", action="store_true", help="count the cases, run none")
@@ -329,7 +343,17 @@ def main(argv=None) -> int:
                FA_TESTS_SAMPLE=str(args.sample), FA_TESTS_OFFSET=str(args.offset),
                FA_TESTS_LOG=str(log_path),
                PYTHONPATH=os.pathsep.join([str(workdir), str(repo), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "test_flash_attn.py", "-q", "--tb=short", "-rN"]
+    # name the functions, so that pytest parametrizes only them (the whole file is ~470k cases:
+    # minutes of collection on 2 cores); one the file lacks is reported, not passed
+    text = (workdir / "test_flash_attn.py").read_text()
+    present = [f for f in functions if re.search(rf"^def {f}\(", text, re.M)]
+    for f in sorted(set(functions) - set(present)):
+        print(f"not in {args.fa_test}: {f}")
+    if not present:
+        print("none of the requested functions is in the file")
+        return 1
+    cmd = [sys.executable, "-m", "pytest", *(f"test_flash_attn.py::{f}" for f in present),
+           "-q", "--tb=short", "-rN"]
     cmd += ["--collect-only"] if args.collect_only else []
     cmd += args.pytest_args
     print(f"backend={args.backend} sample=every {args.sample} (offset {args.offset}) workdir={workdir}")
