@@ -1,6 +1,7 @@
 // FlashAttention-2 (Dao, 2023: "FlashAttention-2: Faster Attention with Better Parallelism and
 // Work Partitioning") forward and backward on tensor cores, fp16/bf16 in, fp32 accumulation.
-// Saved for the backward: out and the logsumexp (batch, heads, seqlen), never the T x T matrix.
+// Saved for the backward: out and the logsumexp (batch, heads, seqlen) (packed: (heads, total_q)),
+// never the T x T matrix.
 //
 // Why inline PTX mma.sync (m16n8k16) and not WMMA or CuTe: the online softmax must rescale the
 // accumulators row by row and turn the score accumulators into the next product's A operand in
@@ -49,6 +50,14 @@
 //   dim 64 from 128 to 134 registers (3 CTAs per SM instead of 4), and the modifiers' registers
 //   (tanh, the bias, Philox state) would cost every plain call. Each kernel skips the blocks its
 //   window cannot see: a per-block range of key blocks (forward, dQ) or query blocks (dK/dV).
+// - The packed variable-length layout (gptfast/ops/varlen.py) is a runtime branch of every kernel,
+//   not an instantiation: with p.cu_seqlens_q set, locate() maps a CTA of the (heads, total / 64 +
+//   batch) grid to its sequence by a binary search over the prefix sums (device memory, no host
+//   synchronisation, no max_seqlen needed) and from then on the kernel runs the dense code on that
+//   sequence's lengths and row offsets; blocks past a sequence's end exit at once, so the work is
+//   sum_b Tq_b * Tk_b. Dropout and ALiBi use the sequence index as the batch index, so equal
+//   lengths give the dense batch bit for bit. Cost on the dense path (ptxas -v, sm_80/sm_90):
+//   no spills anywhere; the plain forward 128/168/238-239 registers (was 128/167-168/238).
 // - Dropout regenerates gptfast/ops/_philox.py's mask bit for bit (Philox 4x32-10, a pure
 //   function of (b, h, row, column)), so any tiling draws the same bits and the backward never
 //   stores the mask; kept probabilities are scaled by 1 / (1 - p) before the P V product.

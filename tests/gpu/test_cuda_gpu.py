@@ -1,8 +1,8 @@
 """cuda-only GPU tests (csrc/cuda, backend="cuda"); the grid shared with the triton backend --
 seqlens, head dims incl. padded ones, bf16, large logits, 20-run determinism, races, LayerNorm and
 GELU-FFN sizes -- is in test_kernels_gpu.py. Here: the build itself, float32 refusal, NaN
-propagation, agreement of the atomic and deterministic dQ paths, torch's deterministic flag, and
-auto's choice. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
+propagation, agreement of the atomic and deterministic dQ paths, torch's deterministic flag, the
+packed varlen layout, and auto's choice. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
 argument checks tested (tests/test_cuda_backend.py) and its kernels emulated
 (tests/test_cuda_emulated.py).
 """
@@ -70,6 +70,80 @@ def test_attention_use_deterministic_algorithms():
     finally:
         torch.use_deterministic_algorithms(before)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def check_varlen_launchers(launchers, device, dtype, deterministic):
+    """A backend's packed-varlen launchers (``varlen=`` keyword) on a ragged batch -- empty
+    sequences, queries without keys and keys without queries, 64-row tile edges, GQA, causal with a
+    window, softcap, ALiBi (B, H) and dropout -- against gptfast.ops.varlen's reference launchers in
+    float64 (within 2x / 3x the reference's own error in the dtype), then equal lengths against the
+    dense launchers: bit for bit (sequence b draws batch entry b's dropout mask)."""
+    from gptfast.ops import varlen as V
+    from gptfast.testing import assert_within_pytorch_error, attention_magnitudes, rounding_atol
+
+    lens_q, lens_k, H, Hk, D, p = [65, 0, 1, 300, 64, 7], [65, 9, 0, 257, 128, 7], 6, 2, 128, 0.17
+    g = torch.Generator(device=device).manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, device=device, dtype=torch.float64, generator=g)  # noqa: E731
+    cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32, device=device)
+          for x in (lens_q, lens_k)]
+    q, dout, k, v = rnd(sum(lens_q), H, D), rnd(sum(lens_q), H, D), rnd(sum(lens_k), Hk, D), rnd(sum(lens_k), Hk, D)
+    slopes = torch.rand(len(lens_q), H, device=device, generator=g, dtype=torch.float32) * 0.5
+    rng = torch.tensor([0x243F6A8885A308D3, 4 * 12345], dtype=torch.int64)
+    lengths = (*cu, max(lens_q), max(lens_k))
+    kw = dict(window=(96, 0), softcap=30.0, alibi_slopes=slopes, dropout_p=p, rng_state=rng)
+
+    def run(fwd, bwd, q, k, v, dout):
+        out, lse = fwd(q, k, v, True, D ** -0.5, varlen=lengths, **kw)
+        grads = bwd(dout, q, k, v, out, lse, True, D ** -0.5, deterministic, varlen=lengths, **kw)
+        return out, lse, grads
+
+    def ref_fwd(q, k, v, causal, scale, *, varlen, **kw):
+        return V.attention_varlen_forward_reference(q, k, v, *varlen, causal, scale, **kw)
+
+    def ref_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, *, varlen, **kw):
+        return V.attention_varlen_backward_reference(dout, q, k, v, out, lse, *varlen, causal, scale, **kw)
+
+    truth = run(ref_fwd, ref_bwd, q, k, v, dout)
+    low = [t.to(dtype) for t in (q, k, v, dout)]
+    pt = run(ref_fwd, ref_bwd, *low)
+    got = run(launchers.attention_forward, launchers.attention_backward, *low)
+    mags = [0.0] * 4
+    for b in range(len(lens_q)):
+        rq, rk = slice(int(cu[0][b]), int(cu[0][b + 1])), slice(int(cu[1][b]), int(cu[1][b + 1]))
+        if lens_q[b] and lens_k[b]:
+            m = attention_magnitudes(*(t[r].unsqueeze(0) for t, r in zip(low, (rq, rk, rk, rq))), True, D ** -0.5,
+                                     window_size=(96, 0), softcap=30.0, alibi_slopes=slopes[b:b + 1])
+            mags = [max(a, x / (1.0 - p)) for a, x in zip(mags, m)]
+    empty = torch.isneginf(truth[1])
+    assert torch.equal(torch.isneginf(got[1]), empty), "rows without keys: lse must be -inf exactly there"
+    assert_within_pytorch_error(got[0], truth[0], pt[0], factor=2, atol=rounding_atol(mags[0], dtype), name="out")
+    assert_within_pytorch_error(got[1][~empty], truth[1][~empty], pt[1][~empty], factor=2, atol=1e-4, name="lse")
+    for name, a, r, c, m in zip(("dq", "dk", "dv"), got[2], truth[2], pt[2], mags[1:]):
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        assert_within_pytorch_error(a, r, c, factor=3, atol=rounding_atol(m, dtype), name=name)
+
+    B, Tq, Tk = 3, 70, 90  # equal lengths: the dense batch, bit for bit
+    q, dout, k, v = (rnd(B, t, h, D).to(dtype) for t, h in ((Tq, H), (Tq, H), (Tk, Hk), (Tk, Hk)))
+    slopes = slopes[:B]
+    kw["alibi_slopes"] = slopes
+    dense_out, dense_lse = launchers.attention_forward(q, k, v, True, D ** -0.5, **kw)
+    dense_grads = launchers.attention_backward(dout, q, k, v, dense_out, dense_lse, True, D ** -0.5, True, **kw)
+    lengths = tuple(torch.arange(0, (B + 1) * t, t, dtype=torch.int32, device=device) for t in (Tq, Tk)) + (Tq, Tk)
+    pack = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    out, lse, grads = run(launchers.attention_forward, launchers.attention_backward, *map(pack, (q, k, v, dout)))
+    assert torch.equal(out, pack(dense_out)) and torch.equal(lse, dense_lse.transpose(0, 1).reshape(H, B * Tq))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, dense_grads):
+        if name != "dq" or deterministic:  # atomic dQ: fp32 sums in scheduling order
+            assert torch.equal(a, pack(b)), f"{name}: packed != dense batch"
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_attention_varlen(dtype, deterministic):
+    """csrc/cuda's packed varlen branch (prefix sums read on the device) at GPU sizes."""
+    from gptfast.ops import _cuda
+
+    check_varlen_launchers(_cuda, "cuda", dtype, deterministic)
 
 
 def test_auto_prefers_cuda_on_gpu():
