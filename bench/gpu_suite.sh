@@ -8,8 +8,9 @@
 #   bash bench/gpu_suite.sh --device cpu --dry-run   # its Python parts, planning only (tests/test_bench.py)
 #   bash bench/gpu_suite.sh --out DIR                # another output folder
 #
-# Stage time limits (s): build 100 + tests 150 + ceilings 15 + attention 100 + layer_norm 40
-# + gelu_ffn 40 + train 70 = 515 < 540, inside the device tool's 10-minute call. A stage that runs
+# Stage time limits (s): build 100 + tests 150 + ceilings 15 + attention 100 + options 5 x 12
+# + layer_norm 40 + gelu_ffn 40 + train 70 + generate 45 = 620: a stage's limit is its worst case
+# (most finish well inside it); the device tool's call is 600 s, so the last stages may be cut. A stage that runs
 # out of time is stopped (SIGTERM, then SIGKILL 10 s later) and keeps the rows it finished: the
 # bench writes results.json after every size. Grids are modest: FlashAttention's grid up to
 # seqlen 8k (the 16k point is in `gptfast bench attention`'s default grid), GPT-2 widths for
@@ -85,7 +86,7 @@ suite() {
     # + dropout 0.1, + BLOOM's ALiBi
     GQA="4,2048,32,128,8"
     for OPT in "" "--window 1024" "--softcap 50" "--dropout 0.1" "--alibi"; do
-        stage "attention options ${OPT:-gqa}" 20 $BENCH attention $DEV_ARGS $DRY --causal \
+        stage "attention options ${OPT:-gqa}" 12 $BENCH attention $DEV_ARGS $DRY --causal \
             --out "$OUT/attention-options" --fwd-bwd --backends cuda,triton,eager,flash_attn --sizes $GQA $OPT
     done
     stage layer_norm 40 $BENCH layer_norm $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
@@ -94,6 +95,9 @@ suite() {
         --backends cuda,triton,eager,compile
     stage train 70 $BENCH train $DEV_ARGS $DRY --out "$OUT" --sizes gpt2,8,1024 \
         --backends cuda,triton,eager,compile
+    # Greedy decoding of GPT-2 124M from a 1k..8k prompt: KV cache vs none vs HF's generate
+    stage generate 45 $BENCH generate $DEV_ARGS $DRY --out "$OUT" --backends triton,hf --repeats 2 \
+        --sizes gpt2,1,1024,64 gpt2,1,2048,64 gpt2,1,4096,64 gpt2,1,8192,64
     echo; echo "== done: $OUT"
 }
 
