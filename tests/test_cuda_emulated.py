@@ -10,9 +10,9 @@ file, cached by a hash of its inputs. The tests call the kernels' own launch fun
 ctypes on NaN-guarded buffers and compare every output with a float64 reference.
 
 What this proves: the kernels' index math, tiling, masking (causal, partial blocks, padded head
-dims; GQA/MQA, seqlen_q != seqlen_k, sliding windows, rows without keys; the packed varlen layout
-with empty sequences, against gptfast.ops.varlen's reference and bitwise against the dense batch), the score modifiers
-(softcap, ALiBi, dropout with _philox.py's mask bit for bit), online softmax, the fragment bookkeeping between ldmatrix and mma.sync calls, cp.async
+dims; GQA/MQA, seqlen_q != seqlen_k, sliding windows, rows without keys; the packed varlen
+layout with empty sequences, against gptfast.ops.varlen's reference and bitwise against the dense
+batch), the score modifiers (softcap, ALiBi, dropout with _philox.py's mask bit for bit), online softmax, the fragment bookkeeping between ldmatrix and mma.sync calls, cp.async
 group counting, the barrier placement (a shared-memory race detector is on for every launch: any race, out-of-
 bounds or misaligned access, deadlock or divergent warp collective fails the test), the host-side
 launch logic (grid sizes, instantiation switches, vector/scalar path choice -- 16-byte accesses

@@ -1,7 +1,8 @@
 // ctypes entry points of the emulated csrc/cuda/attention.cu (built by tests/test_cuda_emulated.py
 // from the rewritten copy, see rewrite.py). Strides: q, k, v, out, dout, each (batch, row, head),
-// in elements; the packed layout through emu_attention_set_varlen. Options go through emu_attention_set_options (kept until the next call), then
-// attention.h's set_attention_options, as csrc/cuda/attention.cpp does.
+// in elements; the packed layout through emu_attention_set_varlen. Options go through
+// emu_attention_set_options (kept until the next call), then attention.h's set_attention_options,
+// as csrc/cuda/attention.cpp does.
 #include "attention.cu"
 
 using gptfast::cuda::AttentionParams;
