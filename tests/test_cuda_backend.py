@@ -30,9 +30,10 @@ def test_cuda_backend_registered_for_cuda_tensors(op):
 
 
 def test_cuda_declares_every_attention_option():
-    """csrc/cuda/attention.cu implements FlashAttention 2.8's dense options (numerics:
-    tests/test_cuda_emulated.py, tests/gpu); auto may route any option call to it."""
-    assert _backend.KERNEL_ATTENTION_FEATURES["cuda"] == frozenset(_backend.ATTENTION_FEATURES)
+    """csrc/cuda/attention.cu implements FlashAttention 2.8's dense options and the packed varlen
+    layout (numerics: tests/test_cuda_emulated.py, tests/gpu); auto may route any such call to it."""
+    assert _backend.KERNEL_ATTENTION_FEATURES["cuda"] == frozenset(_backend.ATTENTION_FEATURES
+                                                                  + _backend.LAYOUT_FEATURES)
     assert not _backend._REGISTRY[("attention", "cuda")].missing(frozenset(_backend.ATTENTION_FEATURES))
 
 

@@ -234,14 +234,14 @@ def test_bad_input_names_the_argument(change, exc, msg):
         V.attention_varlen(**args)
 
 
-def test_routing_triton_has_varlen_and_cuda_lacks_it():
+def test_routing_every_kernel_backend_has_varlen():
     from gptfast.ops import _backend
     q, k, v, cq, ck = _packed([3, 2], [3, 2], 2, 2, 8, dtype=torch.float32)
     out = V.attention_varlen(q, k, v, cq, ck, 3, 3)  # auto: cpu where built, else the reference
     assert out.shape == q.shape
     assert "varlen" in _backend._REGISTRY[("attention", "cpu")].features
     assert "varlen" in _backend._REGISTRY[("attention", "triton")].features
-    assert "varlen" not in _backend._REGISTRY[("attention", "cuda")].features  # csrc/cuda has no packed path
+    assert "varlen" in _backend._REGISTRY[("attention", "cuda")].features  # tests/test_cuda_emulated.py
     if TRITON:
         packed = V.attention_varlen(q, k, v, cq, ck, 3, 3, backend="triton")
         torch.testing.assert_close(packed, V.attention_varlen(q, k, v, cq, ck, 3, 3, backend="reference"),

@@ -128,7 +128,7 @@ LAYOUT_FEATURES = ("varlen",)
 KERNEL_ATTENTION_FEATURES: dict[str, frozenset[str]] = {
     "cpu": frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES),  # csrc/cpu/attention.cpp; tests/test_cpu_attention_options.py, tests/test_varlen.py
     "triton": frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES),  # kernels/attention.py; tests/test_triton_attention_options.py, tests/test_triton_varlen.py
-    "cuda": frozenset(ATTENTION_FEATURES),  # csrc/cuda/attention.cu; tests/test_cuda_emulated.py, tests/gpu
+    "cuda": frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES),  # csrc/cuda/attention.cu; tests/test_cuda_emulated.py, tests/gpu
 }
 # The reference backend also takes float64 so that torch.autograd.gradcheck can check it.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
