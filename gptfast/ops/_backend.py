@@ -216,8 +216,6 @@ for _op in OPS + DECODE_OPS:
         dtypes=REFERENCE_DTYPES, note="pure PyTorch, explicit backward",
         features=frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES) if _op == "attention" else frozenset(),
     ))
-    if _op in DECODE_OPS:
-        continue  # no triton kvcache kernel yet
     register(Impl(
         op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",
         fwd_name=f"{_op}_forward", bwd_name=_bwd_name(_op, f"{_op}_backward"),
