@@ -119,6 +119,32 @@ def test_backend_selection_routes_around_cuda():
         "cpu" if "cpu" in KERNELS else "reference")
 
 
+@pytest.mark.skipif("cpu" not in KERNELS, reason="needs the cpu backend's dense attention")
+def test_a_backend_without_a_kvcache_kernel_runs_one_key_range_on_its_dense_kernels(monkeypatch):
+    # as cuda does: GPT.generate's calls (one key range, contiguous cache) run its attention
+    # kernels on views of the cache; ragged or paged calls raise, naming the op
+    import gptfast
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    kc, vc = torch.randn(2, 12, 2, 16, generator=g), torch.randn(2, 12, 2, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 16, generator=g), torch.randn(2, 1, 2, 16, generator=g)
+    kw = dict(cache_seqlens=torch.tensor([7, 7], dtype=torch.int32), causal=True, return_softmax_lse=True)
+    with gptfast.use_backend("reference"):
+        want = gptfast.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, **kw)
+    monkeypatch.delitem(_backend._REGISTRY, ("kvcache", "cpu"))
+    calls = []
+    real = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda op, *a, **k2: calls.append(op) or real(op, *a, **k2))
+    with gptfast.use_backend("cpu"):
+        got = gptfast.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, **kw)
+        assert calls == ["attention"]
+        torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=0)
+        torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=0)
+        with pytest.raises(NotImplementedError, match="kvcache"):  # ragged: no dense equivalent
+            gptfast.flash_attn_with_kvcache(q, kc, vc, k, v, **(kw | {"cache_seqlens": torch.tensor([7, 5],
+                                                                                                dtype=torch.int32)}))
+
+
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in KERNELS if b == "cpu"])
 def test_opcheck(backend):
     args = _inputs(CASES[1], torch.float32)

@@ -28,8 +28,10 @@ gathers it. Its kernels are split-K decode kernels: the keys of one (sequence, h
 partial softmax (max m, sum l, unnormalised output acc) in parallel, then merged exactly:
 M = max_s m_s, L = sum_s l_s e^(m_s - M), out = sum_s acc_s e^(m_s - M) / L, lse = M + log L. So
 small batches still fill the machine. Backends: reference (the gather below + the dense reference
-per sequence), cpu (csrc/cpu/kvcache.cpp), triton (kernels/kvcache.py); cuda has none, ``auto``
-routes around it.
+per sequence), cpu (csrc/cpu/kvcache.cpp), triton (kernels/kvcache.py); cuda has none: ``auto``
+routes around it, and an explicit ``cuda`` runs its dense attention kernels on views of the cache
+when every sequence sees one key range of a contiguous cache (GPT.generate's calls), else raises
+NotImplementedError.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ import math
 
 from . import _backend
 from ._common import autocast_off
-from .attention import MAX_HEADDIM, Options, _check_options, _forward_reference, _lse_dtype, _window_tuple
+from .attention import (MAX_HEADDIM, Options, _check_options, _forward_reference, _lse_dtype, _window_tuple,
+                        attention)
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary", "kvcache_fwd_op", "kvcache_forward_reference"]
 
@@ -157,6 +160,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 k_cache[rows[:, None], pos] = k
                 v_cache[rows[:, None], pos] = v
         # step 3: every sequence's own key range [leftpad, seqlens + t_new), read in place
+        dense = _dense_views(k_cache, v_cache, block_table, cache_batch_idx, rows, leftpad, seqlens + t_new)
+        if dense is not None:
+            out, lse = attention(q, *dense, causal=causal, softmax_scale=scale, window_size=window_size,
+                                 softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
+            return (out, lse) if return_softmax_lse else out
         i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
         out, lse = kvcache_fwd_op(
             q.contiguous(), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
@@ -165,6 +173,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             bool(causal), scale, window_size[0], window_size[1], float(softcap) if softcap > 0 else 0.0,
             None if alibi_slopes is None else alibi_slopes.contiguous(), int(num_splits), "")
     return (out, lse) if return_softmax_lse else out
+
+
+def _dense_views(k_cache, v_cache, block_table, cache_batch_idx, rows, key_start, key_end):
+    """For an explicitly chosen backend without a ``kvcache`` kernel (cuda): when every sequence
+    sees one key range of a contiguous cache, that range as (B, Tk, Hk, D) views, so that the
+    backend's dense attention kernels run step 3 (the same function: one key range, the dense
+    semantics). None otherwise -- the kvcache op then raises NotImplementedError naming it."""
+    name = _backend.requested_backend(None)
+    if name == "auto" or ("kvcache", name) in _backend._REGISTRY or block_table is not None:
+        return None
+    if torch.compiler.is_compiling() or key_start.numel() == 0:
+        return None
+    lo, hi = int(key_start.min()), int(key_end.max())
+    if lo != int(key_start.max()) or hi != int(key_end.min()) or hi < lo:
+        return None
+    kc = k_cache if cache_batch_idx is None else k_cache[rows]
+    vc = v_cache if cache_batch_idx is None else v_cache[rows]
+    return kc[:, lo:hi], vc[:, lo:hi]
 
 
 def _per_batch(x, b, dev, default):
