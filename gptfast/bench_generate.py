@@ -10,10 +10,13 @@ which only lengthens the position table) the same weights run:
 - ``hf``: Hugging Face ``GPT2LMHeadModel`` (SDPA attention, its own DynamicCache) built from the
   same config and weights, ``generate(do_sample=False, use_cache=True)``, no gptfast op.
 
-Timing: a run that generates 1 token costs the prefill (plus one step's sampling) and a run that
-generates NEW tokens costs the prefill plus NEW - 1 more steps; each is timed ``--repeats`` times
-(median, after one warm-up), so prefill tokens/s = BATCH * CTX / t(1) and decode tokens/s =
-BATCH * (NEW - 1) / (t(NEW) - t(1)). Ratios are against ``<backend>`` (no cache) and ``hf`` from
+Timing: what ``generate`` runs, split in its two parts and timed apart (after a warm-up):
+the prefill (cache allocation + the prompt's forward; without a cache, the prompt's forward) and
+each decoding step at context CTX .. CTX + NEW - 2 (with the cache, one token's forward against
+it; without, the forward of the whole context; HF: its model call with its DynamicCache). Prefill
+tokens/s = BATCH * CTX / median prefill; decode tokens/s = BATCH / median step, over ``--repeats``
+prefills each followed by NEW - 1 steps (medians: robust to a shared machine's bursts). Sampling
+(argmax) is left out of both: it is the same for every path. Ratios are against ``<backend>`` (no cache) and ``hf`` from
 the same run. ``match`` says whether the greedy tokens equal the gptfast no-cache run's (a cache
 must not change the answer; for ``hf``, the same weights in another code base); a mismatch is
 reported with the first differing step, since a near-tie in random-weight logits can flip under
@@ -61,7 +64,7 @@ def parse_generate_size(spec: str) -> dict:
                          f"{sorted(PRESETS)}")
     new = nums[2] if len(nums) == 3 else 32
     if new < 2:
-        raise BenchError(f"--sizes: {spec!r}: NEW must be >= 2 (decode speed is t(NEW) - t(1))")
+        raise BenchError(f"--sizes: {spec!r}: NEW must be >= 2 (one warm-up step, then timed ones)")
     return dict(preset=parts[0], batch=nums[0], ctx=nums[1], new=new)
 
 
@@ -115,16 +118,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _median_s(fn, device, repeats: int) -> float:
-    fn()  # warm-up (allocations, autotuning)
+def _timed(fn, device) -> tuple[float, object]:
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -134,44 +133,84 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"no (step {int(diff[0]) if len(diff) else '?'})"
 
 
-def _measure(gen, p, device, repeats) -> tuple[GenRow, torch.Tensor]:
+def _measure(prefill, step, p, device, repeats) -> GenRow:
+    """Median prefill time over ``repeats`` prefills (after a warm-up), and the median of the
+    ``repeats * (NEW - 1)`` decoding steps that follow them: per-step medians, so that a burst of
+    load on a shared machine moves one sample, not the result."""
     b, ctx, new = p["batch"], p["ctx"], p["new"]
-    t1 = _median_s(lambda: gen(1), device, repeats)
-    tn = _median_s(lambda: gen(new), device, repeats)
+    state = prefill()
+    step(state, 0)  # warm-up: allocations, autotuning, the first decode shape
+    prefills, steps = [], []
+    for _ in range(repeats):
+        t, state = _timed(prefill, device)
+        prefills.append(t)
+        for i in range(new - 1):
+            steps.append(_timed(lambda: step(state, i), device)[0])
     row = GenRow(size=_label(p), path="")
-    row.prefill_ms = t1 * 1e3
-    row.prefill_tok_s = b * ctx / t1
-    step = max(tn - t1, 1e-9) / (new - 1)
-    row.decode_ms_per_token = step * 1e3
-    row.decode_tok_s = b / step
-    return row, gen(new)
+    t1, ts = statistics.median(prefills), statistics.median(steps)
+    row.prefill_ms, row.prefill_tok_s = t1 * 1e3, b * ctx / t1
+    row.decode_ms_per_token, row.decode_tok_s = ts * 1e3, b / ts
+    return row
+
+
+def _paths(model, prompt, p, name):
+    """(prefill, step, generate) for a path: what GPT.generate / HF generate run, split in two."""
+    import gptfast
+    b, ctx, new = p["batch"], p["ctx"], p["new"]
+    g = torch.Generator().manual_seed(2)
+    rest = torch.randint(0, model.config.vocab_size, (b, new), generator=g).to(prompt.device)
+    seq = torch.cat((prompt, rest), dim=1)  # the tokens decoding steps feed in (timing only)
+    if name == "hf":
+        from transformers import DynamicCache
+        hf = hf_gpt2_from(model)
+
+        def prefill():
+            return hf(prompt, past_key_values=DynamicCache(), use_cache=True).past_key_values
+
+        def step(cache, i):
+            hf(seq[:, ctx + i:ctx + i + 1], past_key_values=cache, use_cache=True)
+
+        def generate(n):
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, use_cache=True, pad_token_id=0)
+        return prefill, step, generate
+    backend, cached = name.split("+")[0], name.endswith("+cache")
+
+    def prefill():
+        with gptfast.use_backend(backend):
+            if not cached:
+                return model(prompt)[0]
+            cache = model.kv_cache(b, ctx + new)
+            model.forward_cached(prompt, cache, 0)
+            return cache
+
+    def step(cache, i):
+        with gptfast.use_backend(backend):
+            if cached:
+                model.forward_cached(seq[:, ctx + i:ctx + i + 1], cache, ctx + i)
+            else:
+                model(seq[:, :ctx + i + 1])
+
+    def generate(n):
+        with gptfast.use_backend(backend):
+            return model.generate(prompt, n, temperature=0.0, use_cache=cached)
+    return prefill, step, generate
 
 
 def run_size(p: dict, backends: list[str], device, dtype, repeats: int) -> list[GenRow]:
-    import gptfast
     rows: list[GenRow] = []
     model = _gpt(p, device, dtype)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (p["batch"], p["ctx"]), generator=g).to(device)
     tokens = {}
     for name in backends:
-        paths = [("hf", None)] if name == "hf" else [(f"{name}+cache", True), (name, False)]
-        for path, cache in paths:
+        for path in (["hf"] if name == "hf" else [f"{name}+cache", name]):
             try:
-                if name == "hf":
-                    hf = hf_gpt2_from(model)
-
-                    def gen(n, hf=hf):
-                        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-                else:
-                    def gen(n, name=name, cache=cache):
-                        with gptfast.use_backend(name):
-                            return model.generate(prompt, n, temperature=0.0, use_cache=cache)
                 with torch.no_grad():
-                    row, out = _measure(gen, p, device, repeats)
+                    prefill, step, generate = _paths(model, prompt, p, path)
+                    row = _measure(prefill, step, p, device, repeats)
+                    tokens[path] = generate(p["new"])[:, p["ctx"]:]
                 row.path = path
-                tokens[path] = out[:, p["ctx"]:]
             except Exception as exc:  # one failing path must not hide the others' numbers
                 row = GenRow(size=_label(p), path=path, status="ERROR", error=f"{type(exc).__name__}: {exc}"[:160])
             rows.append(row)
@@ -242,9 +281,9 @@ def run_generate(args, command: str) -> int:
             print(f"bench generate: {_label(p)} done", file=sys.stderr, flush=True)
     header = (f"gptfast bench generate: {info['gpu'] or info['cpu']}, {info['torch_threads']} threads, "
               f"{DTYPE_NAMES[dtype]}, torch {torch.__version__}, {info['date']}\n"
-              "greedy decoding of random-weight GPTs on a random prompt; prefill = t(1 token), "
-              "decode = (t(NEW) - t(1)) / (NEW - 1), medians of "
-              f"{repeats}; x no-cache / x hf = decode tok/s over that path's (> 1 is faster); "
+              "greedy decoding of random-weight GPTs on a random prompt; prefill = the prompt's forward "
+              "(+ cache allocation), decode = one step's forward at context CTX..CTX+NEW-2; medians over "
+              f"{repeats} prefills, each followed by NEW-1 steps; x no-cache / x hf = decode tok/s over that path's (> 1 is faster); "
               "match = same tokens as the no-cache run")
     table = format_table(rows)
     print(header)
