@@ -209,8 +209,41 @@ def test_packed_variants_and_attn_probs():
         expect = torch.einsum("hij,jhd->ihd", p, v[r0:r1])
         torch.testing.assert_close(c[r0:r1], expect, rtol=1e-5, atol=1e-6)
     assert (probs < 0).any(), "some entries are dropped at p = 0.25"
-    with pytest.raises(NotImplementedError, match="block_table"):
-        V.flash_attn_varlen_func(q, k, v, cq, ck, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+def test_paged_keys_equal_the_packed_keys_forward_and_backward():
+    lens_q, lens_k, page = [3, 1, 5], [9, 0, 20], 4
+    q, k, v, cq, ck = _packed(lens_q, lens_k, 4, 2, 8)
+    g = torch.Generator().manual_seed(6)
+    n_blocks = 12
+    perm = torch.randperm(n_blocks, generator=g)
+    block_table = torch.full((3, 6), n_blocks - 1, dtype=torch.int32)  # unused slots: any block
+    kp, vp = (torch.randn(n_blocks, page, 2, 8, generator=g, dtype=F64) for _ in range(2))
+    used = 0
+    for b, n in enumerate(lens_k):  # write each sequence's keys into its (shuffled) pages
+        for i in range(-(-n // page)):
+            blk = int(perm[used])
+            used += 1
+            block_table[b, i] = blk
+            rows = slice(int(ck[b]) + i * page, int(ck[b]) + min(n, (i + 1) * page))
+            kp[blk, :rows.stop - rows.start] = k[rows]
+            vp[blk, :rows.stop - rows.start] = v[rows]
+    kp.requires_grad_(), vp.requires_grad_()
+    kw = dict(causal=True, dropout_p=0.0)
+    want = V.flash_attn_varlen_func(q, k, v, cq, ck, 5, 20, **kw)
+    got = V.flash_attn_varlen_func(q, kp, vp, cq, ck, 5, 20, block_table=block_table, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    dout = torch.randn(got.shape, generator=g, dtype=F64)
+    gk, gv = torch.autograd.grad(got, (kp, vp), dout)
+    k2, v2 = k.clone().requires_grad_(), v.clone().requires_grad_()
+    wk, wv = torch.autograd.grad(V.flash_attn_varlen_func(q, k2, v2, cq, ck, 5, 20, **kw), (k2, v2), dout)
+    assert float(gk[block_table[0, 0].long(), 0].abs().sum()) > 0
+    torch.testing.assert_close(gk[block_table[0, 0].long()], wk[0:4].reshape(page, 2, 8))
+    torch.testing.assert_close(gv[block_table[2, 4].long(), :4], wv[9 + 16:9 + 20])
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        V.flash_attn_varlen_func(q, kp, vp, cq, ck, 5, 20, block_table=block_table.long())
+    with pytest.raises(ValueError, match="needs more than block_table"):
+        V.flash_attn_varlen_func(q, kp, vp, cq, ck, 5, 20, block_table=block_table[:, :2].contiguous())
 
 
 @pytest.mark.parametrize("change, exc, msg", [

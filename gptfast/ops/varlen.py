@@ -341,11 +341,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Returns out, or with ``return_attn_probs`` (out, softmax_lse (nheads, total_q) fp32, S_dmask
     (batch, nheads, max_seqlen_q, max_seqlen_k): each sequence's probabilities in its top-left
     corner, dropped entries negated, zeros elsewhere; computed by the reference, small shapes only).
-    ``block_table`` (a paged KV cache) is not supported yet: NotImplementedError.
+    With ``block_table`` (batch, max_blocks) int32, k and v are a paged KV cache (num_blocks,
+    page_block_size, nheads_k, headdim) and sequence b's keys are its first
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] positions, position t in page block_table[b, t //
+    page_block_size]: the pages are gathered into a packed copy (O(total_k) copying; FlashAttention
+    reads them in place) and attended as above; gradients flow back into the pages.
     """
     if block_table is not None:
-        raise NotImplementedError("gptfast.flash_attn_varlen_func: block_table (a paged KV cache) is not "
-                                  "supported yet")
+        k, v = (_gather_pages(t, block_table, cu_seqlens_k, name) for t, name in ((k, "k"), (v, "v")))
     window_size = _window_tuple(window_size)
     kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
               alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic)
@@ -363,6 +366,28 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                 q[rq].unsqueeze(0), k[rk].unsqueeze(0), state, dropout_p, softmax_scale, causal,
                 window_size, softcap, _slopes_of(alibi_slopes, b), batch_start=b, seqlen_k_norm=max_seqlen_k)[0]
     return out, lse, probs
+
+
+def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, name: str):
+    """(total_k, nheads_k, headdim): each sequence's first Tk_b positions read from its pages."""
+    fn = "flash_attn_varlen_func"
+    if cache.dim() != 4:
+        raise ValueError(f"gptfast.{fn}: with block_table, {name} must be a paged cache (num_blocks, "
+                         f"page_block_size, nheads_k, headdim), got shape {tuple(cache.shape)}")
+    batch = cu_seqlens_k.numel() - 1
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype != torch.int32:
+        raise ValueError(f"gptfast.{fn}: block_table must be int32 (batch={batch}, max_blocks), got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    page = cache.shape[1]
+    cu = cu_seqlens_k.to(device=cache.device, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    if batch and int(lens.max()) > block_table.shape[1] * page:
+        raise ValueError(f"gptfast.{fn}: a sequence of {int(lens.max())} keys needs more than block_table's "
+                         f"{block_table.shape[1]} blocks of {page}")
+    seq = torch.repeat_interleave(torch.arange(batch, device=cache.device), lens)
+    pos = torch.arange(seq.numel(), device=cache.device) - cu[:-1][seq]
+    blocks = block_table.to(cache.device).long()[seq, pos // page]
+    return cache[blocks, pos % page]
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
