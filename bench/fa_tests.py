@@ -88,10 +88,36 @@ FUNCTIONS = (
 
 def get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
     """Column-block width with which FA's test re-normalises S_dmask (normalize_flash_attn_S:
-    block j times exp(m_j - lse), m_j the max over blocks j.. -- FA's kernel stores exp(s - m_j)).
-    gptfast's S_dmask is already normalised, so with dropout the tests' attention check fails
-    whatever this width is (their output and gradient checks are unaffected)."""
-    return 128 if head_dim <= 64 else 64
+    block j times exp(m_j - lse), m_j the max of the scores in blocks j..; FA's kernel stores
+    exp(s - m_j) block by block). The shim's S_dmask (``_fa_probs``) is in that layout with one
+    block spanning the row, so this is wider than any row."""
+    return 1 << 30
+
+
+def _fa_probs(fn):
+    """gptfast's function with ``return_attn_probs`` S_dmask turned from gptfast's layout (the
+    probabilities exp(s - lse), dropped entries negated) into FlashAttention's with one column
+    block: exp(s - m), m the row's max score, i.e. each row divided by its largest magnitude
+    (exp(m - lse)); signs kept. What FA's tests then compute from it is gptfast's probabilities."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        res = fn(*args, **kwargs)
+        if not (isinstance(res, tuple) and len(res) == 3):
+            return res
+        out, lse, probs = res
+        peak = probs.abs().amax(dim=-1, keepdim=True)
+        return out, lse, torch.where(peak > 0, probs / torch.where(peak > 0, peak, 1.0), probs)
+    return call
+
+
+def _gptfast_functions():
+    import gptfast.flash_attn_interface as fai
+    return {name: _fa_probs(getattr(fai, name)) for name in (
+        "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+        "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func")} | {
+        "flash_attn_with_kvcache": fai.flash_attn_with_kvcache}
 
 
 def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0,
@@ -140,11 +166,9 @@ def _rotate(x, cos, sin, pos, interleaved):
 # Each generated module re-exports from this file, copied next to them as _fa_runner.py.
 _SHIM = {
     "flash_attn/__init__.py": (
-        "from gptfast.flash_attn_interface import (flash_attn_func, flash_attn_kvpacked_func,\n"
-        "                                          flash_attn_qkvpacked_func)\n"
-        "from gptfast.ops.varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,\n"
-        "                                flash_attn_varlen_qkvpacked_func)\n"
-        "from gptfast.ops.kvcache import flash_attn_with_kvcache\n"
+        "from _fa_runner import _gptfast_functions\n"
+        "globals().update(_gptfast_functions())  # gptfast.flash_attn_interface, S_dmask in FA's layout\n"
+        "__all__ = sorted(_gptfast_functions())\n"
         "__version__ = '2.8.0+gptfast-shim'\n"
     ),
     "flash_attn/flash_attn_interface.py": (

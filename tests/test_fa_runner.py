@@ -29,6 +29,26 @@ def _import_shim(workdir: Path):
     return mods, cleanup
 
 
+def test_s_dmask_in_fas_layout_renormalises_to_gptfasts_probabilities():
+    # FA's tests scale S_dmask's column block j by exp(m_j - lse) (m_j: the max score of blocks
+    # j..); with the shim's one block that is exp(m - lse), which must give back the probabilities
+    import gptfast
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.manual_seed(1)
+    out, lse, probs = gptfast.flash_attn_func(q, k, v, 0.3, causal=True, return_attn_probs=True)
+    torch.manual_seed(1)
+    out2, lse2, fa_s = fa._fa_probs(gptfast.flash_attn_func)(q, k, v, 0.3, causal=True, return_attn_probs=True)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert torch.equal(fa_s < 0, probs < 0)  # the dropout signs kept
+    scores = torch.einsum("bthd,bshd->bhts", q / 8 ** 0.5, k)
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    assert fa.get_block_size_n("cpu", 8, True, True) >= 5
+    m = scores.amax(dim=-1, keepdim=True)
+    torch.testing.assert_close(fa_s.abs() * torch.exp(m - lse[..., None]), probs.abs(), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(probs.abs() * torch.exp(m - lse[..., None]), probs.abs())  # unconverted fails
+
+
 def test_shim_maps_varlen_kvcache_and_padding_to_gptfast(tmp_path):
     import gptfast
     from gptfast.ops import kvcache, varlen
@@ -36,11 +56,13 @@ def test_shim_maps_varlen_kvcache_and_padding_to_gptfast(tmp_path):
     fa.build(tmp_path / "work", tmp_path / "fa.py")
     (flash_attn, bert_padding, interface, rotary), cleanup = _import_shim(tmp_path / "work")
     try:
-        assert flash_attn.flash_attn_varlen_func is varlen.flash_attn_varlen_func
-        assert flash_attn.flash_attn_varlen_kvpacked_func is varlen.flash_attn_varlen_kvpacked_func
-        assert flash_attn.flash_attn_varlen_qkvpacked_func is varlen.flash_attn_varlen_qkvpacked_func
+        # wrapped only to give S_dmask FA's layout (test_s_dmask_in_fas_layout...)
+        assert flash_attn.flash_attn_varlen_func.__wrapped__ is varlen.flash_attn_varlen_func
+        assert flash_attn.flash_attn_varlen_kvpacked_func.__wrapped__ is varlen.flash_attn_varlen_kvpacked_func
+        assert flash_attn.flash_attn_varlen_qkvpacked_func.__wrapped__ is varlen.flash_attn_varlen_qkvpacked_func
+        assert flash_attn.flash_attn_func.__wrapped__ is gptfast.flash_attn_func
         assert flash_attn.flash_attn_with_kvcache is kvcache.flash_attn_with_kvcache
-        assert interface.flash_attn_varlen_func is varlen.flash_attn_varlen_func
+        assert interface.flash_attn_varlen_func is flash_attn.flash_attn_varlen_func
         assert bert_padding.unpad_input is varlen.unpad_input and bert_padding.pad_input is varlen.pad_input
         assert rotary.apply_rotary_emb.__module__ == "_fa_runner"  # own, independent of gptfast's
         torch.manual_seed(0)
