@@ -86,16 +86,21 @@ AttentionOptions make_options(const at::Tensor& q, const at::Tensor& k, bool cau
     TORCH_CHECK_VALUE((r.device().is_cpu() || r.device() == q.device()) && r.numel() == 2, kOp,
                       ": rng_state must be 2 values [seed, offset] on the CPU or on q's device, got ",
                       r.numel(), " values on ", r.device());
-    o.rng_state = r.contiguous();  // for kernels that read the key on the device (graph-safe)
-    // The host copy of the key: free for a CPU tensor; a device-to-host copy otherwise (a kernel
-    // that reads o.rng_state on the device does not need these values).
-    const at::Tensor rc = r.device().is_cpu() ? *o.rng_state : r.to(at::kCPU);
-    const int64_t* rp = rc.const_data_ptr<int64_t>();
-    std::memcpy(&o.seed, rp, sizeof(uint64_t));  // the same 64 bits, read as unsigned
-    std::memcpy(&o.offset, rp + 1, sizeof(uint64_t));
-    TORCH_CHECK_VALUE(o.offset % 4 == 0, kOp,
-                      ": rng_state's offset must be a multiple of 4 (a Philox stream position), got ",
-                      o.offset);
+    o.rng_state = r.contiguous();
+    // The cuda kernels read the key on the device (attention.h dropout_key): a copy to the host
+    // would synchronise with the device and is illegal during CUDA-graph capture, so a key on q's
+    // device is passed on unread and its values are the caller's (gptfast.ops._philox draws them
+    // valid). A CPU key (and every key of the cpu backend) is read and checked here; o.seed and
+    // o.offset hold its values for the cpu kernels.
+    const bool read_on_device = std::strcmp(kBackendName, "cuda") == 0 && !r.device().is_cpu();
+    if (!read_on_device) {
+      const int64_t* rp = o.rng_state->const_data_ptr<int64_t>();
+      std::memcpy(&o.seed, rp, sizeof(uint64_t));  // the same 64 bits, read as unsigned
+      std::memcpy(&o.offset, rp + 1, sizeof(uint64_t));
+      TORCH_CHECK_VALUE(o.offset % 4 == 0, kOp,
+                        ": rng_state's offset must be a multiple of 4 (a Philox stream position), got ",
+                        o.offset);
+    }
     TORCH_CHECK_VALUE(B * H <= (int64_t(1) << 32) && q.size(1) <= (int64_t(1) << 32), kOp,
                       ": dropout needs batch * nheads <= 2^32 and seqlen_q <= 2^32 (Philox counter words)");
     // p * 2^32 is exact in double; p < 1 keeps the threshold below 2^32.

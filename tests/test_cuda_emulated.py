@@ -293,12 +293,12 @@ def check_fp32(name, out, ref, rtol=1e-5):
 # --- attention ----------------------------------------------------------------------------------
 
 P, I, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-I64, U32, U64, F64 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_double
+I64, U32, F64 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_double
 
 
 def _attn_signatures(dll):
     dll.emu_attention_set_max_smem.argtypes = [I]
-    dll.emu_attention_set_options.argtypes = [I64, I64, F64, P, I64, F64, U32, U64, U64]
+    dll.emu_attention_set_options.argtypes = [I64, I64, F64, P, I64, F64, U32, P]
     dll.emu_attention_forward.argtypes = [P, P, P, P, I, I, I, I, I, I, F32, I, P, P]
     dll.emu_attention_backward.argtypes = [P, P, P, P, I, I, I, I, I, I, F32, I, P, P, P, P, P, P, P, P]
 
@@ -321,6 +321,13 @@ class AttnOptions:
 PLAIN = AttnOptions()
 
 
+def rng_tensor(rng):
+    """rng_state for (seed, offset): int64 [seed, offset], their 64-bit patterns. The emulated kernels
+    read these 16 bytes through the pointer the options carry, when they run (as on the GPU)."""
+    seed64, offset = rng
+    return torch.tensor([seed64 - 2**64 if seed64 >= 2**63 else seed64, offset], dtype=torch.int64)
+
+
 def attention_reference(q, k, v, do, causal, scale, kw=None, bwd_out=None):
     """float64 out, lse (B, H, Tq), dq, dk, dv: gptfast's reference launchers on float64 inputs.
 
@@ -341,9 +348,11 @@ def attention_pytorch(q, k, v, do, causal, scale, ref_kw=None):
 
 
 def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contiguous", seed=0, qscale=1.0,
-                  opts=PLAIN, repeat_backward=False, v_override=None):
+                  opts=PLAIN, repeat_backward=False, v_override=None, rng_at_launch=None):
     """One forward and backward on the emulator, checked against float64 (T: seqlen_q, H: nheads;
-    `opts` the rest). repeat_backward: run the backward twice and require bit-identical gradients."""
+    `opts` the rest). repeat_backward: run the backward twice and require bit-identical gradients.
+    rng_at_launch: (seed, offset) written into the key tensor after the options were set (with
+    opts.rng) and before the launches; the reference then draws with these."""
     _attn_signatures(lib.dll)
     lib.dll.emu_clear_registry()  # the buffers of earlier runs are gone
     torch.manual_seed(seed)
@@ -384,9 +393,12 @@ def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contigu
     if slopes is not None:
         sb = Buf(lib, tuple(slopes.shape), torch.float32, slopes)
         bufs.append(sb)
+    key = rng_tensor(opts.rng)  # alive until the kernels are done: they read it
     lib.dll.emu_attention_set_options(norm.window[0], norm.window[1], norm.softcap, sb.ptr() if sb else None,
-                                      H if opts.alibi == "bh" else 0, norm.dropout_p, threshold, seed64 % 2**64,
-                                      offset)
+                                      H if opts.alibi == "bh" else 0, norm.dropout_p, threshold, key.data_ptr())
+    if rng_at_launch is not None:
+        key.copy_(rng_tensor(rng_at_launch))
+        seed64, offset = rng_at_launch
     qv, kv, vv = place(q), place(k), place(v)
     out = Buf(lib, (B, Tq, H, D), dtype)
     lse = Buf(lib, (B, H, Tq), torch.float32)
@@ -420,7 +432,7 @@ def run_attention(lib, B, T, H, D, causal, dtype, deterministic, layout="contigu
         for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), again):
             assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name}: not bitwise reproducible"
 
-    rng_state = torch.tensor([seed64 - 2**64 if seed64 >= 2**63 else seed64, offset], dtype=torch.int64)
+    rng_state = rng_tensor((seed64, offset))
     kw = dict(window=norm.window, softcap=norm.softcap, alibi_slopes=slopes, dropout_p=norm.dropout_p,
               rng_state=rng_state if norm.dropout_p > 0 else None)
     keep = None
@@ -580,6 +592,22 @@ def test_attention_emulated_dropout_mask_is_philox_bit_for_bit(libs, rng):
     assert torch.equal(kept, keep), f"{(kept != keep).sum()} of {keep.numel()} keep bits differ"
 
 
+def test_attention_emulated_dropout_reads_the_key_at_launch(libs):
+    """The kernels read (seed, offset) through the rng tensor's address when they run, so nothing
+    was captured when the options were set (what makes a CUDA-graph replay draw a fresh mask): the
+    options are set with one key, the tensor then holds another, and the forward's mask (read off
+    out with v the identity) and the backward's gradients must be those of the second key."""
+    B, Tq, Tk, H, D, p = 1, 37, 50, 2, 64, 0.17
+    first, second = (0x0123456789ABCDEF, 4 * 7), (0x7EDCBA9876543210, 4 * 0x12345678901)
+    eye = torch.eye(Tk, D)[None, :, None, :].expand(B, Tk, H, D)
+    errs = run_attention(libs["attention"], B, Tq, H, D, False, FP16, False, seed=2,
+                         opts=O(tk=Tk, dropout_p=p, rng=first), v_override=eye, rng_at_launch=second)
+    kept = errs["kernel_out"][..., :Tk].permute(0, 2, 1, 3) > 0
+    keep_first, keep_second = (_philox.dropout_keep_mask(*r, B, H, Tq, Tk, p) for r in (first, second))
+    assert not torch.equal(keep_first, keep_second)
+    assert torch.equal(kept, keep_second), f"{(kept != keep_second).sum()} of {kept.numel()} keep bits differ"
+
+
 # --- attention, packed variable-length layout -------------------------------------------------
 
 def _varlen_signatures(dll):
@@ -616,9 +644,10 @@ def emu_attention(lib, q, k, v, do, scale, deterministic, opts=PLAIN, causal=Fal
     qv = place(q)
     sb = place(slopes) if slopes is not None else None
     threshold = _philox.dropout_threshold(opts.dropout_p) if opts.dropout_p > 0 else 0
+    key = rng_tensor(opts.rng)  # alive until the kernels are done: they read it
     lib.dll.emu_attention_set_options(opts.window[0], opts.window[1], opts.softcap, sb.data_ptr() if sb is not None
                                       else None, H if slopes is not None and slopes.dim() == 2 else 0,
-                                      opts.dropout_p, threshold, opts.rng[0] % 2**64, opts.rng[1])
+                                      opts.dropout_p, threshold, key.data_ptr())
     if cu is not None:  # int32, read by the kernels with plain loads (not bounds-checked)
         cu = tuple(c.contiguous() for c in cu)
         for c in cu:

@@ -63,8 +63,19 @@ void check_dtype(const at::Tensor& q) {
                    q.scalar_type(), "; use backend='triton' or 'reference' for float32/float64");
 }
 
+// The dropout key the kernels read: opts.rng_state (int64 [seed, offset], contiguous) where it is
+// on q's device already (gptfast.ops._philox.dropout_rng_state draws it there: nothing is copied
+// to or from the host, so the launch can be captured in a CUDA graph); a CPU tensor is copied to
+// the device (an ordinary host-to-device copy on the current stream). Undefined without dropout.
+at::Tensor device_key(const at::Tensor& q, const AttentionOptions& opts) {
+  if (opts.dropout_p <= 0.0 || !opts.rng_state.has_value()) return {};
+  const at::Tensor& r = *opts.rng_state;
+  return r.device() == q.device() ? r : r.to(q.device()).contiguous();
+}
+
+// `key`: device_key's tensor, kept alive by the caller until the launch is enqueued.
 void set_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-             double scale, const AttentionOptions& opts) {
+             double scale, const AttentionOptions& opts, const at::Tensor& key) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -86,7 +97,8 @@ void set_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const
     slopes_batch_stride = opts.alibi_slopes->dim() == 2 ? q.size(2) : 0;
   }
   set_attention_options(p, opts.window_left, opts.window_right, opts.softcap, slopes, slopes_batch_stride,
-                        opts.dropout_p, opts.dropout_threshold, opts.seed, opts.offset);
+                        opts.dropout_p, opts.dropout_threshold,
+                        key.defined() ? reinterpret_cast<const uint64_t*>(key.const_data_ptr<int64_t>()) : nullptr);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   if (opts.cu_seqlens_q.has_value()) {  // packed: q, k, v are (1, total, heads, head_dim) views
     p.batch = static_cast<int>(opts.cu_seqlens_q->numel() - 1);
@@ -171,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   if (B * T * H == 0) return {unpad(out, D), lse};
   const at::Tensor q = prepare(q_in, Dp), k = prepare(k_in, Dp), v = prepare(v_in, Dp);
   AttentionParams p{};
-  set_qkv(p, q, k, v, scale, options);
+  const at::Tensor key = device_key(q_in, options);
+  set_qkv(p, q, k, v, scale, options, key);
   p.max_smem_per_block = max_smem;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -204,7 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (!deterministic) dq_accum = at::zeros({B, T, H, Dp}, opts.dtype(at::kFloat));
 
   AttentionParams p{};
-  set_qkv(p, q, k, v, scale, options);
+  const at::Tensor key = device_key(q_in, options);
+  set_qkv(p, q, k, v, scale, options, key);
   p.max_smem_per_block = max_smem;
   p.out_in = out.data_ptr();
   p.dout = dout.data_ptr();

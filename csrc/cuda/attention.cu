@@ -60,7 +60,12 @@
 //   no spills anywhere; the plain forward 128/168/238-239 registers (was 128/167-168/238).
 // - Dropout regenerates gptfast/ops/_philox.py's mask bit for bit (Philox 4x32-10, a pure
 //   function of (b, h, row, column)), so any tiling draws the same bits and the backward never
-//   stores the mask; kept probabilities are scaled by 1 / (1 - p) before the P V product.
+//   stores the mask; kept probabilities are scaled by 1 / (1 - p) before the P V product. The key
+//   (seed, offset) is read from the rng_state tensor in device memory where the words are drawn
+//   (Dropout::words), not passed by value: nothing goes through the host, so CUDA-graph capture and
+//   torch.compile work and a replay draws with the tensor's current key. Cost (ptxas -v, sm_80/sm_90):
+//   plain kernels unchanged, no spills; modified forward at head dim 128 244/246 -> 248/252
+//   registers, modified dQ 140-170 -> 148-180 (sm_80), others within +-6.
 #include <cfloat>
 #include <cmath>
 
@@ -301,9 +306,12 @@ __device__ __forceinline__ void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uin
 
 // The dropout mask of one (batch, head): _philox.py's layout. Score (i, j) is kept iff word j % 4
 // of Philox((offset / 4 + j / 4 as two words, i, b * heads + h), seed) is >= the threshold.
+// (seed, offset) are read from device memory (AttentionParams::dropout_key) where the words are
+// drawn, never passed by value: a captured CUDA graph replays with whatever the tensor holds then.
 struct Dropout {
   // Only the head index is held in a register: the rest is read from the kernel parameters
-  // (constant memory) where it is used, which keeps the forward at head dim 128 free of spills.
+  // (constant memory) and the 16-byte key (global memory, an L1 hit after the first draw) where
+  // it is used, which keeps the forward at head dim 128 free of spills.
   const AttentionParams& p;
   uint32_t subsequence;  // b * heads + h
 
@@ -312,12 +320,13 @@ struct Dropout {
 
   // The four words of row i, columns 4 * group .. 4 * group + 3.
   __device__ __forceinline__ void words(uint32_t (&w)[4], int i, int group) const {
-    const uint64_t n = (p.dropout_offset >> 2) + static_cast<uint64_t>(group);
+    const uint64_t seed = p.dropout_key[0], offset = p.dropout_key[1];
+    const uint64_t n = (offset >> 2) + static_cast<uint64_t>(group);
     w[0] = static_cast<uint32_t>(n);
     w[1] = static_cast<uint32_t>(n >> 32);
     w[2] = static_cast<uint32_t>(i);
     w[3] = subsequence;
-    philox4x32_10(w, static_cast<uint32_t>(p.dropout_seed), static_cast<uint32_t>(p.dropout_seed >> 32));
+    philox4x32_10(w, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   }
   // The factor of a score whose word is w[m % 4]: 1 / (1 - p) kept, 0 dropped (selects, not an
   // indexed register array, which would go to local memory).

@@ -38,7 +38,11 @@ struct AttentionParams {
   bool dropout;                 // dropout_p > 0: gptfast/ops/_philox.py's mask
   uint32_t dropout_threshold;   // keep iff the Philox word >= this (floor(p * 2^32), from double p)
   float dropout_scale;          // 1 / (1 - p)
-  uint64_t dropout_seed, dropout_offset;  // Philox key and stream offset (a multiple of 4)
+  // Philox key and stream offset: gptfast/ops/_philox.py's rng_state, int64 [seed, offset] (their
+  // 64-bit patterns; the offset a multiple of 4) in device memory, read by the kernels when they
+  // draw (no host copy: a launch stays valid in a CUDA graph and the values may change between
+  // replays). nullptr without dropout.
+  const uint64_t* dropout_key;
   bool is_bf16;
   // Packed variable-length layout (gptfast/ops/varlen.py), or nullptr for the dense one. Set: the
   // tensors are the packed (1, total_q, heads, head_dim) / (1, total_k, heads_k, head_dim) views
@@ -93,11 +97,12 @@ constexpr int kWindowUnbounded = 1 << 30;
 
 // Fills the mask and score-modifier fields from the options in FlashAttention's normal form
 // (csrc/common/backend.h AttentionOptions: -1 = unbounded side; softcap 0 = none; dropout_p 0 =
-// none, threshold = floor(p * 2^32) computed in double). One definition for the host launcher and
+// none, threshold = floor(p * 2^32) computed in double; dropout_key: the device address of the
+// int64 [seed, offset] pair). One definition for the host launcher and
 // the CPU emulation's entry points (tests/cuda_emu/attention_api.cpp).
 inline void set_attention_options(AttentionParams& p, int64_t window_left, int64_t window_right, double softcap,
                                   const float* alibi_slopes, int64_t alibi_batch_stride, double dropout_p,
-                                  uint32_t dropout_threshold, uint64_t seed, uint64_t offset) {
+                                  uint32_t dropout_threshold, const uint64_t* dropout_key) {
   p.window_left = window_left < 0 ? kWindowUnbounded : static_cast<int>(window_left);
   p.window_right = window_right < 0 ? kWindowUnbounded : static_cast<int>(window_right);
   p.softcap_log2 = softcap > 0.0 ? static_cast<float>(softcap * M_LOG2E) : 0.f;
@@ -107,8 +112,7 @@ inline void set_attention_options(AttentionParams& p, int64_t window_left, int64
   p.dropout = dropout_p > 0.0;
   p.dropout_threshold = dropout_threshold;
   p.dropout_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
-  p.dropout_seed = seed;
-  p.dropout_offset = offset;
+  p.dropout_key = p.dropout ? dropout_key : nullptr;
   p.has_modifiers = softcap > 0.0 || alibi_slopes != nullptr || p.dropout || window_left >= 0;
 }
 

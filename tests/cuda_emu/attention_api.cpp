@@ -13,7 +13,10 @@ static int g_max_smem = 227 * 1024;
 EMU_API void emu_attention_set_max_smem(int bytes) { g_max_smem = bytes; }
 
 // The normalised options of csrc/common/backend.h's AttentionOptions (window sides -1 =
-// unbounded; causal is window_right 0), ALiBi slopes (fp32, batch stride 0 or heads) or null.
+// unbounded; causal is window_right 0), ALiBi slopes (fp32, batch stride 0 or heads) or null, and
+// the dropout key: the address of an int64 [seed, offset] pair (rng_state's data; "device" memory
+// is host memory here), which the kernels read when they run, as on the GPU -- the launch copies
+// nothing, so a change of those 16 bytes before the launch changes the mask.
 static struct {
   int64_t window_left = -1, window_right = -1;
   double softcap = 0.0;
@@ -21,14 +24,14 @@ static struct {
   int64_t alibi_batch_stride = 0;
   double dropout_p = 0.0;
   uint32_t threshold = 0;
-  uint64_t seed = 0, offset = 0;
+  const int64_t* rng_state = nullptr;
 } g_opts;
 EMU_API void emu_attention_set_options(int64_t window_left, int64_t window_right, double softcap, const float* alibi,
-                                       int64_t alibi_batch_stride, double dropout_p, uint32_t threshold, uint64_t seed,
-                                       uint64_t offset) {
+                                       int64_t alibi_batch_stride, double dropout_p, uint32_t threshold,
+                                       const int64_t* rng_state) {
   g_opts.window_left = window_left, g_opts.window_right = window_right, g_opts.softcap = softcap;
   g_opts.alibi = alibi, g_opts.alibi_batch_stride = alibi_batch_stride;
-  g_opts.dropout_p = dropout_p, g_opts.threshold = threshold, g_opts.seed = seed, g_opts.offset = offset;
+  g_opts.dropout_p = dropout_p, g_opts.threshold = threshold, g_opts.rng_state = rng_state;
 }
 
 // The packed variable-length layout (attention.h): int32 prefix sums of `batch` sequences, or
@@ -53,8 +56,8 @@ static void fill(AttentionParams& p, const void* q, const void* k, const void* v
   p.scale = scale;
   p.scale_log2 = static_cast<float>(static_cast<double>(scale) * M_LOG2E);  // as csrc/cuda/attention.cpp
   gptfast::cuda::set_attention_options(p, g_opts.window_left, g_opts.window_right, g_opts.softcap, g_opts.alibi,
-                                       g_opts.alibi_batch_stride, g_opts.dropout_p, g_opts.threshold, g_opts.seed,
-                                       g_opts.offset);
+                                       g_opts.alibi_batch_stride, g_opts.dropout_p, g_opts.threshold,
+                                       reinterpret_cast<const uint64_t*>(g_opts.rng_state));
   p.is_bf16 = bf16;
   p.max_smem_per_block = g_max_smem;
   if (g_varlen.cu_q != nullptr) {  // as csrc/cuda/attention.cpp's set_qkv

@@ -2,7 +2,7 @@
 seqlens, head dims incl. padded ones, bf16, large logits, 20-run determinism, races, LayerNorm and
 GELU-FFN sizes -- is in test_kernels_gpu.py. Here: the build itself, float32 refusal, NaN
 propagation, agreement of the atomic and deterministic dQ paths, torch's deterministic flag, the
-packed varlen layout, and auto's choice. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
+packed varlen layout, dropout under CUDA-graph capture, and auto's choice. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
 argument checks tested (tests/test_cuda_backend.py) and its kernels emulated
 (tests/test_cuda_emulated.py).
 """
@@ -144,6 +144,69 @@ def test_attention_varlen(dtype, deterministic):
     from gptfast.ops import _cuda
 
     check_varlen_launchers(_cuda, "cuda", dtype, deterministic)
+
+
+def _attention_step(q, k, v, g):
+    """Forward and backward of a dropout call on the cuda backend; the gradients land in .grad."""
+    for t in (q, k, v):
+        t.grad = None
+    out = gptfast.attention(q, k, v, causal=True, dropout_p=0.1, backend="cuda", deterministic=True)
+    out.backward(g)
+    return out
+
+
+def _captured(q, k, v, g):
+    """A torch.cuda.CUDAGraph of _attention_step (after the warm-up on a side stream that graph
+    capture needs) and its static outputs out, dq, dk, dv."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _attention_step(q, k, v, g)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for t in (q, k, v):
+        t.grad = None
+    with torch.cuda.graph(graph):  # raises if anything copies to the host (a sync is illegal here)
+        out = _attention_step(q, k, v, g)
+    return graph, [out, q.grad, k.grad, v.grad]
+
+
+def test_attention_dropout_cuda_graph(monkeypatch):
+    """Dropout on the cuda backend captures in a CUDA graph: the kernels read (seed, offset) from
+    the rng tensor on the device, so nothing is copied to the host during capture and each replay
+    draws with what the tensor holds then. With the key tensor held static (attention's _rng_state
+    patched to return it), two replays with two keys must equal eager calls with those keys bit for
+    bit (deterministic backward); unpatched, the key is drawn inside the graph and each replay
+    draws a fresh one, as F.dropout does."""
+    from gptfast.ops import attention as attention_module
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn(2, 200, 4, 64, device="cuda", dtype=torch.float16)
+    key = torch.zeros(2, dtype=torch.int64, device="cuda")
+    with monkeypatch.context() as m:
+        m.setattr(attention_module, "_rng_state", lambda device, p: key if p > 0 else None)
+        graph, static = _captured(q, k, v, g)
+        keys = [(0x0123456789ABCDEF, 0), (-0x0EDCBA9876543211, 4 * 0x12345678901)]
+        replays = []
+        for seed_offset in keys:
+            key.copy_(torch.tensor(seed_offset))
+            graph.replay()
+            replays.append([t.clone() for t in static])
+        for seed_offset, got in zip(keys, replays):
+            key.copy_(torch.tensor(seed_offset))
+            out = _attention_step(q, k, v, g)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got, [out, q.grad, k.grad, v.grad]):
+                assert torch.equal(a, b), f"{name}: replay with key {seed_offset} != eager with it"
+        assert not torch.equal(replays[0][0], replays[1][0]), "two keys gave the same output"
+
+    graph, static = _captured(q, k, v, g)  # the key drawn inside the graph
+    graph.replay()
+    first = static[0].clone()
+    graph.replay()
+    assert torch.isfinite(static[0]).all() and not torch.equal(first, static[0]), "a replay redrew no key"
 
 
 def test_auto_prefers_cuda_on_gpu():
