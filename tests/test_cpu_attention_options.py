@@ -14,6 +14,7 @@ import torch
 
 import gptfast
 from gptfast.ops import _backend, _philox
+import gptfast.ops._cpu  # noqa: E402,F401  (the launchers some tests call directly; imported lazily otherwise)
 from gptfast.ops.attention import attention_backward_reference, attention_forward_reference
 from gptfast.testing import assert_close, assert_within_pytorch_error
 
