@@ -382,18 +382,6 @@ struct Seqs {
   }
 };
 
-// tanh for the softcap, relative error ~1e-7: libm's tanhf made a softcapped fp32 forward 2.5x
-// slower at T = 1024, D = 64. vec::tanh_f32 (exp-based) has an absolute error of ~1 ulp of 1,
-// which softcap * tanh would turn into ~softcap * 6e-8 on small scores, so |x| < 1/4 takes
-// tanh's Taylor series to x^9 instead (next term < 1e-8 relative); libm in double.
-GPTFAST_INLINE float softcap_tanh(float x) {
-  if (std::fabs(x) < 0.25f) {
-    const float x2 = x * x;
-    return x * (1.f + x2 * (-1.f / 3 + x2 * (2.f / 15 + x2 * (-17.f / 315 + x2 * (62.f / 2835)))));
-  }
-  return vec::tanh_f32(x);
-}
-GPTFAST_INLINE double softcap_tanh(double x) { return std::tanh(x); }
 
 // The score tile's options in the reference's order: softcap (keeping t = tanh(s / c) for the
 // backward when `tanh_out`), ALiBi (-slope |i + shift - j|), then the window as -inf.
@@ -407,7 +395,7 @@ void transform_scores(T* s, int64_t ld, int64_t nq, int64_t nk, int64_t q0, int6
     if (softcap > T(0)) {
       T* trow = tanh_out ? tanh_out + r * ld : nullptr;
       for (int64_t j = 0; j < nk; ++j) {
-        const T t = softcap_tanh(row[j] / softcap);
+        const T t = vec::softcap_tanh(row[j] / softcap);
         if (trow) trow[j] = t;
         row[j] = t * softcap;
       }

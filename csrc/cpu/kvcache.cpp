@@ -72,15 +72,6 @@ struct CacheView {
   int64_t rows_until_break(int64_t pos) const { return table ? page - pos % page : INT64_MAX; }
 };
 
-// softcap * tanh(x / softcap) needs tanh to ~1e-7 relative (see csrc/cpu/attention.cpp).
-GPTFAST_INLINE float softcap_tanh(float x) {
-  if (std::fabs(x) < 0.25f) {
-    const float x2 = x * x;
-    return x * (1.f + x2 * (-1.f / 3 + x2 * (2.f / 15 + x2 * (-17.f / 315 + x2 * (62.f / 2835)))));
-  }
-  return vec::tanh_f32(x);
-}
-GPTFAST_INLINE double softcap_tanh(double x) { return std::tanh(x); }
 
 // One score row of a block: the options in the reference's order (softcap, ALiBi, window as
 // -inf), then the online softmax update. On return row[j] = e^(s_j - m_new) (0 if masked), m, l
@@ -90,7 +81,7 @@ GPTFAST_INLINE void score_row_impl(T* row, int64_t nk, int64_t lo, int64_t hi, T
                                    int64_t dist0, T* m, T* l, T* acc, int64_t D) {
   const T ninf = -std::numeric_limits<T>::infinity();
   if (softcap > T(0))
-    for (int64_t j = 0; j < nk; ++j) row[j] = softcap_tanh(row[j] / softcap) * softcap;
+    for (int64_t j = 0; j < nk; ++j) row[j] = vec::softcap_tanh(row[j] / softcap) * softcap;
   if (slope != T(0))
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t dist = dist0 - j;  // i + shift - (k0 + j)
