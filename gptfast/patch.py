@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import attention, gelu_ffn, layer_norm
+from .ops import _backend, attention, gelu_ffn, layer_norm
 from .ops.varlen import attention_varlen, pad_input, unpad_input
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchEntry"]
@@ -110,12 +110,21 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
         model: any ``nn.Module`` (nanoGPT-style GPT, Hugging Face GPT-2, or anything with LayerNorms).
         ops: which ops to use, a subset of ("attention", "layer_norm", "gelu_ffn").
         backend: pin the patched modules to one gptfast backend (default: the selection rules).
+            Checked by name here; whether it runs on the model's device is decided when an op
+            runs (as everywhere in gptfast), so a model may be patched for "cuda" while still on
+            the CPU and moved afterwards. The patch-time check runs use the reference backend
+            when the pinned one cannot run where the weights are.
     """
     if isinstance(ops, str):
         ops = (ops,)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"gptfast.patch: ops must be a subset of {OPS}, got unknown {sorted(unknown)}")
+    if backend is not None:
+        try:
+            backend = _backend._check_name(str(backend))
+        except ValueError as exc:
+            raise ValueError(f"gptfast.patch: backend: {exc}") from None
     report = PatchReport()
     for path, module in model.named_modules():
         kind, why_not = _classify(module)
@@ -290,6 +299,12 @@ def _verify(m: nn.Module, config: dict) -> str | None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, c, generator=gen).to(w.device, w.dtype)
     modes = {sub: sub.training for sub in m.modules()}
+    state = m.__dict__[_STATE]
+    pinned = state.backend
+    op = "attention" if config.get("n_head") else "gelu_ffn"
+    impl = _backend._REGISTRY.get((op, pinned)) if pinned not in (None, "auto") else None
+    if pinned not in (None, "auto") and (impl is None or impl.unavailable_reason(w.device) is not None):
+        state.backend = "reference"  # a structural check: does the module compute what we think
     m.eval()
     try:
         with torch.no_grad():  # the forwards themselves: the module's hooks are not run
@@ -298,6 +313,7 @@ def _verify(m: nn.Module, config: dict) -> str | None:
     except Exception as e:  # noqa: BLE001 -- report it, leave the module as it was
         return f"check run failed: {type(e).__name__}: {e}"
     finally:
+        state.backend = pinned
         for sub, mode in modes.items():
             sub.training = mode
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:

@@ -500,3 +500,19 @@ def test_hf_attention_dropout_and_cross_attention_are_reported():
     assert model.transformer.h[0].attn._gptfast_patch.fallbacks == {}
     model.eval()
     assert (model(batch()[0]).logits - first).abs().max() > 1e-3
+
+
+def test_backend_is_checked_by_name_and_a_gpu_backend_may_patch_a_cpu_model():
+    plain = NanoGPT(Cfg())
+    with pytest.raises(ValueError, match="gptfast.patch: backend: unknown gptfast backend 'nope'"):
+        patch(copy.deepcopy(plain), backend="nope")
+    model, report = patched_copy(plain, backend="cuda")  # e.g. before model.to("cuda")
+    assert not report.skipped and sorted(e.kind for e in report.patched) == (
+        ["attention"] * 2 + ["gelu_ffn"] * 2 + ["layer_norm"] * 5), str(report)
+    assert all(m._gptfast_patch.backend == "cuda" for m in model.modules() if hasattr(m, "_gptfast_patch"))
+    if not torch.cuda.is_available():  # on the CPU the op says why when it runs
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu"):
+            model(batch()[0])
+    model, report = patched_copy(plain, backend="reference")  # a runnable pin: checked with it
+    assert not report.skipped
+    torch.testing.assert_close(model(batch()[0])[0], plain(batch()[0])[0], atol=1e-5, rtol=1e-5)
