@@ -36,6 +36,21 @@ def backend(request):
     return request.param
 
 
+def assert_options_results(got, truth, pt, mags, dtype):
+    """(out, lse, (dq, dk, dv)) of a kernel vs the float64 ``truth`` and the reference in the
+    tested dtype ``pt``: lse -inf exactly on rows without keys, out/lse within 2x and gradients
+    within 3x PyTorch's own error, atol from the summed terms' magnitudes ``mags``
+    (gptfast.testing.attention_magnitudes: out, dq, dk, dv)."""
+    from gptfast.testing import assert_within_pytorch_error, rounding_atol
+    empty = torch.isneginf(truth[1])
+    assert torch.equal(torch.isneginf(got[1]), empty), "rows without keys: lse must be -inf exactly there"
+    assert_within_pytorch_error(got[0], truth[0], pt[0], factor=2, atol=rounding_atol(mags[0], dtype), name="out")
+    assert_within_pytorch_error(got[1][~empty], truth[1][~empty], pt[1][~empty], factor=2, atol=1e-4, name="lse")
+    for name, a, r, c, m in zip(("dq", "dk", "dv"), got[2], truth[2], pt[2], mags[1:]):
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        assert_within_pytorch_error(a, r, c, factor=3, atol=rounding_atol(m, dtype), name=name)
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("T", [1, 3, 97, 130, 257, 1024])
@@ -139,7 +154,7 @@ def test_attention_options(backend, case, dtype):
     """Forward, lse and every gradient against float64 (the reference backend on the GPU) within
     2x / 3x the reference's own same-dtype error (as tests/test_cpu_attention_options.py); the
     dropout mask is the same Philox draw in every backend, or nothing here matches."""
-    from gptfast.testing import assert_within_pytorch_error, attention_magnitudes, rounding_atol
+    from gptfast.testing import attention_magnitudes
 
     (h, hk), (tq, tk), d, causal, window, softcap, alibi, p = case
     B = 2
@@ -155,13 +170,7 @@ def test_attention_options(backend, case, dtype):
     got, pt = _run_options(backend, *low, kw), _run_options("reference", *low, kw)
     mags = attention_magnitudes(*low, causal, d ** -0.5, window_size=window, softcap=softcap, alibi_slopes=slopes)
     mags = [m / (1.0 - p) for m in mags]  # kept terms are scaled by 1 / (1 - p)
-    empty = torch.isneginf(truth[1])
-    assert torch.equal(torch.isneginf(got[1]), empty), "rows without keys: lse must be -inf exactly there"
-    assert_within_pytorch_error(got[0], truth[0], pt[0], factor=2, atol=rounding_atol(mags[0], dtype), name="out")
-    assert_within_pytorch_error(got[1][~empty], truth[1][~empty], pt[1][~empty], factor=2, atol=1e-4, name="lse")
-    for name, a, r, c, m in zip(("dq", "dk", "dv"), got[2], truth[2], pt[2], mags[1:]):
-        assert torch.isfinite(a).all(), f"{name}: not finite"
-        assert_within_pytorch_error(a, r, c, factor=3, atol=rounding_atol(m, dtype), name=name)
+    assert_options_results(got, truth, pt, mags, dtype)
     if backend == "cuda":  # the deterministic backward is bitwise reproducible with every option
         one, two = (_run_options(backend, *low, kw, deterministic=True)[2] for _ in range(2))
         assert all(torch.equal(a, b) for a, b in zip(one, two)), "deterministic backward not reproducible"
