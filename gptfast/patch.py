@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hf_direct import DIRECT_ATTENTION
 from .ops import _backend, attention, gelu_ffn, layer_norm
 from .ops.varlen import attention_varlen, pad_input, unpad_input
 
@@ -178,7 +179,8 @@ def _classify(m: nn.Module) -> tuple[str | None, str | None]:
     """(kind, reason it cannot be patched or None) for a candidate module; (None, None) otherwise."""
     if isinstance(m, nn.LayerNorm):
         kind = "layer_norm"
-    elif isinstance(getattr(m, "c_attn", None), nn.Module) and isinstance(getattr(m, "c_proj", None), nn.Module):
+    elif type(m).__name__ in DIRECT_ATTENTION or (isinstance(getattr(m, "c_attn", None), nn.Module)
+                                                  and isinstance(getattr(m, "c_proj", None), nn.Module)):
         kind = "attention"
     elif isinstance(getattr(m, "c_fc", None), nn.Module) and isinstance(getattr(m, "c_proj", None), nn.Module):
         kind = "gelu_ffn"
@@ -220,6 +222,10 @@ def _prepare_layer_norm(m: nn.LayerNorm):
 
 
 def _prepare_attention(m: nn.Module):
+    direct = DIRECT_ATTENTION.get(type(m).__name__)
+    if direct is not None:
+        config, note = direct[0](m)
+        return (None, note) if config is None else ({**config, "flavour": "direct"}, note)
     if type(m).__name__ == "GPT2Attention" and hasattr(m, "split_size"):
         return _prepare_hf_attention(m)
     n_head = getattr(m, "n_head", None)
@@ -339,9 +345,15 @@ def _call_original(m: nn.Module, *args, **kwargs):
     return type(m).forward(m, *args, **kwargs)
 
 
+def count_fallback(counts: dict, reason: str) -> None:
+    """Count one fallback in eager mode. Under torch.compile nothing is counted: a dict that
+    changes on every call is state dynamo guards on, and it would recompile at each call."""
+    if not torch.compiler.is_compiling():
+        counts[reason] = counts.get(reason, 0) + 1
+
+
 def _fallback(m: nn.Module, reason: str, *args, **kwargs):
-    counts = m.__dict__[_STATE].fallbacks
-    counts[reason] = counts.get(reason, 0) + 1
+    count_fallback(m.__dict__[_STATE].fallbacks, reason)
     return _call_original(m, *args, **kwargs)
 
 
@@ -524,6 +536,11 @@ def _hf_attention_forward(m: nn.Module, hidden_states, *args, **kwargs):
     return y, None
 
 
+def _direct_forward(m: nn.Module, *args, **kwargs):  # gptfast.hf_direct's attention patches
+    return DIRECT_ATTENTION[type(m).__name__][1](m, *args, **kwargs)
+
+
 _PREPARE = {"layer_norm": _prepare_layer_norm, "attention": _prepare_attention, "gelu_ffn": _prepare_mlp}
 _FORWARD = {"layer_norm": _layer_norm_forward, "attention": _nanogpt_attention_forward,
-            "gelu_ffn": _mlp_forward, "hf_attention": _hf_attention_forward}
+            "gelu_ffn": _mlp_forward, "hf_attention": _hf_attention_forward,
+            "direct": _direct_forward}
