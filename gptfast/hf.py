@@ -90,6 +90,7 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
             if torch.compiler.is_compiling() or not bool(keep.all()):
                 return keep
             return None
+    kwargs.pop("allow_is_bidirectional_skip", None)
     return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                         allow_is_causal_skip=False, allow_is_bidirectional_skip=False, local_size=local_size,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -45,7 +44,6 @@ import torch.nn.functional as F
 
 from .hf_direct import DIRECT_ATTENTION
 from .ops import _backend, attention, gelu_ffn, layer_norm
-from .ops.varlen import attention_varlen, pad_input, unpad_input
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchEntry"]
 
@@ -127,7 +125,15 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
         except ValueError as exc:
             raise ValueError(f"gptfast.patch: backend: {exc}") from None
     report = PatchReport()
+    paths = {id(m): p for p, m in model.named_modules()}
+    interfaced = set()
+    if "attention" in ops:
+        for hf_model in _interface_models(model):
+            interfaced |= _switch_to_interface(hf_model, backend, paths, report)
+    seen = set()
     for path, module in model.named_modules():
+        if id(module) in interfaced:
+            continue
         kind, why_not = _classify(module)
         if kind is None:
             continue
@@ -146,9 +152,72 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
                 why_not = _verify(module, config)
                 if why_not:
                     unpatch_module(module)
-        report.entries.append(PatchEntry(path, kind, "skipped" if why_not else "patched",
-                                         why_not or note or ""))
+        if why_not and kind == "layer_norm" and not isinstance(module, nn.LayerNorm) and _looks_like(module) != "norm":
+            continue  # a leaf with a 1-D weight that is not a LayerNorm and is not called a norm
+        seen.add(id(module))
+        report.entries.append(_entry(path, kind, why_not, note))
+    _report_lookalikes(model, ops, seen | interfaced, report)
+    order = {p: i for i, p in enumerate(paths.values())}
+    report.entries.sort(key=lambda e: order[e.path])
     return report
+
+
+def _entry(path: str, kind: str, why_not: str | None, note: str | None) -> PatchEntry:
+    if why_not and why_not.startswith("RMSNorm"):
+        kind = "rms_norm"
+    return PatchEntry(path, kind, "skipped" if why_not else "patched", why_not or note or "")
+
+
+def _report_lookalikes(model: nn.Module, ops, seen: set, report: PatchReport) -> None:
+    """Every module named like a norm, an attention or an MLP that is neither patched nor already
+    reported, nor the container of a reported module of its kind (GPT-Neo's attention wrapper),
+    is listed with the reason."""
+    kinds = {"norm": "layer_norm", "attention": "attention", "mlp": "gelu_ffn"}
+    for path, m in model.named_modules():
+        looks = _looks_like(m)
+        if looks is None or id(m) in seen or _is_gptfast_module(m):
+            continue
+        if any(id(sub) in seen and _looks_like(sub) == looks for sub in m.modules() if sub is not m):
+            continue
+        why = _lookalike_reason(m, looks)
+        kind = kinds[looks]
+        if why.startswith(f"{type(m).__name__}: gated MLP"):
+            kind = "gated_ffn"
+        report.entries.append(_entry(path, kind, why, None))
+
+
+def _switch_to_interface(hf_model: nn.Module, backend: str | None, paths: dict, report: PatchReport) -> set:
+    """Point a transformers model's attention at gptfast.hf's interface function; its attention
+    modules get a patch state (backend pin, for unpatch) but keep their own forward."""
+    from . import hf
+    hf.register()
+    attention_modules = _interface_attention(hf_model)
+    if not attention_modules:
+        return set()
+    before = hf_model.config._attn_implementation
+    if _STATE not in hf_model.__dict__:
+        hf_model.__dict__[_STATE] = _PatchState("model", None, backend, {"flavour": "model", "before": before})
+        if before != hf.NAME:
+            hf_model.set_attn_implementation(hf.NAME)
+    cfg = hf_model.config
+    notes = [f"transformers' attention interface: attn_implementation {before!r} -> {hf.NAME!r}"]
+    if getattr(cfg, "reorder_and_upcast_attn", False):
+        notes.append("reorder_and_upcast_attn: gptfast always accumulates scores in fp32")
+    for name in ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"):
+        p = getattr(cfg, name, 0.0)
+        if isinstance(p, (int, float)) and p > 0:
+            notes.append(f"{name}={p:g} in training mode runs in gptfast's kernels")
+    notes.append("falls back per call as gptfast.hf documents (counted in gptfast.hf.fallbacks)")
+    done = set()
+    for m in attention_modules:
+        if _STATE in m.__dict__:
+            why = "already patched"
+        else:
+            m.__dict__[_STATE] = _PatchState("attention", None, backend, {"flavour": "interface"})
+            why = None
+        report.entries.append(_entry(paths[id(m)], "attention", why, "; ".join(notes)))
+        done.add(id(m))
+    return done
 
 
 def unpatch(model: nn.Module) -> int:
@@ -160,6 +229,13 @@ def unpatch_module(module: nn.Module) -> bool:
     state = module.__dict__.pop(_STATE, None)
     if state is None:
         return False
+    flavour = state.config.get("flavour")
+    if flavour == "model":  # a transformers model switched to the attention interface
+        if module.config._attn_implementation != state.config["before"]:
+            module.set_attn_implementation(state.config["before"])
+        return False
+    if flavour == "interface":  # its forward was never replaced
+        return True
     if state.prev_forward is None:
         module.__dict__.pop("forward", None)
     else:
@@ -169,20 +245,53 @@ def unpatch_module(module: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------ recognition
 
+_MLP_PAIRS = (("c_fc", "c_proj"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc1", "fc2"))
+_GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("gate_up_proj", "down_proj"))
+_EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
+
 
 def _is_gptfast_module(m: nn.Module) -> bool:
     from . import nn as gnn
     return isinstance(m, (gnn.LayerNorm, gnn.CausalSelfAttention, gnn.MLP))
 
 
+def _mlp_pair(m: nn.Module) -> tuple[str, str] | None:
+    return next(((a, b) for a, b in _MLP_PAIRS if isinstance(m._modules.get(a), nn.Module)
+                 and isinstance(m._modules.get(b), nn.Module)), None)
+
+
+def _norm_like(m: nn.Module) -> bool:
+    """A leaf with a 1-D weight (and an optional 1-D bias of its size) and nothing else: what a
+    hand-written LayerNorm or RMSNorm class looks like."""
+    if m._modules or list(m.named_buffers(recurse=False)):
+        return False
+    params = dict(m.named_parameters(recurse=False))
+    w = params.pop("weight", None)
+    b = params.pop("bias", None)
+    return (w is not None and w.dim() == 1 and not params
+            and (b is None or (b.dim() == 1 and b.shape == w.shape)))
+
+
+def _looks_like(m: nn.Module) -> str | None:
+    """The kind a module's class name suggests ('norm', 'attention', 'mlp'), for the report."""
+    name = type(m).__name__.lower()
+    if "norm" in name:
+        return "norm"
+    if name.endswith(("attention", "selfattention", "attn")):
+        return "attention"
+    if name.endswith(("mlp", "feedforward", "ffn")):
+        return "mlp"
+    return None
+
+
 def _classify(m: nn.Module) -> tuple[str | None, str | None]:
     """(kind, reason it cannot be patched or None) for a candidate module; (None, None) otherwise."""
-    if isinstance(m, nn.LayerNorm):
+    if isinstance(m, nn.LayerNorm) or _norm_like(m):
         kind = "layer_norm"
     elif type(m).__name__ in DIRECT_ATTENTION or (isinstance(getattr(m, "c_attn", None), nn.Module)
                                                   and isinstance(getattr(m, "c_proj", None), nn.Module)):
         kind = "attention"
-    elif isinstance(getattr(m, "c_fc", None), nn.Module) and isinstance(getattr(m, "c_proj", None), nn.Module):
+    elif _mlp_pair(m) is not None:
         kind = "gelu_ffn"
     else:
         return None, None
@@ -196,7 +305,7 @@ def _linear_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return None
-    if type(m) is nn.Linear:
+    if isinstance(m, nn.Linear):  # subclasses too (Falcon's FalconLinear): the check run verifies them
         return w, m.bias, w.shape[1], w.shape[0]
     if type(m).__name__ == "Conv1D" and getattr(m, "nf", None) == w.shape[1]:  # HF: y = x @ W + b, W (in, out)
         return w.t(), m.bias, w.shape[0], w.shape[1]
@@ -212,13 +321,62 @@ def _dropout_p(m: nn.Module, name: str) -> float:
     return float(d.p) if isinstance(d, nn.Dropout) else 0.0
 
 
-def _prepare_layer_norm(m: nn.LayerNorm):
-    if len(m.normalized_shape) != 1:
-        return None, (f"normalized_shape {tuple(m.normalized_shape)} spans several dims; "
-                      "gptfast normalises the last only")
-    if type(m).forward is not nn.LayerNorm.forward:
-        return None, f"{type(m).__name__} overrides nn.LayerNorm.forward"
-    return {}, None
+def _sample(c: int, like: torch.Tensor, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 7, c, generator=gen, dtype=torch.float64) * scale + 0.3 * scale
+    return x.to(like.device, like.dtype)
+
+
+def _layer_norm_eps(m: nn.Module) -> tuple[float | None, str | None]:
+    """(eps, None) if ``m``'s forward is F.layer_norm over the last dim with its weight and bias for
+    one eps (its own eps attribute, else 1e-5 or 1e-6), checked on a unit-scale and on a small-scale
+    input (where eps shows); else (None, what it computes instead, when recognisable)."""
+    w, b = m.weight, getattr(m, "bias", None)
+    if w.device.type == "meta":
+        return None, "on the meta device: cannot be checked"
+    c = w.shape[0]
+    own = [float(getattr(m, n)) for n in _EPS_NAMES if isinstance(getattr(m, n, None), (int, float))]
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    xs = [_sample(c, w), _sample(c, w, scale=1e-2, seed=1)]
+    try:
+        with torch.no_grad():
+            ys = [m(x) for x in xs]
+    except Exception as e:  # noqa: BLE001 -- it is not a norm we can replace
+        return None, f"check run failed: {type(e).__name__}: {e}"
+    if any(not isinstance(y, torch.Tensor) or y.shape != x.shape for x, y in zip(xs, ys)):
+        return None, "its forward does not return one tensor shaped like its input"
+
+    def close(fn) -> bool:
+        with torch.no_grad():
+            return all(((y.double() - fn(x.double())).abs().max() <= tol * (1 + y.double().abs().max()))
+                       for x, y in zip(xs, ys))
+
+    wd, bd = w.detach().double(), None if b is None else b.detach().double()
+    for eps in own[:1] + [1e-5, 1e-6]:
+        if close(lambda x: F.layer_norm(x, (c,), wd, bd, eps)):
+            return eps, None
+    for eps in own[:1] + [1e-6, 1e-5, 1e-8]:
+        for offset in (0.0, 1.0):
+            rms = (lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + wd)
+                   + (0 if bd is None else bd))
+            if close(rms):
+                return None, f"RMSNorm{' (1 + weight)' if offset else ''}: no gptfast op for it yet"
+    return None, "its forward is not F.layer_norm over the last dim (checked on sample inputs)"
+
+
+def _prepare_layer_norm(m: nn.Module):
+    if isinstance(m, nn.LayerNorm):
+        if len(m.normalized_shape) != 1:
+            return None, (f"normalized_shape {tuple(m.normalized_shape)} spans several dims; "
+                          "gptfast normalises the last only")
+        if type(m).forward is nn.LayerNorm.forward:
+            return {"eps": m.eps}, None
+        if m.weight is None:
+            return None, f"{type(m).__name__} overrides nn.LayerNorm.forward and has no weight to check with"
+    eps, why = _layer_norm_eps(m)
+    if eps is None:
+        return None, why
+    return {"eps": eps}, f"{type(m).__name__}: checked to compute F.layer_norm (eps={eps:g})"
 
 
 def _prepare_attention(m: nn.Module):
@@ -226,8 +384,6 @@ def _prepare_attention(m: nn.Module):
     if direct is not None:
         config, note = direct[0](m)
         return (None, note) if config is None else ({**config, "flavour": "direct"}, note)
-    if type(m).__name__ == "GPT2Attention" and hasattr(m, "split_size"):
-        return _prepare_hf_attention(m)
     n_head = getattr(m, "n_head", None)
     if not isinstance(n_head, int) or n_head < 1:
         return None, "no integer n_head attribute"
@@ -254,7 +410,7 @@ def _prepare_attention(m: nn.Module):
     p = max(_dropout_p(m, "attn_dropout"), float(getattr(m, "dropout", 0.0) or 0.0)
             if isinstance(getattr(m, "dropout", None), (int, float)) else 0.0)
     note = f"attention dropout p={p:g} in training mode runs in gptfast's kernels" if p > 0 else None
-    return {"n_head": n_head, "attn_p": p, "verify": True}, note
+    return {"n_head": n_head, "attn_p": p, "verify": True, "c": c}, note
 
 
 def _identify_gelu(act) -> str | None:
@@ -275,64 +431,147 @@ def _identify_gelu(act) -> str | None:
     return None
 
 
+_ACT_NAMES = ("gelu", "act", "activation", "act_fn", "activation_fn", "gelu_impl")
+
+
 def _prepare_mlp(m: nn.Module):
-    fc, proj = _linear_weight(m.c_fc), _linear_weight(m.c_proj)
+    fc_name, proj_name = _mlp_pair(m)
+    fc, proj = _linear_weight(m._modules[fc_name]), _linear_weight(m._modules[proj_name])
     if fc is None or proj is None:
-        return None, "c_fc / c_proj are not nn.Linear or Conv1D"
+        return None, f"{fc_name} / {proj_name} are not nn.Linear or Conv1D"
     if fc[3] != proj[2]:
-        return None, f"c_fc's output ({fc[3]}) is not c_proj's input ({proj[2]})"
+        return None, f"{fc_name}'s output ({fc[3]}) is not {proj_name}'s input ({proj[2]})"
     acts = [n for n in _ACT_NAMES if n in m.__dict__ or n in m._modules]
+    extra = _extra_children(m, {fc_name, proj_name, "dropout", *acts})
+    if extra:
+        return None, (f"has {fc_name}/{proj_name} but also submodules {extra}: not a separate "
+                      f"{fc_name} -> GELU -> {proj_name} module")
     if len(acts) != 1:
         return None, f"expected one activation attribute among {_ACT_NAMES}, found {acts}"
-    extra = _extra_children(m, {"c_fc", "c_proj", "dropout", acts[0]})
-    if extra or list(m.named_parameters(recurse=False)) or list(m.named_buffers(recurse=False)):
-        return None, f"unrecognised submodules/parameters {extra}"
+    if list(m.named_parameters(recurse=False)) or list(m.named_buffers(recurse=False)):
+        return None, "unrecognised parameters/buffers of its own"
     if m._modules.get("dropout") is not None and not isinstance(m.dropout, nn.Dropout):
         return None, "'dropout' is not nn.Dropout"
     approximate = _identify_gelu(getattr(m, acts[0]))
     if approximate is None:
         return None, f"activation {acts[0]} ({type(getattr(m, acts[0])).__name__}) is neither exact nor tanh GELU"
-    return {"approximate": approximate, "verify": True}, f"GELU approximate={approximate!r}"
+    params = list(inspect.signature(type(m).forward).parameters)
+    residual = params[2:3] == ["residual"]  # BLOOM: forward(hidden_states, residual) adds it after dropout
+    if residual and getattr(m, "pretraining_tp", 1) > 1 and getattr(m, "slow_but_exact", False):
+        return None, "pretraining_tp > 1 with slow_but_exact: its output projection is sliced"
+    config = {"approximate": approximate, "verify": True, "fc": fc_name, "proj": proj_name, "c": fc[2],
+              "residual": residual, "hidden_dropout": float(getattr(m, "hidden_dropout", 0.0) or 0.0)}
+    return config, f"{fc_name} -> GELU approximate={approximate!r} -> {proj_name}"
+
+
+def _lookalike_reason(m: nn.Module, looks: str) -> str:
+    """Why a module whose name says norm/attention/MLP was not recognised."""
+    name = type(m).__name__
+    if looks == "norm":
+        if _norm_like(m):
+            return _layer_norm_eps(m)[1] or "not recognised"
+        return f"{name}: not a leaf with a 1-D weight and optional bias (unrecognised structure)"
+    if looks == "mlp":
+        children = set(m._modules)
+        if any(set(g) <= children for g in _GATED_NAMES):
+            return f"{name}: gated MLP ({'/'.join(sorted(children & {n for g in _GATED_NAMES for n in g}))}): no gptfast op for it yet"
+        return f"{name}: no recognised Linear -> GELU -> Linear pair (submodules {sorted(children)})"
+    return f"{name}: not nanoGPT-style, not on transformers' attention interface, no direct patch"
 
 
 def _verify(m: nn.Module, config: dict) -> str | None:
-    """Run the patched and the original forward on a tiny input (eval mode, private RNG); a reason
-    if they disagree. Low-precision parameters get a proportionally looser bound."""
-    w = (m.c_attn if hasattr(m, "c_attn") else m.c_fc).weight
+    """Run the patched and the original forward on a tiny input, in eval mode and, when the module
+    drops out, in training mode from one RNG state (so dropout must sit where the original has it;
+    attention-probability dropout, whose RNG is gptfast's own, is switched off for that run); a
+    reason if they disagree. Low-precision parameters get a proportionally looser bound."""
+    w = next(m.parameters())
     if w.device.type == "meta":
         return None
-    c = _linear_weight(m.c_attn if hasattr(m, "c_attn") else m.c_fc)[2]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 7, c, generator=gen).to(w.device, w.dtype)
-    modes = {sub: sub.training for sub in m.modules()}
     state = m.__dict__[_STATE]
+    attn = config.get("n_head") is not None
+    x = _sample(config["c"], w)
+    args = (x, _sample(config["c"], w, seed=2)) if config.get("residual") else (x,)
     pinned = state.backend
-    op = "attention" if config.get("n_head") else "gelu_ffn"
+    op = "attention" if attn else "gelu_ffn"
     impl = _backend._REGISTRY.get((op, pinned)) if pinned not in (None, "auto") else None
     if pinned not in (None, "auto") and (impl is None or impl.unavailable_reason(w.device) is not None):
         state.backend = "reference"  # a structural check: does the module compute what we think
-    m.eval()
+    modes = {sub: sub.training for sub in m.modules()}
+    drops = [d for d in m.modules() if isinstance(d, nn.Dropout) and d.p > 0]
+    attn_drop = [m._modules.get("attn_dropout")] if attn else []
+    train_run = bool(drops) or config.get("hidden_dropout", 0.0) > 0
+    saved = {"attn_p": config.get("attn_p"), "dropout": m.__dict__.get("dropout"),
+             "p": [d.p for d in attn_drop if d is not None]}
     try:
-        with torch.no_grad():  # the forwards themselves: the module's hooks are not run
-            got = m.forward(x)
-            want = _call_original(m, x)
+        for training in (False, True) if train_run else (False,):
+            m.train(training)
+            if training and attn:  # the probabilities' dropout cannot match: check the rest
+                config["attn_p"] = 0.0
+                if isinstance(saved["dropout"], (int, float)):
+                    m.__dict__["dropout"] = 0.0
+                for d in attn_drop:
+                    if d is not None:
+                        d.p = 0.0
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the forwards only: no hooks run
+                torch.manual_seed(0)
+                got = m.forward(*args)
+                torch.manual_seed(0)
+                want = _call_original(m, *args)
+            why = _disagree(got, want, w.dtype, config, training)
+            if why:
+                return why
     except Exception as e:  # noqa: BLE001 -- report it, leave the module as it was
         return f"check run failed: {type(e).__name__}: {e}"
     finally:
         state.backend = pinned
+        if attn:
+            config["attn_p"] = saved["attn_p"]
+            if isinstance(saved["dropout"], (int, float)):
+                m.__dict__["dropout"] = saved["dropout"]
+            for d, p in zip([d for d in attn_drop if d is not None], saved["p"]):
+                d.p = p
         for sub, mode in modes.items():
             sub.training = mode
+    return None
+
+
+def _disagree(got, want, dtype, config, training: bool) -> str | None:
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return "its forward does not return one tensor shaped like its input"
-    tol = 1e-3 if w.dtype in (torch.float32, torch.float64) else 5e-2
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     err = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item()
-    if not err <= tol * max(scale, 1e-6):
-        what = ("causal attention" if config.get("n_head")
-                else f"Linear-GELU-Linear (approximate={config['approximate']!r})")
-        return (f"its forward does not compute {what}: checked on a sample input, "
-                f"max |diff| {err:.2e} vs scale {scale:.2e}")
-    return None
+    if err <= tol * max(scale, 1e-6):
+        return None
+    what = ("causal attention" if config.get("n_head") is not None
+            else f"{config['fc']} -> GELU (approximate={config['approximate']!r}) -> {config['proj']}")
+    if training:
+        return (f"in training mode its forward does not compute {what} with dropout where gptfast puts it "
+                f"(after the output projection): max |diff| {err:.2e} vs scale {scale:.2e}")
+    return (f"its forward does not compute {what}: checked on a sample input, "
+            f"max |diff| {err:.2e} vs scale {scale:.2e}")
+
+
+# ------------------------------------------------------------- Hugging Face attention interface
+
+
+def _interface_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformers PreTrainedModels in ``model`` whose attention goes through
+    transformers' attention interface."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    found = []
+    for m in model.modules():
+        if (isinstance(m, PreTrainedModel) and getattr(type(m), "_supports_attention_backend", False)
+                and not any(m in {*f.modules()} for f in found)):
+            found.append(m)
+    return found
+
+
+def _interface_attention(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _looks_like(m) == "attention" and getattr(m, "config", None) is not None]
 
 
 # ------------------------------------------------------------------------------------ forwards
@@ -357,17 +596,24 @@ def _fallback(m: nn.Module, reason: str, *args, **kwargs):
     return _call_original(m, *args, **kwargs)
 
 
-def _layer_norm_forward(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return layer_norm(x, m.weight, m.bias, m.eps, backend=m.__dict__[_STATE].backend)
-
-
-def _mlp_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+def _layer_norm_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state = m.__dict__[_STATE]
-    w1, b1, _, _ = _linear_weight(m.c_fc)
-    w2, b2, _, _ = _linear_weight(m.c_proj)
-    y = gelu_ffn(x, w1, b1, w2, b2, approximate=state.config["approximate"], backend=state.backend)
+    return layer_norm(x, m.weight, getattr(m, "bias", None), state.config["eps"], backend=state.backend)
+
+
+def _mlp_forward(m: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., C) -> (..., C); with BLOOM's signature, dropout(out) + residual as its dropout_add."""
+    state = m.__dict__[_STATE]
+    cfg = state.config
+    w1, b1, _, _ = _linear_weight(m._modules[cfg["fc"]])
+    w2, b2, _, _ = _linear_weight(m._modules[cfg["proj"]])
+    y = gelu_ffn(x, w1, b1, w2, b2, approximate=cfg["approximate"], backend=state.backend)
     dropout = m._modules.get("dropout")
-    return dropout(y) if dropout is not None else y
+    if dropout is not None:
+        y = dropout(y)
+    if cfg["residual"]:
+        return residual + F.dropout(y, p=cfg["hidden_dropout"], training=m.training)
+    return y
 
 
 def _nanogpt_attention_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -382,38 +628,9 @@ def _nanogpt_attention_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return dropout(y) if dropout is not None else y
 
 
-# Hugging Face GPT2Attention --------------------------------------------------------------------
+# Masks of Hugging Face models patched directly (gptfast.hf_direct) -----------------------------
 
-# Arguments that do not change what self-attention computes (position_ids and use_cache only matter
-# to layers above; the cache itself is handled below).
-_HF_HARMLESS = {"position_ids", "use_cache", "cache_position", "is_causal", "output_attentions"}
-_HF_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _mask_memo: list = [None]  # (weakref to the last mask checked, its version, seqlen, verdict)
-
-
-def _prepare_hf_attention(m: nn.Module):
-    if getattr(m, "is_cross_attention", False):
-        return None, "cross-attention (queries and keys from different sequences)"
-    impl = getattr(m.config, "_attn_implementation", None) or "eager"
-    if impl not in ("eager", "sdpa"):
-        return None, f"attention implementation {impl!r} is not one gptfast replicates (eager, sdpa)"
-    scale = getattr(m, "scaling", None)
-    if scale is None:  # transformers 4.x: the scale is computed in _attn
-        scale = 1.0 / math.sqrt(m.head_dim) if m.scale_attn_weights else 1.0
-        if m.scale_attn_by_inverse_layer_idx:
-            scale /= float(m.layer_idx + 1)
-    p = float(m.attn_dropout.p)
-    notes = []
-    if getattr(m, "reorder_and_upcast_attn", False):
-        notes.append("reorder_and_upcast_attn: gptfast always accumulates scores in fp32")
-    if p > 0:
-        notes.append(f"attn_pdrop={p:g} in training mode runs in gptfast's kernels")
-    notes.append("falls back per call for masks other than causal + padding, head_mask, "
-                 "output_attentions, a legacy KV cache")
-    signature = inspect.signature(type(m).forward)
-    config = {"flavour": "hf_attention", "n_head": m.num_heads, "scale": float(scale), "attn_p": p,
-              "signature": signature, "legacy": "layer_past" in signature.parameters}
-    return config, "; ".join(notes)
 
 
 def _mask_keep(mask: torch.Tensor, tq: int, tk: int):
@@ -451,96 +668,11 @@ def _mask_keep(mask: torch.Tensor, tq: int, tk: int):
     return verdict
 
 
-def _output_attentions_requested(bound: dict) -> bool:
-    if bound.get("output_attentions"):
-        return True
-    try:  # transformers 5: attentions are collected by hooks, requested through a context variable
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return False
-    collected = _active_collector.get()
-    return bool(collected) and "attentions" in collected
-
-
-def _hf_attention_forward(m: nn.Module, hidden_states, *args, **kwargs):
-    state = m.__dict__[_STATE]
-    cfg = state.config
-    try:
-        bound = cfg["signature"].bind(m, hidden_states, *args, **kwargs).arguments
-    except TypeError:
-        return _fallback(m, "unrecognised arguments", hidden_states, *args, **kwargs)
-    extra = bound.pop("kwargs", {})
-    bound.update(extra)
-
-    def original(reason):
-        return _fallback(m, reason, hidden_states, *args, **kwargs)
-
-    impl = getattr(m.config, "_attn_implementation", None) or "eager"
-    if impl not in ("eager", "sdpa"):  # read per call: set_attn_implementation may change it
-        return original(f"attention implementation {impl!r}")
-    if cfg["legacy"] and bound.get("use_cache"):  # transformers 4.x would also return `present`
-        return original("use_cache with transformers 4.x")
-    if bound.get("encoder_hidden_states") is not None:
-        return original("cross-attention")
-    if bound.get("head_mask") is not None:
-        return original("head_mask")
-    if _output_attentions_requested(bound):
-        return original("output_attentions")
-    odd = [k for k, v in bound.items() if k not in _HF_HARMLESS and k not in _HF_CACHE_ARGS and v is not None
-           and k not in ("self", "hidden_states", "attention_mask", "encoder_attention_mask")]
-    if odd:
-        return original(f"unsupported arguments {sorted(odd)}")
-    cache = next((bound[k] for k in _HF_CACHE_ARGS if bound.get(k) is not None), None)
-    if cache is not None:
-        if not hasattr(cache, "update") or not hasattr(cache, "get_seq_length"):
-            return original("legacy tuple KV cache")
-        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
-        if cfg["legacy"]:
-            return original("KV cache with transformers 4.x")
-        layers = getattr(cache, "layers", None)
-        if layers is None or (m.layer_idx < len(layers) and type(layers[m.layer_idx]).__name__ != "DynamicLayer"):
-            return original("KV cache layer is not a DynamicLayer (static, sliding, quantized)")
-    if hidden_states.dim() != 3:
-        return original("hidden_states is not (batch, seqlen, embed)")
-    b, t, c = hidden_states.shape
-    tk = t + (cache.get_seq_length(m.layer_idx) if cache is not None else 0)
-    mask = bound.get("attention_mask")
-    keep = None
-    if mask is None:
-        causal = impl != "eager" and bound.get("is_causal", getattr(m, "is_causal", True)) is not False
-        if tk != t and t > 1:  # the original (SDPA's is_causal) would align the mask top-left
-            return original("decoding several tokens against a KV cache without a mask")
-    else:
-        verdict = _mask_keep(mask, t, tk) if isinstance(mask, torch.Tensor) else None
-        if verdict is None:
-            return original("attention_mask is neither causal nor causal with padding")
-        causal, keep = True, (None if verdict is True else verdict)
-    n_head = cfg["n_head"]
-    q, k, v = m.c_attn(hidden_states).view(b, t, 3, n_head, c // n_head).unbind(2)  # (B, T, H, D) views
-    if cache is not None:  # HF lays the cache out (B, H, T, D); update returns every cached key
-        k, v = (z.transpose(1, 2) for z in cache.update(k.transpose(1, 2), v.transpose(1, 2), m.layer_idx))
-        if k.shape[1] != tk:  # the cache is updated: falling back now would store these keys twice
-            raise RuntimeError(f"gptfast.patch: {type(cache).__name__}.update returned {k.shape[1]} keys for "
-                               f"layer {m.layer_idx}, expected {tk}; unpatch the model to use this cache")
-    p = cfg["attn_p"] if m.training else 0.0
-    if keep is None:
-        y = attention(q, k, v, causal=causal, softmax_scale=cfg["scale"], dropout_p=p, backend=state.backend)
-    else:  # padding: attend among the kept tokens only, each row a sequence (bottom-right causal)
-        q_p, idx_q, cu_q, max_q, _ = unpad_input(q, keep[:, tk - t:])
-        k_p, _, cu_k, max_k, _ = unpad_input(k, keep)
-        v_p = unpad_input(v, keep)[0]
-        y = attention_varlen(q_p, k_p, v_p, cu_q, cu_k, max_q, max_k, causal=True, softmax_scale=cfg["scale"],
-                             dropout_p=p, backend=state.backend)
-        y = pad_input(y, idx_q, b, t)
-    y = m.resid_dropout(m.c_proj(y.reshape(b, t, c)))
-    return y, None
-
-
 def _direct_forward(m: nn.Module, *args, **kwargs):  # gptfast.hf_direct's attention patches
     return DIRECT_ATTENTION[type(m).__name__][1](m, *args, **kwargs)
 
 
 _PREPARE = {"layer_norm": _prepare_layer_norm, "attention": _prepare_attention, "gelu_ffn": _prepare_mlp}
 _FORWARD = {"layer_norm": _layer_norm_forward, "attention": _nanogpt_attention_forward,
-            "gelu_ffn": _mlp_forward, "hf_attention": _hf_attention_forward,
+            "gelu_ffn": _mlp_forward,
             "direct": _direct_forward}

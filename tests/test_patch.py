@@ -35,6 +35,18 @@ class Cfg:
     gelu: str = "none"            # nanoGPT uses nn.GELU() (exact)
 
 
+class LayerNorm(nn.Module):
+    """nanoGPT's own LayerNorm: an optional bias (PyTorch's nn.LayerNorm had none to switch off)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Cfg):
         super().__init__()
@@ -78,9 +90,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x):
@@ -94,7 +106,7 @@ class NanoGPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias)))
+            ln_f=LayerNorm(cfg.n_embd, bias=cfg.bias)))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
         for name, p in self.named_parameters():  # non-trivial LayerNorm affine parameters and biases too
@@ -152,14 +164,16 @@ def patched_copy(model, **kwargs):
 # ---------------------------------------------------------------------------- nanoGPT-style
 
 
-@pytest.mark.parametrize("flash", [True, False], ids=["sdpa", "masked-softmax"])
+@pytest.mark.parametrize("flash,bias", [(True, True), (False, False)], ids=["sdpa-bias", "masked-softmax-nobias"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_nanogpt_patched_matches_unpatched(flash, dtype):
+def test_nanogpt_patched_matches_unpatched(flash, bias, dtype):
     torch.manual_seed(0)
-    plain = NanoGPT(Cfg(flash=flash, gelu="none" if flash else "tanh"))
+    plain = NanoGPT(Cfg(flash=flash, bias=bias, gelu="none" if flash else "tanh"))
     patched, report = patched_copy(plain)
     assert {e.kind for e in report.patched} == {"layer_norm", "attention", "gelu_ffn"}
     assert len(report.patched) == 5 + 2 + 2 and not report.skipped, str(report)
+    norms = [e.reason for e in report.patched if e.kind == "layer_norm"]
+    assert norms == ["LayerNorm: checked to compute F.layer_norm (eps=1e-05)"] * 5, norms
     idx, targets = batch()
     # bf16: outputs and gradients are compared with the same relative rule; the atol only
     # covers gradients PyTorch itself gets (nearly) exactly right.
@@ -269,7 +283,7 @@ def test_unsupported_modules_are_skipped_with_a_reason():
     why = {e.path: e.reason for e in report.skipped}
     assert "does not compute causal attention" in why["transformer.h.0.attn"]
     assert "neither exact nor tanh GELU" in why["transformer.h.0.mlp"]
-    assert "unrecognised submodules" in why["transformer.h.1.mlp"] and "c_gate" in why["transformer.h.1.mlp"]
+    assert "but also submodules ['c_gate']" in why["transformer.h.1.mlp"]
     assert "spans several dims" in why["extra_norm"]
     assert len(report.patched) == 5  # the single-dim LayerNorms
     for e in report.skipped:
@@ -440,28 +454,32 @@ def test_hf_other_masks_and_output_attentions_fall_back():
     decode[0, 0, 0, :2] = False
     assert torch.equal(_mask_keep(decode, 1, 9), decode[:, 0, 0])
 
+    import gptfast.hf
     plain = hf_model("eager").eval()
     patched, _ = patched_copy(plain)
     idx, _ = batch()
-    attn = patched.transformer.h[0].attn
-    hidden = torch.randn(2, t, 32, generator=torch.Generator().manual_seed(3))
-    float_window = torch.zeros(2, 1, t, t).masked_fill(~window, torch.finfo(torch.float32).min)
-    got = attn(hidden, attention_mask=float_window)[0]
-    torch.testing.assert_close(got, plain.transformer.h[0].attn(hidden, attention_mask=float_window)[0])
-    assert attn._gptfast_patch.fallbacks == {"attention_mask is neither causal nor causal with padding": 1}
-    attn._gptfast_patch.fallbacks.clear()
+    gptfast.hf.fallbacks.clear()
+    t = idx.shape[1]
+    band = torch.ones(t, t, dtype=torch.bool).tril() & ~torch.ones(t, t, dtype=torch.bool).tril(-3)
+    float_window = torch.zeros(3, 1, t, t).masked_fill(~band, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(patched(idx, attention_mask=float_window).logits,
+                               plain(idx, attention_mask=float_window).logits, atol=1e-5, rtol=1e-5)
+    reason = "a 4-D attention mask (custom, packed, bidirectional, chunked or static-cache)"
+    assert gptfast.hf.fallbacks == {reason: 2}  # one per layer
+    gptfast.hf.fallbacks.clear()
     out = patched(idx, output_attentions=True)
     want = plain(idx, output_attentions=True)
-    assert attn._gptfast_patch.fallbacks == {"output_attentions": 1}
+    assert gptfast.hf.fallbacks == {"attention weights requested (output_attentions)": 2}
     assert len(out.attentions) == len(want.attentions) == 2
     for a, b in zip(out.attentions, want.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, want.logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_hf_generate_decodes_on_gptfast_with_the_kv_cache(impl, monkeypatch):
-    import importlib
-    gp = importlib.import_module("gptfast.patch")
+    import gptfast.hf as gp
+    gp.fallbacks.clear()
     plain = hf_model(impl).eval()
     patched, _ = patched_copy(plain)
     shapes = []
@@ -482,22 +500,30 @@ def test_hf_generate_decodes_on_gptfast_with_the_kv_cache(impl, monkeypatch):
                        plain.generate(idx, attention_mask=mask, **kw))
     assert shapes[::2] == [("attention_varlen", 3 * 7 - 4, 3 * 7 - 4)] + [
         ("attention_varlen", 3, 3 * (7 + i) - 4) for i in range(1, 5)], shapes[::2]
-    assert patched.transformer.h[0].attn._gptfast_patch.fallbacks == {}
+    assert gp.fallbacks == {}
 
 
-def test_hf_attention_dropout_and_cross_attention_are_reported():
-    model = hf_model(attn_pdrop=0.1, add_cross_attention=True)
-    report = patch(model)
-    why = {e.path: e.reason for e in report.entries}
-    assert "cross-attention" in why["transformer.h.0.crossattention"]
-    assert "transformer.h.0.crossattention" in {e.path for e in report.skipped}
+def test_hf_attention_dropout_runs_on_gptfast_and_cross_attention_falls_back():
+    import gptfast.hf
+    gptfast.hf.fallbacks.clear()
+    plain = hf_model(attn_pdrop=0.1, add_cross_attention=True)
+    model, report = patched_copy(plain)
+    why = {e.path: e.reason for e in report.patched}
     assert "attn_pdrop=0.1 in training mode runs in gptfast's kernels" in why["transformer.h.0.attn"]
+    assert "attention interface" in why["transformer.h.0.crossattention"]
+    encoder = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(6))
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(batch()[0], encoder_hidden_states=encoder).logits,
+                               plain(batch()[0], encoder_hidden_states=encoder).logits, atol=1e-5, rtol=1e-5)
+    # the encoder's (bidirectional) mask is one gptfast does not take apart: sdpa, per layer
+    assert gptfast.hf.fallbacks == {"a 4-D attention mask (custom, packed, bidirectional, chunked or static-cache)": 2}
+    gptfast.hf.fallbacks.clear()
     model.train()
     torch.manual_seed(4)
     first = model(batch()[0]).logits
     torch.manual_seed(4)
     assert torch.equal(model(batch()[0]).logits, first)  # gptfast's dropout: one seed, one mask
-    assert model.transformer.h[0].attn._gptfast_patch.fallbacks == {}
+    assert gptfast.hf.fallbacks == {}
     model.eval()
     assert (model(batch()[0]).logits - first).abs().max() > 1e-3
 
