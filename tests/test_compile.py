@@ -6,6 +6,7 @@ dispatch with dynamic shapes) for every backend that runs on the CPU; the tiny G
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,101 @@ def test_compiled_patched_nanogpt_matches_eager(backend, seed):
     assert_close(loss_c, loss_e, atol=1e-5, name="loss")
     for (name, _), a, b in zip(model.named_parameters(), grads_c, grads_e):
         assert_close(a, b, atol=1e-5, name=name)
+
+
+def _train_losses(model, steps, idx_of, loss_of, compiled: bool):
+    """Losses of ``steps`` AdamW steps from one seed; with ``compiled``, the model is compiled
+    fullgraph (aot_eager) and the number of graphs dynamo built after the first step is returned."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, graphs_after_first = [], None
+    torch.manual_seed(3)
+    for step in range(steps):
+        loss = loss_of(run, idx_of(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step == 0:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+    return losses, counters["stats"]["unique_graphs"] - graphs_after_first
+
+
+def _assert_compiled_training_matches_eager(make_model, idx_of, loss_of):
+    eager, _ = _train_losses(make_model(), 20, idx_of, loss_of, compiled=False)
+    compiled, new_graphs = _train_losses(make_model(), 20, idx_of, loss_of, compiled=True)
+    assert new_graphs == 0, f"{new_graphs} recompiles after the first step"
+    # dropout draws the same random numbers compiled and eager (aot_eager runs the eager RNG ops)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert len(set(eager)) == len(eager)  # the steps changed the model
+
+
+def test_patched_nanogpt_with_dropout_trains_compiled_without_recompiles():
+    """nanoGPT's shakespeare-char recipe compiles a model with dropout: 20 training steps of the
+    patched model compiled fullgraph, no recompile after the first, the same losses as eager."""
+    from test_patch import Cfg, NanoGPT, batch
+
+    def make():
+        torch.manual_seed(0)
+        model = NanoGPT(Cfg(dropout=0.1))
+        report = gptfast.patch(model, backend="cpu")
+        assert len(report.patched) == 9 and not report.skipped, str(report)
+        return model.train()
+
+    _assert_compiled_training_matches_eager(
+        make, lambda step: batch(b=4, t=16, seed=step)[0],
+        lambda model, idx: model(idx, idx.roll(1, dims=1))[1])
+
+
+def test_patched_hf_gpt2_default_config_trains_compiled_without_recompiles():
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'gptfast[hf]')")
+
+    def make():
+        torch.manual_seed(0)  # GPT-2's default dropouts (0.1 on attention, residual, embeddings)
+        config = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+        model = transformers.GPT2LMHeadModel(config)
+        report = gptfast.patch(model, backend="cpu")
+        assert len(report.patched) == 9 and not report.skipped, str(report)
+        return model.train()
+
+    def loss_of(model, idx):  # (HF's own loss warns through logging on its first call: dynamo refuses that)
+        logits = model(idx).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx.roll(1, dims=1)[:, 1:].flatten())
+
+    _assert_compiled_training_matches_eager(
+        make, lambda step: torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(step)), loss_of)
+
+
+def test_hf_fallback_under_compile_neither_breaks_the_graph_nor_recompiles():
+    """A call gptfast hands to sdpa (here a custom 4-D mask) compiles into the graph; the fallback
+    counter is not touched under compile, so nothing dynamo guards on changes between calls."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'gptfast[hf]')")
+    import gptfast.hf
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    gptfast.patch(model, backend="cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    gptfast.hf.fallbacks.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    band = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    for step in range(4):
+        idx = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(step))
+        mask = torch.zeros(2, 1, 8, 8).masked_fill(~band, torch.finfo(torch.float32).min)
+        got = compiled(idx, attention_mask=mask).logits
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        assert gptfast.hf.fallbacks == {}
+        want = model(idx, attention_mask=mask).logits  # eager: the fallback is counted
+        assert sum(gptfast.hf.fallbacks.values()) == 2
+        assert_close(got, want, atol=1e-5, name="logits")
+        gptfast.hf.fallbacks.clear()
+    assert counters["stats"]["unique_graphs"] == graphs
