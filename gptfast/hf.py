@@ -131,6 +131,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is None:
         return attention(q, k, v, causal=bool(causal), **options), None
     keep = attention_mask                                                       # (B, Tk) bool
+    if window != (-1, -1) and bool((keep[:, 0].int() + (~keep[:, :-1] & keep[:, 1:]).sum(1) > 1).any()):
+        # packing closes the holes, so distances in the window would be counted without them
+        return _fall_back("sliding window over a padding mask with holes", softcap is not None, module, query,
+                          key, value, attention_mask, dropout=dropout, scaling=scaling,
+                          sliding_window=sliding_window, softcap=softcap, is_causal=is_causal, **kwargs)
     q_p, idx_q, cu_q, max_q, _ = unpad_input(q, keep[:, tk - tq:])
     k_p, _, cu_k, max_k, _ = unpad_input(k, keep)
     v_p = unpad_input(v, keep)[0]
@@ -189,6 +194,8 @@ def _fall_back(reason: str, eager: bool, module, query, key, value, mask, *, sli
     if fn is None:
         return sdpa_attention_forward(module, query, key, value, mask, is_causal=False if mask is not None else causal,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
+    if kwargs.get("scaling") is None:  # eager functions multiply by it
+        kwargs["scaling"] = query.shape[-1] ** -0.5
     if mask is not None and mask.dtype == torch.bool:  # eager functions add the mask to the scores
         mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
     if softcap is not None:

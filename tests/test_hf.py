@@ -190,3 +190,79 @@ def test_attn_implementation_gptfast_from_config_and_set(family):
             got = m(idx, attention_mask=mask).logits
             torch.testing.assert_close(got[mask.bool()], want_padded[mask.bool()], atol=1e-5, rtol=1e-5)
     assert gptfast.hf.fallbacks == {}
+
+
+# ------------------------------------------------------------------------------- fallbacks
+
+
+def _qkv(b=2, h=4, hk=2, tq=9, tk=9, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, tq, d, generator=g), torch.randn(b, hk, tk, d, generator=g),
+            torch.randn(b, hk, tk, d, generator=g))
+
+
+class _Module(torch.nn.Module):  # what the interface reads off an attention module
+    is_causal = True
+    num_key_value_groups = 2
+
+
+def _sdpa_truth(q, k, v, allowed, scale=None):
+    k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out.transpose(1, 2)
+
+
+def test_interface_sliding_window_and_padding_follow_transformers_masks():
+    from gptfast.hf import _dense_mask, attention_forward
+    q, k, v = _qkv(tq=3, tk=9)  # decoding 3 tokens against 6 cached
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, :2] = False  # left padding
+    for window in (None, 4):
+        for mask in (None, keep):
+            got, weights = attention_forward(_Module(), q, k, v, mask, sliding_window=window, scaling=0.5)
+            allowed = _dense_mask(mask, 2, 3, 9, True, window, q.device)
+            want = _sdpa_truth(q, k, v, allowed, scale=0.5)
+            assert weights is None and got.shape == (2, 3, 4, 8)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # transformers' rule: with sliding_window w, query i sees keys i-w+1 .. i
+    allowed = _dense_mask(None, 1, 5, 5, True, 2, "cpu")[0, 0]
+    assert torch.equal(allowed, torch.eye(5, dtype=torch.bool) | torch.eye(5, dtype=torch.bool).roll(-1, 1).tril())
+    assert gptfast.hf.fallbacks == {}
+
+
+@pytest.mark.parametrize("case", ["s_aux", "holes+window", "headdim", "weights", "extra-arg"])
+def test_interface_falls_back_where_gptfast_cannot_and_counts_why(case, monkeypatch):
+    from gptfast.hf import _dense_mask, attention_forward
+    q, k, v = _qkv()
+    kw, mask, d = {}, None, 8
+    if case == "s_aux":
+        pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+        kw["s_aux"] = torch.zeros(4)
+    elif case == "holes+window":
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        mask[1, 4] = False
+        kw["sliding_window"] = 3
+    elif case == "headdim":
+        d = 264
+        q, k, v = _qkv(d=d)
+    elif case == "weights":
+        kw["output_attentions"] = True
+    else:
+        kw["position_bias"] = torch.zeros(1, 4, 9, 9)
+    module = _Module()
+    if case in ("s_aux", "weights"):  # sinks and weights need the model's eager function
+        import importlib
+        home = importlib.import_module("transformers.models." + ("gpt_oss.modeling_gpt_oss" if case == "s_aux"
+                                                                 else "llama.modeling_llama"))
+        module = type("SomeAttention", (_Module,), {"__module__": home.__name__})()
+        module.sinks = kw.get("s_aux")
+    out, weights = attention_forward(module, q, k, v, mask, **kw)
+    assert out.shape == (2, 9, 4, d)
+    (reason, calls), = gptfast.hf.fallbacks.items()
+    assert calls == 1 and {"s_aux": "sinks", "holes+window": "holes", "headdim": "head dim 264",
+                           "weights": "weights", "extra-arg": "position_bias"}[case] in reason
+    if case in ("holes+window", "headdim"):
+        allowed = _dense_mask(mask, 2, 9, 9, True, kw.get("sliding_window"), q.device)
+        torch.testing.assert_close(out, _sdpa_truth(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    if case == "weights":
+        assert weights is not None and weights.shape == (2, 4, 9, 9)

@@ -542,3 +542,53 @@ def test_backend_is_checked_by_name_and_a_gpu_backend_may_patch_a_cpu_model():
     model, report = patched_copy(plain, backend="reference")  # a runnable pin: checked with it
     assert not report.skipped
     torch.testing.assert_close(model(batch()[0])[0], plain(batch()[0])[0], atol=1e-5, rtol=1e-5)
+
+
+class HiddenDropoutMLP(MLP):
+    """c_fc -> GELU -> dropout -> c_proj: the same function as MLP in eval mode, not in training."""
+
+    def forward(self, x):
+        return self.c_proj(self.dropout(self.gelu(self.c_fc(x))))
+
+
+def test_mlp_dropout_placement_is_checked_in_training_mode():
+    torch.manual_seed(0)
+    model = NanoGPT(Cfg(dropout=0.1))
+    model.transformer.h[0].mlp.__class__ = HiddenDropoutMLP
+    report = patch(model)
+    why = {e.path: e.reason for e in report.entries}
+    assert "in training mode its forward does not compute c_fc -> GELU" in why["transformer.h.0.mlp"], str(report)
+    assert "transformer.h.0.mlp" in {e.path for e in report.skipped}
+    assert "transformer.h.1.mlp" in {e.path for e in report.patched}  # dropout after c_proj: as gptfast
+    assert "forward" not in model.transformer.h[0].mlp.__dict__
+    model.train()
+    torch.manual_seed(1)
+    idx, _ = batch()
+    first = model(idx)[0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(idx)[0], first, rtol=0, atol=0)
+
+
+def test_hf_mlps_with_dropout_pass_the_training_check():
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'gptfast[hf]')")
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=61, hidden_size=32, n_layer=1,
+                                                                   n_head=4, hidden_dropout=0.1))
+    gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(vocab_size=61, n_embd=32, n_layer=1, n_head=4,
+                                                                rotary_dim=4, resid_pdrop=0.1))
+    for model, path in ((bloom, "transformer.h.0.mlp"), (gptj, "transformer.h.0.mlp")):
+        report = patch(model, ops=("gelu_ffn",))
+        assert path in {e.path for e in report.patched}, str(report)
+        mlp = model.get_submodule(path)
+        mlp.train()
+        x = torch.randn(2, 5, 32)
+        args = (x, torch.randn(2, 5, 32)) if "bloom" in type(mlp).__module__ else (x,)
+        torch.manual_seed(2)
+        got = mlp(*args)
+        torch.manual_seed(2)
+        want = original_forward(mlp, *args)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # same dropout draws, same place
+
+
+def original_forward(module, *args):
+    from gptfast.patch import _call_original
+    return _call_original(module, *args)
