@@ -55,7 +55,7 @@ from .ops.gelu_ffn import gelu_ffn_ref
 from .testing import (assert_close, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
                       gelu_ffn_magnitudes, layer_norm_magnitudes, sdpa_bthd)
 
-OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate")
+OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate", "drop_in")
 PHASES = ("fwd", "bwd", "fwd-bwd")
 BASELINES = ("eager", "compile", "flash_attn", "liger")
 # Rotate input sets until they hold this many bytes (beyond any L2/LLC here), at most MAX_SETS.
@@ -1085,13 +1085,15 @@ attention B,T,H,D[,HK] (batch, seqlen, heads, headdim, kv heads for GQA/MQA; e.g
 or 4,512,32,128,8; options: --window, --softcap, --alibi, --dropout);
 layer_norm M,N (rows, hidden); gelu_ffn M,C[,H] (rows, width, FFN width, default 4C);
 train PRESET,BATCH[,SEQLEN] (e.g. gpt2,8 or tiny,8,128); generate PRESET,BATCH,CTX[,NEW]
-(prompt length CTX, NEW generated tokens, default 32; e.g. small,1,1024)"""
+(prompt length CTX, NEW generated tokens, default 32; e.g. small,1,1024); drop_in FAMILY
+(a Hugging Face decoder family, e.g. gpt2 llama; default all 13)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("op", choices=OPS + ("ceilings",),
                    help="op to benchmark, 'train' for a GPT training step, 'generate' for greedy decoding "
                         "with / without the KV cache and against Hugging Face GPT-2 (gptfast.bench_generate), "
+                        "'drop_in' for HF decoders' training step patched vs unpatched (gptfast.bench_drop_in), "
                         "or 'ceilings' for the device's copy GB/s and matmul TFLOP/s")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -1117,8 +1119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write results.json, results.csv and PNG plots here (merged with other ops' rows)")
     p.add_argument("--min-run-time", type=float, default=0.3,
                    help="CPU: seconds per torch.utils.benchmark measurement (default 0.3)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="generate: timings per measurement, the median is kept (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="generate: timings per measurement, the median is kept (default 3); "
+                        "drop_in: training steps per model (default 5)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; nothing runs")
 
 
@@ -1236,6 +1239,9 @@ def run(args, command: str) -> int:
     if args.op == "generate":
         from .bench_generate import run_generate
         return run_generate(args, command)
+    if args.op == "drop_in":
+        from .bench_drop_in import run_drop_in
+        return run_drop_in(args, command)
     device, dtype, cases, backends, phases = plan(args)
     out = Path(args.out) if args.out else None
     if args.dry_run:

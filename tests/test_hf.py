@@ -7,6 +7,7 @@ float64 is the truth, the unpatched model in the tested precision sets the error
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 
 import pytest
@@ -20,38 +21,10 @@ import gptfast.hf  # noqa: E402
 from gptfast.testing import assert_within_pytorch_error  # noqa: E402
 from test_patch import compare  # noqa: E402
 
+from gptfast.bench_drop_in import FAMILIES, build  # noqa: E402
+
 V = 61
 T = transformers
-NO_DROPOUT = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout",
-              "activation_dropout", "resid_dropout", "embed_dropout", "summary_first_dropout")
-
-
-def _configs():
-    small = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    gpt = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, **small)
-    hf = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **small)
-    return {
-        "gpt2": lambda: T.GPT2Config(**gpt),
-        "gpt_neo": lambda: T.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, window_size=5,
-                                          attention_types=[[["global", "local"], 1]],
-                                          max_position_embeddings=64, **small),
-        "gptj": lambda: T.GPTJConfig(rotary_dim=4, **gpt),
-        "gpt_neox": lambda: T.GPTNeoXConfig(intermediate_size=64, **hf),
-        "phi": lambda: T.PhiConfig(intermediate_size=64, num_key_value_heads=2, **hf),
-        "gpt_bigcode": lambda: T.GPTBigCodeConfig(multi_query=True, **gpt),
-        "bloom": lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **small),
-        "opt": lambda: T.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, activation_function="gelu", **hf),
-        "falcon": lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **small),
-        "llama": lambda: T.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **hf),
-        "mistral": lambda: T.MistralConfig(intermediate_size=64, num_key_value_heads=1, sliding_window=5, **hf),
-        "qwen2": lambda: T.Qwen2Config(intermediate_size=64, num_key_value_heads=2, **hf),
-        "gemma2": lambda: T.Gemma2Config(intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=5,
-                                         **hf),
-    }
-
-
-CONFIGS = _configs()
-FAMILIES = list(CONFIGS)
 INTERFACE = [f for f in FAMILIES if f not in ("gpt_neo", "bloom", "falcon")]
 
 # What gptfast.patch reports for each 2-layer model: Counter of (kind, action).
@@ -72,15 +45,8 @@ REPORTS = {
 }
 
 
-def make(family: str, impl: str | None = None, dropout: bool = False):
-    config = CONFIGS[family]()
-    if not dropout:
-        for name in NO_DROPOUT:
-            if isinstance(getattr(config, name, None), float):
-                setattr(config, name, 0.0)
-    torch.manual_seed(0)
-    impl = impl or ("eager" if family == "gemma2" else "sdpa" if family in INTERFACE else None)
-    model = T.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
+def make(family: str):
+    model = build(family, "test")
     with torch.no_grad():  # non-trivial norm affine parameters and biases
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -266,3 +232,21 @@ def test_interface_falls_back_where_gptfast_cannot_and_counts_why(case, monkeypa
         torch.testing.assert_close(out, _sdpa_truth(q, k, v, allowed), atol=1e-5, rtol=1e-5)
     if case == "weights":
         assert weights is not None and weights.shape == (2, 4, 9, 9)
+
+
+# ------------------------------------------------------------------- gptfast bench drop_in
+
+
+def test_bench_drop_in_times_patched_against_unpatched(tmp_path, capsys):
+    from gptfast.cli import main
+    main(["bench", "drop_in", "--sizes", "gpt2,llama", "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "drop_in.json").read_text())["rows"]
+    assert [r["family"] for r in rows] == ["gpt2", "llama"] and all(r["status"] == "ok" for r in rows)
+    assert all(r["patched_ms"] > 0 and r["x_unpatched"] == r["unpatched_ms"] / r["patched_ms"] for r in rows)
+    assert rows[0]["runs_on_gptfast"] == "norm 9/9, attention 4/4, mlp 4/4"
+    assert rows[1]["left"] == "4x gated MLP (no gptfast op yet); 9x RMSNorm (no gptfast op yet)"
+    assert "x unpatched" in out and (tmp_path / "drop_in.txt").read_text().count("\n") == 6
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "drop_in", "--sizes", "gpt3"])
+    assert exc.value.code != 0 and "drop_in takes family names" in capsys.readouterr().err
