@@ -3,33 +3,41 @@
 Patching rewires modules in place by giving each recognised module an instance-level ``forward``
 (a ``functools.partial`` of a function in this file, so a patched model still deep-copies and
 pickles). No parameter, buffer or submodule is created, replaced or re-laid-out: optimizer state,
-``state_dict`` keys and hooks on ``c_attn``/``c_proj`` stay as they were. Hugging Face ``Conv1D``
-weights, stored (in, out), reach ``gelu_ffn`` as ``weight.t()`` views; no call copies a weight.
+``state_dict`` keys and hooks on submodules stay as they were. Hugging Face ``Conv1D`` weights,
+stored (in, out), reach ``gelu_ffn`` as ``weight.t()`` views; no call copies a weight.
 
-What is recognised, by structure rather than class name:
+What is recognised, by structure rather than class name, each verified by running the original
+and the patched forward on a sample input before the patch is kept:
 
-- ``nn.LayerNorm`` (or a subclass that does not override ``forward``) over one dimension.
-- nanoGPT-style causal self-attention: ``c_attn`` (Linear C -> 3C), ``c_proj`` (C -> C), ``n_head``,
+- LayerNorms: ``nn.LayerNorm`` over one dimension, and any leaf module with a 1-D ``weight`` (and
+  optional ``bias``, e.g. nanoGPT's ``LayerNorm(ndim, bias=False)``) whose forward is
+  ``F.layer_norm`` over the last dim -- checked on a unit-scale and a small-scale input, which
+  also tells its eps (its ``eps``/``variance_epsilon`` attribute, else 1e-5 or 1e-6).
+- GELU MLPs: a module with one of the Linear (or HF ``Conv1D``) pairs ``c_fc``/``c_proj``,
+  ``fc_in``/``fc_out``, ``dense_h_to_4h``/``dense_4h_to_h``, ``fc1``/``fc2``, one activation
+  identified by evaluating it (exact-erf or tanh GELU; BLOOM's ``gelu_impl`` too), an optional
+  ``dropout`` after the output projection; BLOOM's ``forward(hidden_states, residual)`` too.
+- nanoGPT-style causal self-attention: ``c_attn`` (C -> 3C), ``c_proj`` (C -> C), ``n_head``,
   optionally ``attn_dropout``/``resid_dropout`` and a ``bias`` tril mask buffer, nothing else.
-  Patching runs both forwards once on a tiny input (eval mode, own RNG) and keeps the patch only if
-  they agree, so a module that is not causal, or that does something else, is left alone.
-- A GELU MLP: ``c_fc``, ``c_proj`` (Linear or Conv1D), one activation (``gelu``/``act``/...) that
-  is identified by evaluating it: exact-erf and tanh GELU are accepted, anything else is not.
-- Hugging Face ``GPT2Attention`` (self-attention; cross-attention is left alone). Each call is
-  checked: the causal mask runs dense gptfast attention; a **padding** mask (causal over the
-  tokens an ``attention_mask`` keeps, any pattern: left, right, holes) runs the packed varlen path
-  (unpad, attend, pad: the outputs at padded query positions are zeros, as FlashAttention's HF
-  integration returns, where the original returns values nothing reads); **decoding** with a
-  transformers 5 ``Cache`` (Tq != Tk, keys from the cache, bottom-right causal) runs on gptfast,
-  padded or not. Anything gptfast cannot compute exactly -- another mask, ``head_mask``,
-  ``output_attentions``, a legacy tuple cache, an unknown attention implementation or extra
-  argument -- runs the original forward.
+- Hugging Face models whose attention goes through transformers' attention interface (GPT-2,
+  GPT-J, GPT-NeoX, Phi, GPTBigCode, OPT, Llama, Mistral, Qwen2, Gemma-2, ...): the model is
+  switched to ``attn_implementation="gptfast"`` (:mod:`gptfast.hf`: GQA, sliding windows,
+  softcap, padding, KV cache, dropout; the rest falls back per call, counted in
+  ``gptfast.hf.fallbacks``); ``unpatch`` switches it back.
+- GPT-Neo, BLOOM and Falcon attention, which do not use the interface: :mod:`gptfast.hf_direct`.
 
-Attention dropout in training mode (nanoGPT's ``attn_dropout``, HF's ``attn_pdrop``) runs inside
-gptfast's attention kernels (same probability; gptfast's own dropout RNG, so the mask differs from
-the original module's draw, as any two dropout implementations' do).
+The check runs happen in eval mode and, for modules with dropout, in training mode from one RNG
+state, so dropout must sit where gptfast applies it (an MLP that drops its hidden activations is
+left alone). Attention-probability dropout in training (nanoGPT's ``attn_dropout``, HF's
+``attn_pdrop``) runs inside gptfast's attention kernels (same probability, gptfast's RNG).
 
-Calls that fall back are counted per module in ``module._gptfast_patch.fallbacks``.
+The report lists every module that was patched and every module that looks like a norm, an
+attention or an MLP (by structure or class name) and was not, with the reason (RMSNorm and gated
+MLPs have no gptfast op yet; OPT's MLP lives inside its decoder layer's forward; ...).
+
+Calls of a patched module that fall back to its own forward are counted in
+``module._gptfast_patch.fallbacks`` -- in eager mode only: under torch.compile nothing is counted
+(a counter that changes per call is state dynamo guards on, and would recompile every call).
 """
 from __future__ import annotations
 
