@@ -4,7 +4,7 @@
     out = gptfast.attention(q, k, v, causal=True)           # (batch, seqlen, nheads, headdim)
     y = gptfast.layer_norm(x, weight, bias)
     z = gptfast.gelu_ffn(x, w1, b1, w2, b2, approximate="tanh")
-    report = gptfast.patch(model)   # an existing nanoGPT / Hugging Face GPT-2 model, in place
+    report = gptfast.patch(model)   # an existing nanoGPT / Hugging Face decoder, in place
 
 Importing gptfast imports neither triton nor the native extension; backends load on first use.
 """
