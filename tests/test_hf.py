@@ -250,3 +250,16 @@ def test_bench_drop_in_times_patched_against_unpatched(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "drop_in", "--sizes", "gpt3"])
     assert exc.value.code != 0 and "drop_in takes family names" in capsys.readouterr().err
+
+
+def test_interface_reads_query_key_value_as_views_without_copies(monkeypatch):
+    from gptfast.hf import attention_forward
+    q, k, v = _qkv()
+    seen = []
+    real = gptfast.hf.attention
+    monkeypatch.setattr(gptfast.hf, "attention", lambda *a, **kw: seen.append(a) or real(*a, **kw))
+    attention_forward(_Module(), q, k, v, None)
+    (gq, gk, gv), = seen
+    for got, given in ((gq, q), (gk, k), (gv, v)):
+        assert got.data_ptr() == given.data_ptr() and got.shape == given.transpose(1, 2).shape
+    assert gk.shape[2] == 2  # GQA: the two kv heads, not repeated to four
