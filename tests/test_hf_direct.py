@@ -340,3 +340,53 @@ def test_report_notes():
     assert "one key/value head (multi_query)" in notes["falcon"][0]
     assert "2 key/value group(s) (new_decoder_architecture)" in notes["falcon-gqa"][0]
     assert notes["falcon-alibi"][0].startswith("Falcon: ALiBi")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_chunked_prefill_with_cache(family, padded):
+    """A second chunk of 4 queries over a cache of 7 keys (Tq != Tk > 1): the causal mask, GPT-Neo's
+    window and ALiBi aligned to the last key, as transformers has them."""
+    plain = build(family)
+    fast = patched(plain)
+    ids, mask = inputs(padded)
+    outs = []
+    for model in (plain, fast):
+        with torch.no_grad():
+            first = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+            second = model(ids[:, 7:], attention_mask=mask, cache=first.cache, use_cache=True)
+        outs.append((first.logits, second.logits))
+    keep = mask.bool()
+    for want, got, k in zip(outs[0], outs[1], (keep[:, :7], keep[:, 7:])):
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    assert fallbacks(fast) == {}
+
+
+def test_calls_without_a_usable_mask_fall_back():
+    """Direct module calls: BLOOM with no mask and several queries attends to every key (not
+    causal); Falcon's eager path needs a mask; a Falcon alibi mask must hold alibi / sqrt(d)."""
+    ids, mask = inputs(False)
+    bloom = patched(build("bloom"))
+    m, args, kwargs = _first_attention_call(bloom, ids, mask)
+    hidden, residual, alibi = args[:3] if len(args) >= 3 else (args[0], args[1], kwargs.pop("alibi"))
+    kwargs.pop("attention_mask", None)
+    with torch.no_grad():
+        got = m(hidden, residual, alibi, None, **kwargs)[0]
+        want = type(m).forward(m, hidden, residual, alibi, None, **kwargs)[0]
+    torch.testing.assert_close(got, want)
+    assert m._gptfast_patch.fallbacks == {"no attention mask (BLOOM is then not causal)": 1}
+
+    for eager, reason in ((True, "no attention mask on the eager path"),
+                          (False, "the alibi mask does not hold alibi / sqrt(head_dim)")):
+        falcon = patched(build("falcon-alibi-eager" if eager else "falcon-alibi"))
+        m, args, kwargs = _first_attention_call(falcon, ids, mask)
+        kwargs = dict(kwargs)
+        bad = None if eager else kwargs["attention_mask"] * 2
+        kwargs["attention_mask"] = bad
+        with torch.no_grad():
+            if eager:
+                with pytest.raises(TypeError):  # transformers' own forward: scores + None
+                    m(*args, **kwargs)
+            else:
+                torch.testing.assert_close(m(*args, **kwargs)[0], type(m).forward(m, *args, **kwargs)[0])
+        assert m._gptfast_patch.fallbacks == {reason: 1}
