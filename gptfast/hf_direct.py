@@ -128,6 +128,15 @@ def _kv_length(cache, idx: int, tq: int) -> int | None:
     return layer.get_seq_length() + tq
 
 
+def _slopes_on(cfg: dict, factor: float, device) -> torch.Tensor:
+    """cfg["slopes"] * factor on ``device``, kept per (factor, device): no host-to-device copy per call."""
+    memo = cfg.setdefault("slopes_on", {})
+    key = (factor, str(device))
+    if key not in memo:
+        memo[key] = (cfg["slopes"] * factor).to(device)
+    return memo[key]
+
+
 def _common_reason(output_attentions) -> str | None:
     if output_attentions:
         return "attention weights requested (output_attentions)"
@@ -274,7 +283,7 @@ def _bloom_forward(m, hidden_states, residual, alibi, attention_mask, layer_past
     if layer_past is not None:
         key, value = layer_past.update(key, value, m.layer_idx)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    slopes = (cfg["slopes"] * cfg["beta"]).to(hidden_states.device)
+    slopes = _slopes_on(cfg, cfg["beta"], hidden_states.device)
     y = _attend(m, q, k, v, keep, scale=cfg["scale"], alibi_slopes=slopes,
                 dropout_p=float(m.attention_dropout.p) if m.training else 0.0)
     context = y.reshape(b, tq, m.hidden_size)
@@ -399,7 +408,7 @@ def _falcon_forward(m, hidden_states, alibi, attention_mask, position_ids=None, 
     if alibi is not None:
         # the mask carries alibi / sqrt(d); the eager path adds alibi * inv_norm_factor once more
         factor = scale if sdpa else scale + float(m.inv_norm_factor)
-        slopes = (cfg["slopes"] * factor).to(hidden_states.device)
+        slopes = _slopes_on(cfg, factor, hidden_states.device)
         p = float(m.attention_dropout.p) if m.training else 0.0
         if not sdpa:
             scale = float(m.inv_norm_factor)

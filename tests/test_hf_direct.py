@@ -2,7 +2,7 @@
 
 Every family is built from a small config (2 layers, hidden 32, 4 heads, vocab 61) and compared
 patched vs unpatched by DESIGN.md's rule: ``ref`` the unpatched model in float64, ``pt`` the
-unpatched model in the tested precision (fp32, or bf16 autocast), ``out`` the patched one;
+unpatched model in the tested precision (fp32, bf16 autocast, or bf16 parameters), ``out`` the patched one;
 max|out-ref| <= 2*max|pt-ref| + atol for logits and loss, 3x for every parameter gradient. With
 a left-padded batch only real positions are compared (no label predicted from padding): gptfast's outputs
 at padded query rows are 0, transformers' are whatever its mask leaves there. Greedy generation
@@ -116,7 +116,7 @@ def logits_loss_grads(model, ids, mask, dtype):
 
 
 @pytest.mark.parametrize("padded", [False, "left", "right"], ids=["nopad", "leftpad", "rightpad"])
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "bf16-weights"], ids=["fp32", "bf16-autocast", "bf16-weights"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_patched_matches_unpatched(family, dtype, padded):
     if family == "bloom" and padded == "left":
@@ -125,9 +125,11 @@ def test_patched_matches_unpatched(family, dtype, padded):
                     "values (left padding is checked by test_generate_matches_unpatched and "
                     "test_alibi_with_holes_runs_on_gptfast)")
     plain = build(family)
-    fast = patched(plain)
     ids, mask = inputs(padded)
     ref = logits_loss_grads(copy.deepcopy(plain).double(), ids, mask, None)
+    if dtype == "bf16-weights":  # bf16 parameters: BLOOM's and Falcon's alibi tensors are bf16 too
+        plain, dtype = plain.bfloat16(), None
+    fast = patched(plain)
     pt = logits_loss_grads(plain, ids, mask, dtype)
     out = logits_loss_grads(fast, ids, mask, dtype)
     assert fallbacks(fast) == {}
