@@ -77,11 +77,19 @@ def _keep(mask, tq: int, tk: int):
     return _mask_keep(mask, tq, tk)
 
 
+_holes_memo: list = [None]  # (weakref to the last keep mask checked, its version, verdict)
+
+
 def _has_holes(keep: torch.Tensor) -> bool:
     """Whether some row's kept positions are not one contiguous run (packing would shorten the
-    distances across a hole)."""
+    distances across a hole). Memoised for the last mask: every local layer gets the same one."""
+    memo = _holes_memo[0]
+    if memo is not None and memo[0]() is keep and memo[1] == keep._version:
+        return memo[2]
     starts = keep[:, :1].int().sum(1) + (~keep[:, :-1] & keep[:, 1:]).sum(1)
-    return bool((starts > 1).any())
+    verdict = bool((starts > 1).any())
+    _holes_memo[0] = (weakref.ref(keep), keep._version, verdict)
+    return verdict
 
 
 def _positions(keep, b: int, tk: int, device) -> torch.Tensor:
