@@ -126,14 +126,10 @@ def _kv_length(cache, idx: int, tq: int) -> int | None:
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list) or getattr(cache, "offloading", False):
         return None
-    if idx < len(layers):
-        layer = layers[idx]
-    else:
-        layer = getattr(cache, "layer_class_to_replicate", None)
-        layer = layer() if isinstance(layer, type) else None
-    if type(layer).__name__ != "DynamicLayer":
+    cls = type(layers[idx]) if idx < len(layers) else getattr(cache, "layer_class_to_replicate", None)
+    if getattr(cls, "__name__", None) != "DynamicLayer":
         return None
-    return layer.get_seq_length() + tq
+    return (layers[idx].get_seq_length() if idx < len(layers) else 0) + tq
 
 
 def _slopes_on(cfg: dict, factor: float, device) -> torch.Tensor:
