@@ -408,3 +408,17 @@ def test_bloom_sliced_output_projection():
     unused = {n for n, _ in model.named_parameters() if n.endswith(("self_attention.dense.bias", "dense_4h_to_h.bias"))}
     assert len(unused) == 4
     check_against_reference(model, "right", None, used={n for n, _ in model.named_parameters()} - unused)
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "bloom", "falcon"])
+def test_static_cache_falls_back(family):
+    """A static cache returns all max_cache_len keys (unfilled ones too): the patch does not read
+    its layout and falls back, before touching the cache, to the same tokens."""
+    plain = build(family)
+    fast = patched(plain)
+    ids, mask = inputs(True, t=6)
+    with torch.no_grad():
+        want = plain.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want)
+    assert fallbacks(fast) == {"a KV cache that is not a plain DynamicCache layer": 2 * 4}
