@@ -295,7 +295,8 @@ def _bloom_forward(m, hidden_states, residual, alibi, attention_mask, layer_past
         s = m.hidden_size / m.pretraining_tp
         out = torch.zeros_like(context)
         for i in range(m.pretraining_tp):
-            out = out + F.linear(context[:, :, int(i * s):int((i + 1) * s)], m.dense.weight[:, int(i * s):int((i + 1) * s)])
+            cols = slice(int(i * s), int((i + 1) * s))
+            out = out + F.linear(context[:, :, cols], m.dense.weight[:, cols])
     else:
         out = m.dense(context)
     out = residual + F.dropout(out, p=m.hidden_dropout, training=m.training)      # BLOOM's dropout_add
@@ -355,7 +356,8 @@ def _falcon_alibi_mask(mask: torch.Tensor, alibi: torch.Tensor, tq: int, tk: int
         b, h = mask.shape[:2]
         if keep is not None and alibi.numel() == b * h * tk:
             bias = alibi.reshape(b, h, 1, tk) / math.sqrt(head_dim)
-            verdict = (keep, torch.equal(mask.masked_fill(blocked, 0), bias.to(mask.dtype).expand_as(mask).masked_fill(blocked, 0)))
+            want = bias.to(mask.dtype).expand_as(mask).masked_fill(blocked, 0)
+            verdict = (keep, torch.equal(mask.masked_fill(blocked, 0), want))
     _falcon_memo[0] = (weakref.ref(mask), mask._version, (tq, tk), verdict)
     return verdict
 

@@ -31,8 +31,9 @@ COMMON = dict(vocab_size=61, bos_token_id=1, eos_token_id=None, pad_token_id=Non
 
 
 def _neo(**kw):
-    cfg = transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-                                    window_size=WINDOW, max_position_embeddings=64, **COMMON, **kw)
+    cfg = transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4,
+                                    attention_types=[[["global", "local"], 1]], window_size=WINDOW,
+                                    max_position_embeddings=64, **COMMON, **kw)
     return transformers.GPTNeoForCausalLM(cfg)
 
 
@@ -179,7 +180,8 @@ def test_generate_matches_unpatched(family, padded, op_calls):
     # every layer of every step (prefill + new - 1 decoding steps) ran on gptfast: dense without
     # padding, the packed varlen path with it
     steps = 2 * new
-    assert op_calls == ({"attention": 0, "attention_varlen": steps} if padded else {"attention": steps, "attention_varlen": 0})
+    want_calls = {"attention": 0, "attention_varlen": steps} if padded else {"attention": steps, "attention_varlen": 0}
+    assert op_calls == want_calls
 
 
 # ------------------------------------------------------------------------------- dropout
@@ -418,7 +420,7 @@ def test_static_cache_falls_back(family):
     fast = patched(plain)
     ids, mask = inputs(True, t=6)
     with torch.no_grad():
-        want = plain.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
-        got = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        want, got = plain.generate(ids, **kw), fast.generate(ids, **kw)
     assert torch.equal(got, want)
     assert fallbacks(fast) == {"a KV cache that is not a plain DynamicCache layer": 2 * 4}
