@@ -55,7 +55,7 @@ from .ops.gelu_ffn import gelu_ffn_ref
 from .testing import (assert_close, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
                       gelu_ffn_magnitudes, layer_norm_magnitudes, sdpa_bthd)
 
-OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate", "drop_in")
+OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate", "drop_in", "overhead")
 PHASES = ("fwd", "bwd", "fwd-bwd")
 BASELINES = ("eager", "compile", "flash_attn", "liger")
 # Rotate input sets until they hold this many bytes (beyond any L2/LLC here), at most MAX_SETS.
@@ -1093,6 +1093,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("op", choices=OPS + ("ceilings",),
                    help="op to benchmark, 'train' for a GPT training step, 'generate' for greedy decoding "
                         "with / without the KV cache and against Hugging Face GPT-2 (gptfast.bench_generate), "
+                        "'overhead' for the host time per op call against PyTorch's (gptfast.bench_overhead), "
                         "'drop_in' for HF decoders' training step patched vs unpatched (gptfast.bench_drop_in), "
                         "or 'ceilings' for the device's copy GB/s and matmul TFLOP/s")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
@@ -1121,7 +1122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU: seconds per torch.utils.benchmark measurement (default 0.3)")
     p.add_argument("--repeats", type=int, default=None,
                    help="generate: timings per measurement, the median is kept (default 3); "
-                        "drop_in: training steps per model (default 5)")
+                        "drop_in: training steps per model (default 5); overhead: timed blocks per op "
+                        "(default 7)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; nothing runs")
 
 
@@ -1239,6 +1241,9 @@ def run(args, command: str) -> int:
     if args.op == "generate":
         from .bench_generate import run_generate
         return run_generate(args, command)
+    if args.op == "overhead":
+        from .bench_overhead import run_overhead
+        return run_overhead(args, command)
     if args.op == "drop_in":
         from .bench_drop_in import run_drop_in
         return run_drop_in(args, command)

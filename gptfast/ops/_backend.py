@@ -318,11 +318,30 @@ def _load(impl: Impl) -> Launchers:
     return loaded
 
 
+_RESOLVED: dict[tuple, tuple[Impl, Launchers]] = {}
+
+
 def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None,
             features: frozenset[str] = frozenset()) -> Launchers:
     """Pick and load the launchers for ``op`` on ``device``/``dtype`` that implement every one of
-    ``features`` (ATTENTION_FEATURES the call uses); see the module docstring."""
+    ``features`` (ATTENTION_FEATURES the call uses); see the module docstring.
+
+    Memoised per (op, requested name, device, dtype, features, TRITON_INTERPRET): a hit is
+    reused while the registry and the loaded launchers it came from are unchanged, so each op
+    call pays two dict lookups here, not a walk of the selection rules. Errors are not memoised."""
     name = requested_backend(backend)
+    key = (op, name, device, dtype, features, os.environ.get("TRITON_INTERPRET"))
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        impl, launchers = hit
+        if _REGISTRY.get((op, impl.backend)) is impl and _LOADED.get((op, impl.backend)) is launchers:
+            return launchers
+    launchers = _resolve(op, device, dtype, name, features)
+    _RESOLVED[key] = (_REGISTRY[(op, launchers.backend)], launchers)
+    return launchers
+
+
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, name: str, features: frozenset[str]) -> Launchers:
     if name != "auto":
         impl = _REGISTRY.get((op, name))
         if impl is None:
@@ -361,7 +380,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
         if key not in _WARNED:
             _WARNED.add(key)
             warnings.warn(f"gptfast.{op}: backend {candidate!r} is unavailable on {device.type} "
-                          f"({reason}); falling back", RuntimeWarning, stacklevel=3)
+                          f"({reason}); falling back", RuntimeWarning, stacklevel=4)
     if features:
         raise NotImplementedError(f"gptfast.{op}: no backend on {device.type} supports {sorted(features)} "
                                   f"in dtype {dtype}")

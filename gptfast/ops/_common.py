@@ -6,8 +6,6 @@ reading a kernel's stack trace.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
-
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,11 +56,69 @@ def cast_floats(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch
             for t in tensors]
 
 
-@contextlib.contextmanager
-def autocast_off(device_type: str) -> Iterator[None]:
-    """Run launchers with the dtypes they were given: the op already applied autocast's policy."""
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def autocast_off(device_type: str):
+    """Run launchers with the dtypes they were given: the op already applied autocast's policy.
+    (A shared no-op context when autocast is off: this sits on every op call's path.)"""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            yield
-    else:
-        yield
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
+
+
+# ------------------------------------------------------------------- eager and compiled paths
+
+# Under torch.compile every op is its torch.library custom op (fake implementation, registered
+# autograd), which dynamo traces. In eager mode the same implementation and the same autograd
+# formula run through a plain torch.autograd.Function instead: torch.library's dispatch (autograd
+# redispatch, the dynamo-disable wrapper, alias checks) costs several times the kernel on small
+# inputs. Both paths call one implementation function, so they give identical results; the
+# tests flip this switch to run the custom ops in eager mode too and compare.
+EAGER_FUNCTIONS = True
+
+
+def autograd_function(name: str, impl, setup_context, backward) -> type:
+    """A torch.autograd.Function running ``impl`` with a custom op's ``setup_context`` and
+    ``backward`` (the ones given to ``register_autograd``)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, bool, int, float, str, type(None)})
+
+
+def _plain_eager(args) -> bool:
+    """True when ``args`` can skip torch.library: eager mode (no torch.compile, no FX/AOT tracing
+    dispatch mode, no functorch transform) and every tensor a plain tensor or Parameter (fake,
+    functional and other subclass tensors -- DTensor, ... -- take the custom op)."""
+    if (not EAGER_FUNCTIONS or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+            or torch._C._functorch.maybe_current_level() is not None):
+        return False
+    for a in args:
+        if type(a) not in _PLAIN and isinstance(a, torch.Tensor):
+            return False
+    return True
+
+
+def run_op(custom_op, function: type, impl, *args):
+    """``custom_op(*args)`` unless :func:`_plain_eager`; then the same implementation without
+    torch.library's dispatch: through ``function`` when a tensor argument needs a gradient,
+    called directly when none does."""
+    if not _plain_eager(args):
+        return custom_op(*args)
+    if torch.is_grad_enabled():
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                return function.apply(*args)
+    return impl(*args)
+
+
+def run_plain(custom_op, impl, *args):
+    """A backward (or forward-only) op: ``impl(*args)`` under :func:`_plain_eager`, else the custom op."""
+    return impl(*args) if _plain_eager(args) else custom_op(*args)

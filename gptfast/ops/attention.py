@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend
-from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_tensor
+from ._common import (autocast_dtype, autocast_off, autograd_function, cast_floats, check_same, check_tensor,
+                      run_plain, run_op)
 
 __all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
            "attention_ref", "attention_fwd_op", "attention_bwd_op"]
@@ -379,19 +380,25 @@ def _launch_kwargs(window_left, window_right, softcap, alibi_slopes, dropout_p, 
 
 
 def _op_features(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p) -> frozenset[str]:
+    """:func:`_features` from a custom op's normalised scalars (no Options built: per-call path)."""
+    if (k.shape[2] == q.shape[2] and k.shape[1] == q.shape[1] and window_left < 0 and window_right in (-1, 0)
+            and softcap <= 0 and alibi_slopes is None and dropout_p <= 0):
+        return _NO_FEATURES
     opts = Options(window_left < 0 and window_right == 0, (window_left, window_right), softcap, dropout_p)
     return _features(q, k, opts, alibi_slopes)
+
+
+_NO_FEATURES: frozenset[str] = frozenset()
 
 
 # The op and its backward are torch.library custom ops so that torch.compile(fullgraph=True)
 # traces models through them (the fake implementations give output metadata without running a
 # kernel). The backend is resolved when the op runs, not when it is traced: a compiled model still
 # follows ``gptfast.use_backend`` / GPTFAST_BACKEND at run time, and tracing never imports triton.
-@torch.library.custom_op("gptfast::attention_fwd", mutates_args=())
-def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                     window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
-                     dropout_p: float, rng_state: torch.Tensor | None, deterministic: bool,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                   window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+                   dropout_p: float, rng_state: torch.Tensor | None, deterministic: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Tq, H, D) contiguous, lse (B, H, Tq) fp32 -- see the launcher contract in _backend.py."""
     if q.numel() == 0 or k.shape[1] == 0:
         out, lse = _attention_fwd_fake(q, k, v, causal, softmax_scale, window_left, window_right, softcap,
@@ -405,6 +412,9 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
                                               rng_state, features))
 
 
+attention_fwd_op = torch.library.custom_op("gptfast::attention_fwd", _attention_fwd, mutates_args=())
+
+
 @attention_fwd_op.register_fake
 def _attention_fwd_fake(q, k, v, causal, softmax_scale, window_left, window_right, softcap, alibi_slopes,
                         dropout_p, rng_state, deterministic, backend):
@@ -413,12 +423,11 @@ def _attention_fwd_fake(q, k, v, causal, softmax_scale, window_left, window_righ
             q.new_empty((b, h, t), dtype=_lse_dtype(q.dtype)))
 
 
-@torch.library.custom_op("gptfast::attention_bwd", mutates_args=())
-def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, causal: bool, softmax_scale: float, window_left: int, window_right: int,
-                     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
-                     rng_state: torch.Tensor | None, deterministic: bool,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, causal: bool, softmax_scale: float, window_left: int, window_right: int,
+                   softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+                   rng_state: torch.Tensor | None, deterministic: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
     if q.numel() == 0 or k.shape[1] == 0:
         return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
@@ -429,6 +438,9 @@ def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         kwargs["deterministic"] = True
     with autocast_off(q.device.type):
         return launchers.bwd(dout, q, k, v, out, lse, causal, softmax_scale, **kwargs)
+
+
+attention_bwd_op = torch.library.custom_op("gptfast::attention_bwd", _attention_bwd, mutates_args=())
 
 
 @attention_bwd_op.register_fake
@@ -450,11 +462,13 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(_kernel_layout(dout), q, k, v, out, lse, *ctx.options)
+    dq, dk, dv = run_plain(attention_bwd_op, _attention_bwd, _kernel_layout(dout), q, k, v, out, lse, *ctx.options)
     return (dq, dk, dv) + (None,) * _OPTION_INPUTS
 
 
 attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_AttentionFunction = autograd_function("_AttentionFunction", _attention_fwd, _attention_setup_context,
+                                       _attention_backward)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -515,10 +529,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     opts = normalise(causal, window_size, softcap, dropout_p, k.shape[1])
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
-    out, lse = attention_fwd_op(q, k, v, opts.causal, scale, opts.window[0], opts.window[1], opts.softcap,
-                                slopes, opts.dropout_p, _rng_state(q.device, opts.dropout_p),
-                                bool(deterministic),
-                                _backend.checked_name(backend))
+    out, lse = run_op(attention_fwd_op, _AttentionFunction, _attention_fwd, q, k, v, opts.causal, scale,
+                      opts.window[0], opts.window[1], opts.softcap, slopes, opts.dropout_p,
+                      _rng_state(q.device, opts.dropout_p), bool(deterministic), _backend.checked_name(backend))
     return (out, lse) if return_lse else out
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_shape, check_tensor
+from ._common import (autocast_dtype, autocast_off, autograd_function, cast_floats, check_same, check_shape,
+                      check_tensor, run_plain, run_op)
 
 __all__ = ["gelu_ffn", "gelu_ffn_ref", "gelu_ffn_fwd_op", "gelu_ffn_bwd_op", "gelu", "gelu_grad"]
 
@@ -107,9 +108,8 @@ def _check_inputs(x, w1, b1, w2, b2, approximate) -> None:
 
 
 # Custom ops (see attention.py for why); absent bias gradients travel as empty tensors.
-@torch.library.custom_op("gptfast::gelu_ffn_fwd", mutates_args=())
-def gelu_ffn_fwd_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                    b2: torch.Tensor | None, approximate: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _gelu_ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  b2: torch.Tensor | None, approximate: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) contiguous -> out (M, N), h (M, H)."""
     if x.shape[0] == 0:
         return _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate, backend)
@@ -118,15 +118,17 @@ def gelu_ffn_fwd_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, 
         return launchers.fwd(x, w1, b1, w2, b2, approximate)
 
 
+gelu_ffn_fwd_op = torch.library.custom_op("gptfast::gelu_ffn_fwd", _gelu_ffn_fwd, mutates_args=())
+
+
 @gelu_ffn_fwd_op.register_fake
 def _gelu_ffn_fwd_fake(x, w1, b1, w2, b2, approximate, backend):
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
 
 
-@torch.library.custom_op("gptfast::gelu_ffn_bwd", mutates_args=())
-def gelu_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                    has_b1: bool, has_b2: bool, approximate: str, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gelu_ffn_bwd(dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  has_b1: bool, has_b2: bool, approximate: str, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (M, K), dw1 (H, K), db1 (H,) or empty, dw2 (N, H), db2 (N,) or empty."""
     if x.shape[0] == 0:
         return tuple(t.zero_() for t in _gelu_ffn_bwd_fake(dout, x, h, w1, w2, has_b1, has_b2, approximate, backend))
@@ -136,6 +138,9 @@ def gelu_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: to
     # one fresh empty tensor per absent gradient: custom-op outputs may not alias each other
     return (dx, dw1, x.new_empty((0,)) if db1 is None else db1, dw2,
             x.new_empty((0,)) if db2 is None else db2)
+
+
+gelu_ffn_bwd_op = torch.library.custom_op("gptfast::gelu_ffn_bwd", _gelu_ffn_bwd, mutates_args=())
 
 
 @gelu_ffn_bwd_op.register_fake
@@ -154,12 +159,13 @@ def _gelu_ffn_setup_context(ctx, inputs, output):
 
 def _gelu_ffn_backward(ctx, dout, _dh):
     x, h, w1, w2 = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = gelu_ffn_bwd_op(dout.contiguous(), x, h, w1, w2, ctx.has_b1, ctx.has_b2,
-                                             ctx.approximate, ctx.backend)
+    dx, dw1, db1, dw2, db2 = run_plain(gelu_ffn_bwd_op, _gelu_ffn_bwd, dout.contiguous(), x, h, w1, w2, ctx.has_b1,
+                                       ctx.has_b2, ctx.approximate, ctx.backend)
     return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None, None)
 
 
 gelu_ffn_fwd_op.register_autograd(_gelu_ffn_backward, setup_context=_gelu_ffn_setup_context)
+_GeluFFNFunction = autograd_function("_GeluFFNFunction", _gelu_ffn_fwd, _gelu_ffn_setup_context, _gelu_ffn_backward)
 
 
 def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -188,5 +194,6 @@ def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     # Kernels read the biases as dense vectors (the triton epilogue read a strided b2 as if dense,
     # found by tests/test_fuzz.py); .contiguous() is free when they already are.
     b1, b2 = (None if t is None else t.contiguous() for t in (b1, b2))
-    out, _ = gelu_ffn_fwd_op(x2d, w1, b1, w2, b2, approximate, _backend.checked_name(backend))
+    out, _ = run_op(gelu_ffn_fwd_op, _GeluFFNFunction, _gelu_ffn_fwd, x2d, w1, b1, w2, b2, approximate,
+                    _backend.checked_name(backend))
     return out.view(*lead, w2.shape[0])

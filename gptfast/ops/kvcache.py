@@ -40,7 +40,7 @@ import torch
 import math
 
 from . import _backend
-from ._common import autocast_off
+from ._common import autocast_off, run_plain
 from .attention import (MAX_HEADDIM, Options, _check_options, _forward_reference, _lse_dtype, _window_tuple,
                         attention)
 
@@ -166,7 +166,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
             return (out, lse) if return_softmax_lse else out
         i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-        out, lse = kvcache_fwd_op(
+        out, lse = run_plain(kvcache_fwd_op, _kvcache_fwd,
             q.contiguous(), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
             None if block_table is None else block_table.contiguous(),
             None if cache_batch_idx is None else i32(rows), i32(leftpad), i32(seqlens + t_new),
@@ -263,12 +263,11 @@ def _normalised_window(tq: int, key_start, key_end, causal: bool, left: int, rig
 
 # A custom op so that torch.compile(fullgraph=True) traces a decoding step through it; the backend
 # is resolved when it runs. The cache is an input, never an output: nothing aliases.
-@torch.library.custom_op("gptfast::kvcache_fwd", mutates_args=())
-def kvcache_fwd_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
-                   cache_batch_idx: torch.Tensor | None, key_start: torch.Tensor, key_end: torch.Tensor,
-                   causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                   alibi_slopes: torch.Tensor | None, num_splits: int,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                 cache_batch_idx: torch.Tensor | None, key_start: torch.Tensor, key_end: torch.Tensor,
+                 causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                 alibi_slopes: torch.Tensor | None, num_splits: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Tq, H, D) contiguous, lse (B, H, Tq) fp32: step 3 of flash_attn_with_kvcache (the
     ``kvcache`` launcher contract in _backend.py; the window raw, normalised here)."""
     if q.numel() == 0:
@@ -282,6 +281,9 @@ def kvcache_fwd_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     with autocast_off(q.device.type):
         return launchers.fwd(q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
                              softmax_scale, left, right, softcap, alibi_slopes, num_splits)
+
+
+kvcache_fwd_op = torch.library.custom_op("gptfast::kvcache_fwd", _kvcache_fwd, mutates_args=())
 
 
 @kvcache_fwd_op.register_fake

@@ -17,7 +17,8 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_shape, check_tensor
+from ._common import (autocast_dtype, autocast_off, autograd_function, cast_floats, check_same, check_shape,
+                      check_tensor, run_plain, run_op)
 
 __all__ = ["layer_norm", "layer_norm_ref", "layer_norm_fwd_op", "layer_norm_bwd_op"]
 
@@ -89,9 +90,8 @@ def _check_inputs(x, weight, bias, eps) -> None:
 
 # Custom ops (see attention.py for why). torch.library outputs cannot be None, so an absent
 # weight/bias gradient travels as an empty tensor and becomes None in the autograd formula.
-@torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, N) contiguous -> y (M, N), mean (M,), rstd (M,)."""
     if x.numel() == 0:
         return _layer_norm_fwd_fake(x, weight, bias, eps, backend)
@@ -100,14 +100,16 @@ def layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
         return launchers.fwd(x, weight, bias, eps)
 
 
+layer_norm_fwd_op = torch.library.custom_op("gptfast::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
+
+
 @layer_norm_fwd_op.register_fake
 def _layer_norm_fwd_fake(x, weight, bias, eps, backend):
     stats = x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("gptfast::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                       rstd: torch.Tensor, has_bias: bool, backend: str
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (M, N), dweight (N,) or empty, dbias (N,) or empty."""
@@ -122,6 +124,9 @@ def layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
 
 def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,)) if t is None else t
+
+
+layer_norm_bwd_op = torch.library.custom_op("gptfast::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
 
 
 @layer_norm_bwd_op.register_fake
@@ -140,11 +145,14 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_bwd_op(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias, ctx.backend)
+    dx, dw, db = run_plain(layer_norm_bwd_op, _layer_norm_bwd, dy.contiguous(), x, weight, mean, rstd, ctx.has_bias,
+                           ctx.backend)
     return dx, dw if weight is not None else None, db if ctx.has_bias else None, None, None
 
 
 layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+_LayerNormFunction = autograd_function("_LayerNormFunction", _layer_norm_fwd, _layer_norm_setup_context,
+                                       _layer_norm_backward)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -170,6 +178,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     x2d = x.reshape(-1, shape[-1]).contiguous()
     # Kernels read weight and bias as dense vectors (a strided or expanded one was read as if
     # dense: found by tests/test_fuzz.py); .contiguous() is free when they already are.
-    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    y, _, _ = layer_norm_fwd_op(x2d, weight, bias, float(eps), _backend.checked_name(backend))
+    if weight is not None:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    y, _, _ = run_op(layer_norm_fwd_op, _LayerNormFunction, _layer_norm_fwd, x2d, weight, bias, float(eps),
+                     _backend.checked_name(backend))
     return y.view(shape)

@@ -30,7 +30,8 @@ import torch
 from . import _backend
 from .attention import (MAX_HEADDIM, Options, _backward_reference, _check_options, _forward_reference,
                         _keep_mask, _kernel_layout, _lse_dtype, _rng_state, _window_tuple, normalise)
-from ._common import autocast_dtype, autocast_off, cast_floats, check_same, check_tensor
+from ._common import (autocast_dtype, autocast_off, autograd_function, cast_floats, check_same, check_tensor,
+                      run_plain, run_op)
 
 __all__ = ["attention_varlen", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
            "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input"]
@@ -170,18 +171,21 @@ def _launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window
     return launchers, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), kwargs
 
 
-@torch.library.custom_op("gptfast::attention_varlen_fwd", mutates_args=())
-def attention_varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                            softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                            alibi_slopes: torch.Tensor | None, dropout_p: float, rng_state: torch.Tensor | None,
-                            deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                          softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                          alibi_slopes: torch.Tensor | None, dropout_p: float, rng_state: torch.Tensor | None,
+                          deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """out (total_q, H, D) contiguous, lse (H, total_q) fp32."""
     launchers, lengths, kwargs = _launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
                                          backend)
     with autocast_off(q.device.type):
         return launchers.fwd(q, k, v, causal, softmax_scale, varlen=lengths, **kwargs)
+
+
+attention_varlen_fwd_op = torch.library.custom_op("gptfast::attention_varlen_fwd", _attention_varlen_fwd,
+                                                  mutates_args=())
 
 
 @attention_varlen_fwd_op.register_fake
@@ -192,13 +196,12 @@ def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
             q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype)))
 
 
-@torch.library.custom_op("gptfast::attention_varlen_bwd", mutates_args=())
-def attention_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                            softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                            alibi_slopes: torch.Tensor | None, dropout_p: float, rng_state: torch.Tensor | None,
-                            deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                          softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                          alibi_slopes: torch.Tensor | None, dropout_p: float, rng_state: torch.Tensor | None,
+                          deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
     launchers, lengths, kwargs = _launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
@@ -206,6 +209,10 @@ def attention_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     with autocast_off(q.device.type):
         return launchers.bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, varlen=lengths,
                              **kwargs)
+
+
+attention_varlen_bwd_op = torch.library.custom_op("gptfast::attention_varlen_bwd", _attention_varlen_bwd,
+                                                  mutates_args=())
 
 
 @attention_varlen_bwd_op.register_fake
@@ -226,11 +233,13 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = attention_varlen_bwd_op(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.options)
+    dq, dk, dv = run_plain(attention_varlen_bwd_op, _attention_varlen_bwd, _kernel_layout(dout), q, k, v, out, lse,
+                           cu_q, cu_k, *ctx.options)
     return (dq, dk, dv) + (None,) * _VARLEN_OPTION_INPUTS
 
 
 attention_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+_VarlenFunction = autograd_function("_VarlenFunction", _attention_varlen_fwd, _varlen_setup_context, _varlen_backward)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -319,10 +328,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     opts = normalise(causal, window_size, softcap, dropout_p, max_seqlen_k)
     q, k, v = (_packed_layout(t) for t in (q, k, v))
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
-    out, lse = attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       opts.causal, scale, opts.window[0], opts.window[1], opts.softcap, slopes,
-                                       opts.dropout_p, _rng_state(q.device, opts.dropout_p), bool(deterministic),
-                                       _backend.checked_name(backend))
+    out, lse = run_op(attention_varlen_fwd_op, _VarlenFunction, _attention_varlen_fwd, q, k, v, cu_seqlens_q,
+                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts.causal, scale, opts.window[0], opts.window[1],
+                      opts.softcap, slopes, opts.dropout_p, _rng_state(q.device, opts.dropout_p), bool(deterministic),
+                      _backend.checked_name(backend))
     return (out, lse) if return_lse else out
 
 
