@@ -97,7 +97,8 @@ def _plain_eager(args) -> bool:
     """True when ``args`` can skip torch.library: eager mode (no torch.compile, no FX/AOT tracing
     dispatch mode, no functorch transform) and every tensor a plain tensor or Parameter (fake,
     functional and other subclass tensors -- DTensor, ... -- take the custom op)."""
-    if (not EAGER_FUNCTIONS or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+    # is_compiling first: dynamo folds it to True and must not trace the two C queries after it
+    if (not EAGER_FUNCTIONS or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._functorch.maybe_current_level() is not None):
         return False
     for a in args:
