@@ -187,8 +187,8 @@ def _report_lookalikes(model: nn.Module, ops, seen: set, report: PatchReport) ->
             continue
         if any(id(sub) in seen and _looks_like(sub) == looks for sub in m.modules() if sub is not m):
             continue
-        why = _lookalike_reason(m, looks)
         kind = kinds[looks]
+        why = _lookalike_reason(m, looks) if kind in ops else f"{kind!r} not in ops"
         if why.startswith(f"{type(m).__name__}: gated MLP"):
             kind = "gated_ffn"
         report.entries.append(_entry(path, kind, why, None))

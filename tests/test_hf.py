@@ -87,6 +87,9 @@ def test_patch_report_lists_every_norm_attention_and_mlp(family):
     assert all(e.reason for e in report.skipped), str(report)
     text = str(report)
     assert text.splitlines()[0] == f"gptfast.patch: {len(report.patched)} patched, {len(report.skipped)} skipped"
+    only_norms = gptfast.patch(make(family), ops=("layer_norm",), backend="cpu")
+    for e in only_norms.entries:  # what ops leave out is reported as such, not as unrecognised
+        assert e.kind in ("layer_norm", "rms_norm") or e.reason == f"{e.kind!r} not in ops", str(only_norms)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
