@@ -8,8 +8,9 @@
 #   bash bench/gpu_suite.sh --device cpu --dry-run   # its Python parts, planning only (tests/test_bench.py)
 #   bash bench/gpu_suite.sh --out DIR                # another output folder
 #
-# Stage time limits (s): build 100 + tests 150 + ceilings 15 + attention 100 + options 5 x 12
-# + layer_norm 40 + gelu_ffn 40 + train 70 + generate 45 = 620: a stage's limit is its worst case
+# Stage time limits (s): build 100 + tests 150 + ceilings 15 + overhead 2 x 10 + attention 100
+# + options 5 x 12 + layer_norm 40 + gelu_ffn 40 + train 70 + generate 45 + drop_in 30 = 670: a
+# stage's limit is its worst case
 # (most finish well inside it); the device tool's call is 600 s, so the last stages may be cut. A stage that runs
 # out of time is stopped (SIGTERM, then SIGKILL 10 s later) and keeps the rows it finished: the
 # bench writes results.json after every size. Grids are modest: FlashAttention's grid up to
@@ -76,6 +77,10 @@ suite() {
         stage tests 150 $PY -m pytest -q -p no:cacheprovider --no-header $TESTS
     fi
     stage ceilings 15 $BENCH ceilings $DEV_ARGS $DRY --out "$OUT"
+    # Host time per op call on tiny CUDA tensors (the GPU idles: the host's cost is what is timed)
+    for B in cuda triton; do
+        stage "overhead $B" 10 $BENCH overhead $DEV_ARGS $DRY --out "$OUT/overhead-$B" --backends $B
+    done
     # FlashAttention's grid to 8k: hidden 2048, heads 2048/D, batch 16384/T; causal and not
     SIZES=""
     for D in 64 128; do for T in 512 1024 2048 4096 8192; do SIZES="$SIZES $((16384 / T)),$T,$((2048 / D)),$D"; done; done
@@ -98,6 +103,8 @@ suite() {
     # Greedy decoding of GPT-2 124M from a 1k..8k prompt: KV cache vs none vs HF's generate
     stage generate 45 $BENCH generate $DEV_ARGS $DRY --out "$OUT" --backends triton,hf --repeats 2 \
         --sizes gpt2,1,1024,64 gpt2,1,2048,64 gpt2,1,4096,64 gpt2,1,8192,64
+    # 13 Hugging Face decoder families' training step, patched (triton) vs unpatched (sdpa / eager)
+    stage drop_in 30 $BENCH drop_in $DEV_ARGS $DRY --out "$OUT" --backends triton --dtype bf16
     echo; echo "== done: $OUT"
 }
 
