@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -566,10 +567,9 @@ def _disagree(got, want, dtype, config, training: bool) -> str | None:
 def _interface_models(model: nn.Module) -> list[nn.Module]:
     """The outermost transformers PreTrainedModels in ``model`` whose attention goes through
     transformers' attention interface."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    if "transformers" not in sys.modules:  # a transformers model implies it is imported: never import it here
         return []
+    from transformers import PreTrainedModel
     found = []
     for m in model.modules():
         if (isinstance(m, PreTrainedModel) and getattr(type(m), "_supports_attention_backend", False)
