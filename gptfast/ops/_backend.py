@@ -46,6 +46,21 @@ layer_norm (x: (M, N) contiguous; weight, bias: (N,) contiguous or None, dtype o
     layer_norm_backward(dy, x, weight, mean, rstd, has_bias: bool)
         -> dx (M, N) x.dtype, dweight (N,) or None (when weight is None), dbias (N,) or None
 
+    Fused residual add (FlashAttention's ``layer_norm_fn(..., residual=r, prenorm=True)``), with
+    the keyword ``residual`` (M, N) contiguous, dtype of x, on the forward::
+
+    layer_norm_forward(x, weight, bias, eps, residual=r)
+        -> y, mean, rstd as above for s = x + r rounded to x.dtype, and s (M, N) x.dtype:
+           one pass that reads x and r and writes s and y (s is normalised as rounded, so the
+           result is the unfused ``layer_norm(x + r)``'s)
+
+    and the keyword ``dresidual`` (M, N) contiguous, dtype of x, or None, on the backward, which
+    is then given the saved s as its ``x``::
+
+    layer_norm_backward(dy, s, weight, mean, rstd, has_bias, dresidual=ds)
+        -> dx + ds (accumulated in fp32, rounded once), dweight, dbias: the gradient of s, which
+           is that of both x and r (ds is the gradient of the returned s, the residual stream)
+
 gelu_ffn (x: (M, K) contiguous; w1: (H, K), w2: (N, H) in nn.Linear layout, any strides;
 b1: (H,) or None, b2: (N,) or None, contiguous; all of x's dtype; approximate in {"tanh", "none"})::
 
