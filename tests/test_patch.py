@@ -1,4 +1,4 @@
-"""gptfast.patch on a nanoGPT-style model (defined here) and on Hugging Face GPT-2 built from a config.
+"""gptfast.patch on a nanoGPT-style model (bench/nanogpt.py) and on Hugging Face GPT-2 built from a config.
 
 Numerics follow DESIGN.md's rule: ``ref`` is the unpatched model in float64, ``pt`` the unpatched
 model in the tested precision, ``out`` the patched one; max|out-ref| <= 2*max|pt-ref| + atol for
@@ -7,120 +7,15 @@ logits, 3x for every parameter gradient.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptfast.patch import PatchReport, patch, unpatch
 from gptfast.testing import assert_within_pytorch_error
 
-# ------------------------------------------------------------------ a nanoGPT-style model
-
-
-@dataclass
-class Cfg:
-    block_size: int = 32
-    vocab_size: int = 61
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 32
-    dropout: float = 0.0
-    bias: bool = True
-    flash: bool = True            # F.scaled_dot_product_attention(is_causal=True), else masked softmax
-    causal: bool = True
-    gelu: str = "none"            # nanoGPT uses nn.GELU() (exact)
-
-
-class LayerNorm(nn.Module):
-    """nanoGPT's own LayerNorm: an optional bias (PyTorch's nn.LayerNorm had none to switch off)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, input):
-        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Cfg):
-        super().__init__()
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.attn_dropout = nn.Dropout(cfg.dropout)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
-        self.flash, self.causal = cfg.flash, cfg.causal
-        if not cfg.flash:
-            mask = torch.ones(cfg.block_size, cfg.block_size).tril()
-            self.register_buffer("bias", mask.view(1, 1, cfg.block_size, cfg.block_size))
-
-    def forward(self, x):
-        b, t, c = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=self.causal)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
-            y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: Cfg):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate=cfg.gelu)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: Cfg):
-        super().__init__()
-        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, cfg: Cfg):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=LayerNorm(cfg.n_embd, bias=cfg.bias)))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
-        for name, p in self.named_parameters():  # non-trivial LayerNorm affine parameters and biases too
-            nn.init.normal_(p, mean=1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0,
-                            std=0.2 if p.dim() < 2 else 0.05)
-
-    def forward(self, idx, targets=None):
-        t = idx.size(1)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(t)))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+from bench.nanogpt import MLP, NanoConfig as Cfg, NanoGPT  # the nanoGPT-structured model
 
 
 # ------------------------------------------------------------------------------- helpers
