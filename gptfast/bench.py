@@ -57,7 +57,7 @@ from .testing import (assert_close, assert_results_match, assert_within_pytorch_
 
 OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate", "drop_in", "overhead")
 PHASES = ("fwd", "bwd", "fwd-bwd")
-BASELINES = ("eager", "compile", "flash_attn", "liger")
+BASELINES = ("eager", "compile", "flash_attn", "liger", "patched")
 # Rotate input sets until they hold this many bytes (beyond any L2/LLC here), at most MAX_SETS.
 ROTATE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
 MAX_SETS = 8
@@ -138,7 +138,7 @@ def size_label(op: str, p: dict) -> str:
         return f"{p['M']}x{p['N']}"
     if op == "gelu_ffn":
         return f"{p['M']}x{p['C']}x{p['Hd']}"
-    return f"{p['preset']} {p['batch']}x{p['seqlen']}"
+    return ("nanogpt " if p.get("model") == "nanogpt" else "") + f"{p['preset']} {p['batch']}x{p['seqlen']}"
 
 
 # --------------------------------------------------------------------------- the ops' eager code
@@ -569,6 +569,8 @@ def make_variant(case: Case, name: str, device: torch.device, dtype: torch.dtype
             return Variant(name, None, why or "Liger-Kernel needs a CUDA GPU")
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
         return Variant(name, lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5))
+    if name == "patched":
+        return Variant(name, None, "patched is a baseline of train --model nanogpt")
     if name not in _backend.BACKENDS:
         raise BenchError(f"--backends: unknown backend {name!r}; choose from "
                          f"{list(_backend.BACKENDS) + list(BASELINES)}")
@@ -708,13 +710,20 @@ def _eager_mlp_forward(self, x):
     return F.dropout(y, self.resid_dropout, self.training) if self.resid_dropout else y
 
 
+def _eager_layer_norm_forward(self, x, residual=None, prenorm=False):  # the add, then nn.LayerNorm
+    if residual is not None:
+        x = x + residual
+    y = nn.LayerNorm.forward(self, x)
+    return (y, x) if prenorm else y
+
+
 def eagerize(model: nn.Module) -> nn.Module:
     """Make a gptfast GPT compute with PyTorch built-ins (nanoGPT's code path): nn.LayerNorm's
     F.layer_norm, SDPA, Linear + nn.GELU-equivalent + Linear. Same parameters, no gptfast op."""
     from . import nn as gnn
     for m in model.modules():
         if isinstance(m, gnn.LayerNorm):
-            m.forward = types.MethodType(nn.LayerNorm.forward, m)
+            m.forward = types.MethodType(_eager_layer_norm_forward, m)
         elif isinstance(m, gnn.CausalSelfAttention):
             m.forward = types.MethodType(_eager_attention_forward, m)
         elif isinstance(m, gnn.MLP):
@@ -722,12 +731,41 @@ def eagerize(model: nn.Module) -> nn.Module:
     return model
 
 
+TRAIN_MODELS = ("gpt", "nanogpt")
+NANOGPT_BASELINES = ("eager", "compile", "patched")  # --model nanogpt: the nanoGPT model as is, compiled, patched
+
+
+def load_nanogpt():
+    """bench/nanogpt.py, the nanoGPT-structured baseline model (a source checkout's bench/)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / "nanogpt.py"
+    if not path.is_file():
+        raise BenchError(f"--model nanogpt needs bench/nanogpt.py from a gptfast source checkout; {path} is missing")
+    name = "gptfast_bench_nanogpt"
+    if name not in sys.modules:  # registered first: its dataclass looks its module up there
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def _build_gpt(params: dict, device, variant: str):
+    """The model a train row times: gptfast's GPT (on gptfast ops, or eagerized for the eager and
+    compile rows) or, for ``model: nanogpt``, the nanoGPT-structured model with the same weights
+    (exact GELU, as nanoGPT's nn.GELU(); the gptfast rows then use exact GELU too)."""
     from .model import GPT, GPTConfig
-    config = GPTConfig.from_preset(params["preset"], dropout=0.0)
+    nano = params.get("model") == "nanogpt"
+    config = GPTConfig.from_preset(params["preset"], dropout=0.0, **({"gelu_approximate": "none"} if nano else {}))
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    if variant in ("eager", "compile"):
+    if nano and variant in NANOGPT_BASELINES:
+        model = load_nanogpt().from_gpt(model)
+        if variant == "patched":
+            from .patch import patch
+            report = patch(model)
+            if report.skipped or len(report.patched) != 2 * config.n_layer * 2 + 1:
+                raise RuntimeError(f"gptfast.patch did not patch the whole nanoGPT model: {report}")
+    elif variant in ("eager", "compile"):
         eagerize(model)
     return model
 
@@ -741,13 +779,17 @@ def _autocast(device, dtype):
 def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype, min_run_time: float) -> Row:
     """One optimizer step (forward, backward, AdamW) of a GPT preset; checked by its first loss."""
     import gptfast
+    from .model import GPT, GPTConfig
     from .ops._backend import _REGISTRY
     from .train import peak_flops
     row = Row(op="train", size=size_label("train", params), causal="", dtype=DTYPE_NAMES[dtype],
               device=device.type, phase="step", backend=name, params=dict(params))
-    if name not in ("eager", "compile"):
+    nano = params.get("model") == "nanogpt"
+    baselines = NANOGPT_BASELINES if nano else ("eager", "compile")
+    if name not in baselines:
         if name in BASELINES:
-            row.status, row.error = "SKIP", f"{name} is not a train baseline"
+            row.status, row.error = "SKIP", (f"{name} is not a train baseline" + (
+                " (patched: of --model nanogpt)" if name == "patched" else ""))
             return row
         impls = [_REGISTRY.get((op, name)) for op in ("attention", "layer_norm", "gelu_ffn")]
         reasons = [i.unavailable_reason(device) if i else f"no {name} backend" for i in impls]
@@ -757,16 +799,18 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
     b, t = params["batch"], params["seqlen"]
     try:
         model = _build_gpt(params, device, name)
-        vocab = model.config.vocab_size
+        vocab = GPTConfig.from_preset(params["preset"]).vocab_size
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, vocab, (b, t + 1), generator=gen).to(device) for _ in range(4)]
-        backend_ctx = (lambda: gptfast.use_backend(name)) if name not in ("eager", "compile") else contextlib.nullcontext
+        backend_ctx = (lambda: gptfast.use_backend(name)) if name not in baselines else contextlib.nullcontext
         fwd = torch.compile(model, dynamic=False) if name == "compile" else model
 
         # Check: the first loss (before any step, on the timed batch shape, so that a compiled model
         # compiles once) against a float64 eager model with the same weights.
         check = batches[0]
         ref_model = _build_gpt(params, device, "eager").double()
+        with torch.device("meta"):  # parameter counts for the FLOPs
+            ref_shape = GPT(GPTConfig.from_preset(params["preset"]))
         with torch.no_grad():
             ref = ref_model(check[:, :-1], check[:, 1:])[1].double()
             with _autocast(device, dtype):
@@ -785,7 +829,7 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
             return row
         row.checked_at = "first loss"
 
-        opt = model.configure_optimizer(0.1, 1e-4, device_type=device.type)
+        opt = GPT.configure_optimizer(model, 0.1, 1e-4, device_type=device.type)  # any module: its parameters
         counter = iter(range(1 << 62))
 
         def step():
@@ -802,7 +846,7 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
         row.n_sets = len(batches)
         row.peak_mib = peak_mib(step, device)
         row.tokens_per_s = b * t / (row.ms * 1e-3)
-        flops = model.flops_per_token(t) * row.tokens_per_s
+        flops = GPT.flops_per_token(ref_shape, t) * row.tokens_per_s
         row.tflops = flops / 1e12
         peak, _ = peak_flops(device, dtype)
         row.mfu = flops / peak
@@ -935,7 +979,10 @@ def table_header(op: str, device: torch.device, dtype: torch.dtype, info: dict, 
     else:
         lines.append("one optimizer step (fwd + bwd + AdamW); TFLOP/s and MFU from GPT.flops_per_token; "
                      "MFU relative to train.peak_flops (datasheet on known GPUs, measured matmul elsewhere); "
-                     "eager = the same GPT on SDPA / F.layer_norm / Linear+GELU+Linear, compile = torch.compile of it")
+                     "eager = the same GPT on SDPA / F.layer_norm / Linear+GELU+Linear, compile = torch.compile of it; "
+                     "rows named 'nanogpt ...' (--model nanogpt): eager / compile / patched = bench/nanogpt.py's "
+                     "nanoGPT-structured model with the same weights as is / torch.compile'd / gptfast.patch'ed, "
+                     "the gptfast rows are gptfast's GPT, all with exact GELU")
     lines.append("peak MiB: " + ("torch.cuda.max_memory_allocated above the memory allocated before the call"
                                  if device.type == "cuda" else
                                  "growth of the process's peak RSS during one call (approximate)"))
@@ -1104,6 +1151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(eager, compile, flash_attn, liger); default: every gptfast backend available "
                         "for the op on the device (never the Triton interpreter) + eager + compile "
                         "(+ flash_attn / liger when importable)")
+    p.add_argument("--model", choices=TRAIN_MODELS, default="gpt",
+                   help="train: gptfast's GPT against itself on PyTorch ops (gpt, default) or against a "
+                        "model with nanoGPT's structure and the same weights (nanogpt, bench/nanogpt.py: "
+                        "eager, compiled and gptfast.patch-ed; exact GELU everywhere)")
     p.add_argument("--fwd", action="store_true", help="time the forward (as in training: graph built)")
     p.add_argument("--bwd", action="store_true", help="time the backward alone (retain_graph replay)")
     p.add_argument("--fwd-bwd", action="store_true", help="time forward + backward (the default)")
@@ -1178,6 +1229,12 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
         raise BenchError(f"--window/--softcap/--alibi/--dropout are attention options, not {op}'s")
     else:
         cases = [Case(op, s) for s in sizes]
+    model = getattr(args, "model", "gpt") or "gpt"
+    if model != "gpt":
+        if op != "train":
+            raise BenchError(f"--model is an option of train, not {op}'s")
+        for c in cases:
+            c.params["model"] = model
     if args.backends:
         backends = [b.strip().lower() for b in args.backends.split(",") if b.strip()]
         from .ops._backend import BACKENDS
@@ -1185,7 +1242,7 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
         if bad:
             raise BenchError(f"--backends: unknown {bad}; choose from {list(BACKENDS) + list(BASELINES)}")
     else:
-        backends = default_backends(op, device.type)
+        backends = default_backends(op, device.type) + (["patched"] if model == "nanogpt" else [])
     phases = [ph for ph, on in (("fwd", args.fwd), ("bwd", args.bwd), ("fwd-bwd", args.fwd_bwd)) if on]
     phases = ["step"] if op == "train" else (phases or ["fwd-bwd"])
     return device, dtype, cases, backends, phases
