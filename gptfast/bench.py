@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops.gelu_ffn import gelu_ffn_ref
-from .testing import (assert_close, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
+from .testing import (assert_close, assert_matches_reference, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
                       gelu_ffn_magnitudes, layer_norm_magnitudes, sdpa_bthd)
 
 OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate", "drop_in", "overhead")
@@ -135,7 +135,7 @@ def size_label(op: str, p: dict) -> str:
     if op == "attention":
         return f"{p['B']}x{p['T']}x{p['H']}x{p['D']}" + attention_options_label(p)
     if op == "layer_norm":
-        return f"{p['M']}x{p['N']}"
+        return f"{p['M']}x{p['N']}" + (" +residual" if p.get("residual") else "")
     if op == "gelu_ffn":
         return f"{p['M']}x{p['C']}x{p['Hd']}"
     return ("nanogpt " if p.get("model") == "nanogpt" else "") + f"{p['preset']} {p['batch']}x{p['seqlen']}"
@@ -231,6 +231,11 @@ def layer_norm_eager(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
 
 
+def layer_norm_residual_eager(x, r, w, b):  # the unfused residual add: s = x + r, then LayerNorm(s)
+    s = x + r
+    return F.layer_norm(s, (s.shape[-1],), w, b, 1e-5), s
+
+
 def gelu_ffn_eager(x, w1, b1, w2, b2):
     return gelu_ffn_ref(x, w1, b1, w2, b2, approximate="tanh")  # Linear -> GELU(tanh) -> Linear
 
@@ -266,7 +271,8 @@ class Case:
             hk = p.get("Hk", p["H"])
             return [rnd(p["B"], p["T"], p["H"], p["D"])] + [rnd(p["B"], p["T"], hk, p["D"]) for _ in range(2)]
         if self.op == "layer_norm":
-            return [rnd(p["M"], p["N"], scale=2.0, shift=1.0), rnd(p["N"]), rnd(p["N"])]
+            x, w, b = rnd(p["M"], p["N"], scale=2.0, shift=1.0), rnd(p["N"]), rnd(p["N"])
+            return [x, rnd(p["M"], p["N"]), w, b] if p.get("residual") else [x, w, b]
         c, h = p["C"], p["Hd"]
         return [rnd(p["M"], c), rnd(h, c, scale=c ** -0.5), rnd(h, scale=0.1),
                 rnd(c, h, scale=h ** -0.5), rnd(c, scale=0.1)]
@@ -277,6 +283,8 @@ class Case:
             if not p:
                 return lambda q, k, v: sdpa_bthd(q, k, v, causal)
             return lambda q, k, v: attention_eager(q, k, v, causal, p)
+        if self.op == "layer_norm" and self.params.get("residual"):
+            return layer_norm_residual_eager
         return {"layer_norm": layer_norm_eager, "gelu_ffn": gelu_ffn_eager}[self.op]
 
     @property
@@ -307,6 +315,14 @@ class Case:
             scale = 1.0 / (1.0 - kw.pop("dropout_p"))  # kept probabilities are scaled up by 1/(1-p)
             mags = attention_magnitudes(*inputs64, grad64, self.causal, **kw)
             return [None if m is None else m * scale for m in mags]
+        if self.op == "layer_norm" and self.params.get("residual"):
+            # outputs y = LN(s), s = x + r; inputs x, r (both get dLN + ds), w, b
+            x, r, w, b = inputs64
+            gy, gs = grad64 if grad64 is not None else (None, None)
+            out, dx, dw, db = layer_norm_magnitudes(x + r, w, b, gy, 1e-5)
+            ms = float((x.abs() + r.abs()).max())
+            dx = None if dx is None else dx + float(gs.abs().max())
+            return [out, dx, dx, dw, db, ms]  # [y, grads..., then s]
         if self.op == "layer_norm":
             return layer_norm_magnitudes(*inputs64, grad64, 1e-5)
         return gelu_ffn_magnitudes(*inputs64, grad64, "tanh")
@@ -326,6 +342,8 @@ class Case:
                 extra = {"alibi_slopes": cache[q.device]} if "alibi_slopes" in kw else {}
                 return gptfast.attention(q, k, v, causal=causal, backend=backend, **(kw | extra))
             return fn
+        if self.op == "layer_norm" and self.params.get("residual"):
+            return lambda x, r, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend, residual=r, prenorm=True)
         if self.op == "layer_norm":
             return lambda x, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend)
         return lambda x, w1, b1, w2, b2: gptfast.gelu_ffn(x, w1, b1, w2, b2, "tanh", backend=backend)
@@ -359,13 +377,16 @@ class Case:
             return fwd * {"fwd": 1.0, "bwd": 2.0, "fwd-bwd": 3.0}[phase]
         e = torch.finfo(dtype).bits // 8
         m, n = p["M"], p["N"]
-        fwd = (2 * m * n + 2 * n) * e                 # read x, w, b; write y
-        bwd = (3 * m * n + 3 * n) * e + 2 * m * 4     # read x, dy, w, fp32 mean/rstd; write dx, dw, db
+        res = 2 * m * n if p.get("residual") else 0   # fwd: read r, write s; bwd: read ds (dx is dr too)
+        fwd = (2 * m * n + 2 * n) * e + res * e       # read x, w, b; write y
+        bwd = (3 * m * n + 3 * n) * e + 2 * m * 4 + (res // 2) * e  # read x, dy, w, fp32 mean/rstd; write dx, dw, db
         return {"fwd": fwd, "bwd": bwd, "fwd-bwd": fwd + bwd}[phase]
 
 
 LAYER_NORM_BYTES = ("GB/s counts fwd: read x, w, b + write y = (2MN + 2N) elements; bwd: read x, dy, w "
-                    "+ write dx, dw, db = (3MN + 3N) elements + 8M bytes of fp32 mean/rstd; fwd-bwd: both")
+                    "+ write dx, dw, db = (3MN + 3N) elements + 8M bytes of fp32 mean/rstd; fwd-bwd: both; "
+                    "'+residual' sizes (--residual: y, s = LN(x + r), x + r; eager = the add, then F.layer_norm): "
+                    "+2MN elements fwd (read r, write s) and +MN bwd (read ds)")
 
 
 # --------------------------------------------------------------------------- checking
@@ -398,21 +419,33 @@ def check_case(case: Case, fn: Callable, device: torch.device, dtype: torch.dtyp
     xpt = [t.to(dtype).requires_grad_() for t in base]
     xus = [t.to(dtype).requires_grad_() for t in base]
     ref = eager(*x64)
-    g = torch.randn(ref.shape, generator=gen).to(device=device, dtype=dtype)
+    multi = isinstance(ref, tuple)  # several outputs (layer_norm +residual: y, s), each with a gradient
+    g = [torch.randn(r.shape, generator=gen).to(device=device, dtype=dtype) for r in (ref if multi else (ref,))]
+    g64 = [t.double() for t in g]
+    if not multi:
+        g, g64 = g[0], g64[0]
     if backward:
-        ref, ref_g = _grads(eager, x64, g.double())
+        ref, ref_g = _grads(eager, x64, g64)
         pt, pt_g = _grads(eager, xpt, g)
         out, out_g = _grads(fn, xus, g)
     else:
         with torch.no_grad():
             pt, out = eager(*xpt), fn(*xus)
-    if out.dtype != dtype or out.shape != ref.shape:
-        raise AssertionError(f"output {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(ref.shape)}")
-    magnitudes = case.magnitudes(x64, g.double() if backward else None)
+    if multi and (not isinstance(out, tuple) or len(out) != len(ref)):
+        raise AssertionError(f"expected {len(ref)} outputs, got {type(out).__name__}")
+    outs, refs, pts = (out, ref, pt) if multi else ((out,), (ref,), (pt,))
+    for o, r in zip(outs, refs):
+        if o.dtype != dtype or o.shape != r.shape:
+            raise AssertionError(f"output {o.dtype} {tuple(o.shape)}, expected {dtype} {tuple(r.shape)}")
+    magnitudes = case.magnitudes(x64, g64 if backward else None)
     if backward:
-        assert_results_match(out, ref, pt, out_g, ref_g, pt_g, magnitudes=magnitudes)
+        assert_results_match(outs[0], refs[0], pts[0], out_g, ref_g, pt_g, magnitudes=magnitudes)
     else:
-        assert_results_match(out, ref, pt, magnitudes=magnitudes)
+        assert_results_match(outs[0], refs[0], pts[0], magnitudes=magnitudes)
+    n_grads = len(x64)
+    for i in range(1, len(refs)):  # the further outputs' magnitudes follow the gradients'
+        assert_matches_reference(outs[i], refs[i], pts[i], magnitude=magnitudes[n_grads + i], factor=2,
+                                 name=f"out[{i}]")
     return size_label(case.op, p)
 
 
@@ -568,6 +601,11 @@ def make_variant(case: Case, name: str, device: torch.device, dtype: torch.dtype
         if why or device.type != "cuda":
             return Variant(name, None, why or "Liger-Kernel needs a CUDA GPU")
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        if case.params.get("residual"):  # Liger has no fused residual: its LayerNorm after the add
+            def liger_residual(x, r, w, b):
+                s = x + r
+                return LigerLayerNormFunction.apply(s, w, b, 1e-5), s
+            return Variant(name, liger_residual)
         return Variant(name, lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5))
     if name == "patched":
         return Variant(name, None, "patched is a baseline of train --model nanogpt")
@@ -659,7 +697,10 @@ def run_case(case: Case, variant: Variant, phases: list[str], device: torch.devi
         graphs = []
         try:
             with torch.no_grad():
-                g = torch.randn_like(fn(*sets[0]))
+                first_out = fn(*sets[0])
+                g = (tuple(torch.randn_like(t) for t in first_out) if isinstance(first_out, tuple)
+                     else torch.randn_like(first_out))
+                del first_out
             counter = iter(range(1 << 62))
 
             if row.phase == "fwd":
@@ -834,9 +875,10 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
 
         def step():
             x = batches[next(counter) % len(batches)]
-            with _autocast(device, dtype), backend_ctx():
-                _, loss = fwd(x[:, :-1], x[:, 1:])
-            loss.backward()
+            with backend_ctx():  # the backward too: it resolves its backend when it runs
+                with _autocast(device, dtype):
+                    _, loss = fwd(x[:, :-1], x[:, 1:])
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
@@ -1151,6 +1193,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(eager, compile, flash_attn, liger); default: every gptfast backend available "
                         "for the op on the device (never the Triton interpreter) + eager + compile "
                         "(+ flash_attn / liger when importable)")
+    p.add_argument("--residual", action="store_true",
+                   help="layer_norm: the fused residual add, y, s = LN(x + r), x + r (gptfast.layer_norm's "
+                        "residual=, prenorm=True) against the add then LayerNorm")
     p.add_argument("--model", choices=TRAIN_MODELS, default="gpt",
                    help="train: gptfast's GPT against itself on PyTorch ops (gpt, default) or against a "
                         "model with nanoGPT's structure and the same weights (nanogpt, bench/nanogpt.py: "
@@ -1229,6 +1274,11 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
         raise BenchError(f"--window/--softcap/--alibi/--dropout are attention options, not {op}'s")
     else:
         cases = [Case(op, s) for s in sizes]
+    if getattr(args, "residual", False):
+        if op != "layer_norm":
+            raise BenchError(f"--residual is an option of layer_norm, not {op}'s")
+        for c in cases:
+            c.params["residual"] = True
     model = getattr(args, "model", "gpt") or "gpt"
     if model != "gpt":
         if op != "train":

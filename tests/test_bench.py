@@ -154,6 +154,59 @@ def test_train_step_rows_have_tokens_per_second_and_mfu(tmp_path, capsys):
     assert_png(out / "train.png")
 
 
+def test_train_model_nanogpt_times_the_nanogpt_baselines(tmp_path, capsys):
+    out = tmp_path / "res"
+    main(["bench", "train", *FAST, "--model", "nanogpt", "--sizes", "tiny,2,16", "--backends",
+          "reference,eager,patched", "--out", str(out)])
+    rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"reference", "eager", "patched"}
+    for r in rows.values():  # each checked by its first loss against the float64 nanoGPT model
+        assert r["status"] == "ok" and r["size"] == "nanogpt tiny 2x16" and r["checked_at"] == "first loss"
+    assert rows["eager"]["vs_eager"] == 1 and rows["patched"]["vs_eager"] > 0
+    # the baseline really is bench/nanogpt.py's model, with the GPT's weights, patched for 'patched'
+    params = dict(preset="tiny", batch=2, seqlen=16, model="nanogpt")
+    nano, patched, gpt = (bench._build_gpt(params, torch.device("cpu"), v) for v in ("eager", "patched", "reference"))
+    assert type(nano).__name__ == "NanoGPT" and type(patched).__name__ == "NanoGPT"
+    assert type(gpt).__name__ == "GPT" and gpt.config.gelu_approximate == "none"
+    assert hasattr(patched.transformer.h[0].ln_1, "_gptfast_patch") and not hasattr(nano.transformer.h[0].ln_1,
+                                                                                    "_gptfast_patch")
+    idx = torch.randint(0, gpt.config.vocab_size, (2, 16))
+    with _backend.use_backend("reference"):
+        torch.testing.assert_close(nano(idx)[0], gpt(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_residual_is_checked_and_timed(tmp_path, capsys):
+    out = tmp_path / "res"
+    main(["bench", "layer_norm", *FAST, "--residual", "--sizes", "32,64", "--backends", "reference,eager",
+          "--fwd", "--fwd-bwd", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["backend"], r["phase"]) for r in rows} == {(b, p) for b in ("reference", "eager") for p in ("fwd", "fwd-bwd")}
+    for r in rows:
+        assert r["status"] == "ok" and r["size"] == "32x64 +residual"
+        e, m, n = 4, 32, 64  # fwd: read x, r, w, b, write y, s; bwd: read s, dy, ds, w, write dx, dw, db
+        work = (4 * m * n + 2 * n) * e + (0 if r["phase"] == "fwd" else (4 * m * n + 3 * n) * e + 8 * m)
+        assert r["gbps"] == pytest.approx(work / (r["ms"] * 1e6))
+
+
+def test_layer_norm_residual_check_covers_both_outputs_and_the_stream_gradient():
+    case = bench.Case("layer_norm", dict(M=8, N=32, residual=True))
+    cpu = torch.device("cpu")
+
+    def bad_stream(x, r, w, b):  # y right, s off by 1e-2
+        y, s = bench.layer_norm_residual_eager(x, r, w, b)
+        return y, s + 1e-2
+
+    def no_stream_gradient(x, r, w, b):  # right values; ds does not reach x and r
+        y, s = bench.layer_norm_residual_eager(x, r, w, b)
+        return y, s.detach().requires_grad_()
+
+    with pytest.raises(AssertionError, match=r"out\[1\]"):
+        bench.check_case(case, bad_stream, cpu, torch.float32, backward=False)
+    with pytest.raises(AssertionError, match=r"grad\[0\]"):
+        bench.check_case(case, no_stream_gradient, cpu, torch.float32, backward=True)
+    bench.check_case(case, case.gptfast_fn("reference"), cpu, torch.float32, backward=True)
+
+
 def test_eagerized_gpt_matches_the_gptfast_model():
     from gptfast import GPT, GPTConfig
     torch.manual_seed(0)
@@ -209,6 +262,8 @@ def test_default_grids_and_backends():
     (["layer_norm", "--alibi"], "attention options"),
     (["train", "--sizes", "nope,2"], "PRESET,BATCH"),
     (["layer_norm", "--backends", "reference,fast"], "unknown ['fast']"),
+    (["train", "--residual"], "--residual is an option of layer_norm"),
+    (["layer_norm", "--model", "nanogpt"], "--model is an option of train"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
