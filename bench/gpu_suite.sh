@@ -9,7 +9,8 @@
 #   bash bench/gpu_suite.sh --out DIR                # another output folder
 #
 # Stage time limits (s): build 100 + tests 150 + ceilings 15 + overhead 2 x 10 + attention 100
-# + options 5 x 12 + layer_norm 40 + gelu_ffn 40 + train 70 + generate 45 + drop_in 30 = 670: a
+# + options 5 x 12 + layer_norm 40 + residual 25 + gelu_ffn 40 + train 70 + train nanogpt 60 + generate 45
+# + drop_in 30 = 755: a
 # stage's limit is its worst case
 # (most finish well inside it); the device tool's call is 600 s, so the last stages may be cut. A stage that runs
 # out of time is stopped (SIGTERM, then SIGKILL 10 s later) and keeps the rows it finished: the
@@ -96,10 +97,16 @@ suite() {
     done
     stage layer_norm 40 $BENCH layer_norm $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
         --backends cuda,triton,eager,compile,liger
+    # The fused residual add (y, s = LN(x + r), x + r) against the add then LayerNorm, own folder
+    stage "layer_norm residual" 25 $BENCH layer_norm $DEV_ARGS $DRY --residual --out "$OUT/layer_norm-residual" \
+        --fwd --fwd-bwd --backends cuda,triton,eager,compile,liger
     stage gelu_ffn 40 $BENCH gelu_ffn $DEV_ARGS $DRY --out "$OUT" --fwd --bwd --fwd-bwd \
         --backends cuda,triton,eager,compile
     stage train 70 $BENCH train $DEV_ARGS $DRY --out "$OUT" --sizes gpt2,8,1024 \
         --backends cuda,triton,eager,compile
+    # GPT-2 124M against a nanoGPT-structured model (bench/nanogpt.py) as is, compiled and patched
+    stage "train nanogpt" 60 $BENCH train $DEV_ARGS $DRY --model nanogpt --out "$OUT/train-nanogpt" \
+        --sizes gpt2,8,1024 --backends cuda,triton,eager,compile,patched
     # Greedy decoding of GPT-2 124M from a 1k..8k prompt: KV cache vs none vs HF's generate
     stage generate 45 $BENCH generate $DEV_ARGS $DRY --out "$OUT" --backends triton,hf --repeats 2 \
         --sizes gpt2,1,1024,64 gpt2,1,2048,64 gpt2,1,4096,64 gpt2,1,8192,64

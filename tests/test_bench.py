@@ -291,4 +291,6 @@ def test_gpu_suite_python_parts_dry_run_on_cpu(tmp_path):
     for op in ("ceilings", "attention", "layer_norm", "gelu_ffn", "train"):
         assert f"gptfast bench {op} (dry run)" in out
     assert "device cpu" in out and "would run: " in out  # build + tests listed, not run
+    assert "x768 +residual" in out  # layer_norm --residual planned
+    assert "nanogpt gpt2 8x1024" in out  # train --model nanogpt
     assert "2x8192x32x64" in out and "16384" not in out.split("gptfast bench attention")[1].split("gptfast bench")[0]
