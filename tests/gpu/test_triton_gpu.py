@@ -1,5 +1,6 @@
 """Triton-only GPU tests (the grid shared with the cuda backend is in test_kernels_gpu.py):
-float32 attention (ieee dots) and the autotuner's handling of the db1 partial buffer.
+float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, and the
+LayerNorm's fused residual add in bf16 and at GPU sizes.
 
 Skipped without a GPU. Run by bench/gpu_suite.sh.
 """
@@ -12,6 +13,7 @@ pytest.importorskip("triton")
 
 from test_triton_attention import check_attention  # noqa: E402
 from test_triton_gelu_ffn import check_gelu_ffn  # noqa: E402
+from test_triton_layer_norm import check_layer_norm_residual  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,3 +31,15 @@ def test_gelu_ffn_autotuned_bias_grad():
     # partial rows into one buffer: the chosen config's db1 must not include a loser's rows.
     torch.manual_seed(2)
     check_gelu_ffn(2, 300, 256, 1024, 256, torch.bfloat16, "tanh")
+
+
+@pytest.mark.parametrize("M,N,dtype,has_weight,has_bias", [
+    (257, 1000, torch.bfloat16, True, True),
+    (257, 4096, torch.float16, True, False),
+    (4096, 1024, torch.bfloat16, True, True),  # many rows per backward program (G = 4 x SMs)
+    (3, 9000, torch.bfloat16, False, True),  # chunked forward and backward
+])
+def test_layer_norm_residual(M, N, dtype, has_weight, has_bias):
+    # The interpreter has no bf16 and runs one program at a time; here s = x + r is still checked
+    # bitwise (fp32 add, one round-to-nearest), the rest against float64.
+    check_layer_norm_residual(M, N, dtype, has_weight, has_bias)
