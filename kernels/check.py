@@ -141,21 +141,26 @@ def _attention_jobs(arch: int) -> list[Job]:
 
 def _layer_norm_jobs(arch: int) -> list[Job]:
     jobs = []
-    for n in (1024, 8192, 65536):
+    # each width plain and with the fused residual add (+res: HAS_RESIDUAL / HAS_DRESIDUAL)
+    for n, res in [(n, res) for n in (1024, 8192, 65536) for res in (False, True)]:
         block, one_tile, warps = _ln._settings(n)
+        tag = " +res" if res else ""
         fn = _jit(_ln._layer_norm_fwd_kernel)
-        ce = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_N=block, ONE_TILE=one_tile)
-        types = {n_: "*bf16" for n_ in ("X", "Y", "W", "B")}
-        types.update(Mean="*fp32", Rstd="*fp32", stride_x="i32", stride_y="i32", N="i32", eps="fp32")
-        jobs.append(Job("ln_fwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}", False,
-                        ["X", "Y", "W", "B", "Mean", "Rstd", "stride_x", "stride_y"]))
+        ce = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=res, BLOCK_N=block, ONE_TILE=one_tile)
+        types = {n_: "*bf16" for n_ in ("X", "Y", "W", "B", "R", "S")}
+        types.update(Mean="*fp32", Rstd="*fp32", stride_x="i32", stride_y="i32", stride_r="i32", stride_s="i32",
+                     N="i32", eps="fp32")
+        jobs.append(Job("ln_fwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}{tag}", False,
+                        ["X", "Y", "W", "B", "Mean", "Rstd", "R", "S", "stride_x", "stride_y", "stride_r",
+                         "stride_s"]))
         fn = _jit(_ln._layer_norm_bwd_kernel)
-        ce = dict(HAS_WEIGHT=True, HAS_DBIAS=True, BLOCK_N=block, ONE_TILE=one_tile)
-        types = {n_: "*bf16" for n_ in ("X", "W", "DY", "DX")}
+        ce = dict(HAS_WEIGHT=True, HAS_DBIAS=True, HAS_DRESIDUAL=res, BLOCK_N=block, ONE_TILE=one_tile)
+        types = {n_: "*bf16" for n_ in ("X", "W", "DY", "DX", "DRES")}
         types.update({n_: "*fp32" for n_ in ("Mean", "Rstd", "DW_partial", "DB_partial")})
-        types.update(stride_x="i32", stride_dy="i32", stride_dx="i32", M="i32", N="i32", rows_per_program="i32")
-        jobs.append(Job("ln_bwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}", False,
-                        ["X", "W", "DY", "DX", "Mean", "Rstd", "DW_partial", "DB_partial"]))
+        types.update(stride_x="i32", stride_dy="i32", stride_dx="i32", stride_dres="i32", M="i32", N="i32",
+                     rows_per_program="i32")
+        jobs.append(Job("ln_bwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}{tag}", False,
+                        ["X", "W", "DY", "DX", "Mean", "Rstd", "DW_partial", "DB_partial", "DRES"]))
     fn = _jit(_reduce._colsum_kernel)  # dW/dB partials of LayerNorm, db1/db2 of GELU-FFN
     ce = dict(BLOCK_R=32, BLOCK_N=128)
     jobs.append(Job("colsum", fn, _sig(fn, {"X": "*fp32", "Out": "*bf16", "R": "i32", "N": "i32",
