@@ -17,8 +17,8 @@ import numbers
 import torch
 
 from . import _backend
-from ._common import (SUPPORTED_DTYPES, autocast_dtype, autocast_off, autograd_function, cast_floats, check_same, check_shape,
-                      check_tensor, run_plain, run_op)
+from ._common import (SUPPORTED_DTYPES, autocast_dtype, autocast_off, autograd_function, cast_floats, check_same,
+                      check_shape, check_tensor, run_plain, run_op)
 
 __all__ = ["layer_norm", "layer_norm_ref", "layer_norm_fwd_op", "layer_norm_residual_fwd_op", "layer_norm_bwd_op"]
 
