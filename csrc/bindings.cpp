@@ -28,11 +28,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor&, bool, double, bool, int64_t, int64_t, double,
     const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
-    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&);
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, bool);
+    const at::Tensor&, bool, const std::optional<at::Tensor>&);
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor&, const at::Tensor&,
                                                     const std::optional<at::Tensor>&,
                                                     const at::Tensor&,
@@ -70,11 +71,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dropout_p") = 0.0, py::arg("rng_state") = py::none(),
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         "FlashAttention-2 backward: (dq, dk, dv); deterministic avoids atomics where a backend uses them");
-  m.def("layer_norm_forward", &gptfast::layer_norm_forward, py::arg("x"), py::arg("weight"),
-        py::arg("bias"), py::arg("eps"), "LayerNorm forward: (y, mean, rstd)");
+  // A 3-tuple without a residual (the launcher returns it as it comes), a 4-tuple with one.
+  m.def(
+      "layer_norm_forward",
+      [](const at::Tensor& x, const std::optional<at::Tensor>& weight,
+         const std::optional<at::Tensor>& bias, double eps,
+         const std::optional<at::Tensor>& residual) -> py::tuple {
+        auto [y, mean, rstd, s] = gptfast::layer_norm_forward(x, weight, bias, eps, residual);
+        if (s.has_value()) return py::make_tuple(y, mean, rstd, *s);
+        return py::make_tuple(y, mean, rstd);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+      py::arg("residual") = py::none(),
+      "LayerNorm forward: (y, mean, rstd); with residual, of s = x + residual: (y, mean, rstd, s)");
   m.def("layer_norm_backward", &gptfast::layer_norm_backward, py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("has_bias"),
-        "LayerNorm backward: (dx, dweight or None, dbias or None)");
+        py::arg("dresidual") = py::none(),
+        "LayerNorm backward: (dx, dweight or None, dbias or None); with dresidual, dx + dresidual");
   m.def("gelu_ffn_forward", &gptfast::gelu_ffn_forward, py::arg("x"), py::arg("w1"), py::arg("b1"),
         py::arg("w2"), py::arg("b2"), py::arg("approximate"), "GELU-FFN forward: (out, h)");
   m.def("gelu_ffn_backward", &gptfast::gelu_ffn_backward, py::arg("dout"), py::arg("x"),

@@ -4,6 +4,9 @@
   dv), bf16 and fp32, T in {1, 3, 97, 130, 257} x head dims {16, 40, 64, 128} x causal/full (axes
   varied together so the grid stays small), strided q/k/v views of one packed projection;
 - one thread and two threads give the same results within tolerance;
+- LayerNorm's fused residual add (s = x + r rounded once, normalised as rounded; dx + dresidual
+  rounded once) against the float64 truth and the reference launchers on the unfused s, every
+  dtype the kernels take, awkward N and M;
 - bad input to the extension itself raises a Python exception naming the argument;
 - (the tiny GPT trained on `cpu` tracking the reference loss curve is tests/test_convergence.py);
 - attention at T = 4096 does not allocate anything T x T (peak RSS in a subprocess).
@@ -20,8 +23,9 @@ import torch
 
 import gptfast
 from gptfast.ops.attention import attention_backward_reference, attention_forward_reference
+from gptfast.ops.layer_norm import layer_norm_backward_reference, layer_norm_forward_reference
 from gptfast.testing import (assert_close, assert_matches_reference, assert_results_match, attention_magnitudes,
-                             rounding_atol, sdpa_bthd)
+                             layer_norm_magnitudes, rounding_atol, sdpa_bthd)
 
 if "cpu" not in gptfast.available_backends(device="cpu"):
     from gptfast import _build
@@ -87,6 +91,106 @@ def test_attention_numerics_policy(seed):
     out, _ = _cpu.attention_forward(q, k, v, True, 32 ** -0.5)
     assert torch.isnan(out[0, 5, 1]).all()
     assert not torch.isnan(out[0, :, 0]).any(), "NaN leaked into another head"
+
+
+# --------------------------------------------------------------------------- layer_norm + residual
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+         torch.float16: torch.int16}
+
+
+def _check_stats(name, got, truth, dtype):
+    """fp32 statistics within 1e-5 of the float64 truth, fp64 ones within 1e-12 (relative to
+    max(1, |truth|)), as the cuda emulation tests hold them."""
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+    err = ((got.double() - truth).abs() / truth.abs().clamp_min(1.0)).max().item()
+    assert err <= rtol, f"{name}: error {err:.3g} > {rtol:g} (relative to max(1, |truth|))"
+
+
+# N = 1, 17, 123, 1000: not multiples of the 16-lane fp32 / 8-lane fp64 vectors (nor of the two
+# chains' 32); M = 1, odd M, and 301 rows of 768 (several parallel tasks: grain(768) = 42 rows).
+LN_RESIDUAL_SHAPES = [(1, 123), (3, 17), (5, 1), (7, 768), (33, 1000), (301, 768)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("M,N", LN_RESIDUAL_SHAPES)
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+def test_layer_norm_residual_against_reference(M, N, dtype, affine, seed):
+    """Forward: s must be x + r rounded once, bit for bit; y, mean, rstd those of LayerNorm of that
+    s. Backward, given s and a dresidual: dx = LayerNorm's dx + dresidual. Held to the float64
+    truth by DESIGN.md's rule, with the reference launchers on the unfused s (the brief's
+    "PyTorch in the dtype": dx rounded, then + dresidual rounded again) as the comparison."""
+    eps = 1e-5
+    x = (torch.randn(M, N) * 3 + 1.5).to(dtype)  # offset mean: catches a one-pass variance
+    r = (torch.randn(M, N) * 2 - 0.5).to(dtype)
+    w = (1 + 0.5 * torch.randn(N)).to(dtype) if "weight" in affine else None
+    b = torch.randn(N).to(dtype) if "bias" in affine else None
+    dy, dres = torch.randn(M, N).to(dtype), torch.randn(M, N).to(dtype)
+
+    out = _cpu.layer_norm_forward(x, w, b, eps, residual=r)
+    assert len(out) == 4
+    y, mean, rstd, s = out
+    s_ref = (x.double() + r.double()).to(dtype)
+    assert s.dtype == dtype and s.shape == (M, N) and s.is_contiguous()
+    assert torch.equal(s.view(_BITS[dtype]), s_ref.view(_BITS[dtype])), \
+        f"s is not x + r rounded once: max |s - ref| {(s.double() - s_ref.double()).abs().max().item():.3e}"
+
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    y64, mean64, rstd64 = layer_norm_forward_reference(s_ref.double(), f64(w), f64(b), eps)
+    y_pt, mean_pt, rstd_pt = layer_norm_forward_reference(s_ref, w, b, eps)
+    mags = layer_norm_magnitudes(s_ref, w, b, dy, eps)
+    assert y.dtype == dtype
+    assert_matches_reference(y, y64, y_pt, magnitude=mags[0], factor=2, name="y")
+    _check_stats("mean", mean, mean64, dtype)
+    _check_stats("rstd", rstd, rstd64, dtype)
+
+    dx, dw, db = _cpu.layer_norm_backward(dy, s, w, mean, rstd, b is not None, dresidual=dres)
+    dx64, dw64, db64 = layer_norm_backward_reference(dy.double(), s_ref.double(), f64(w), mean64, rstd64,
+                                                     b is not None)
+    dx_pt, dw_pt, db_pt = layer_norm_backward_reference(dy, s_ref, w, mean_pt, rstd_pt, b is not None)
+    # the final add's own rounding: one more term of |dres|
+    assert_matches_reference(dx, dx64 + dres.double(), dx_pt + dres, magnitude=mags[1] + dres.abs().max().item(),
+                             factor=3, name="dx")
+    assert (dw is None) == (w is None) and (db is None) == (b is None)
+    if w is not None:
+        assert_matches_reference(dw, dw64, dw_pt, magnitude=mags[2], factor=3, name="dweight")
+    if b is not None:
+        assert_matches_reference(db, db64, db_pt, magnitude=mags[3], factor=3, name="dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_residual_leaves_the_plain_paths_alone(dtype, seed):
+    """Without residual/dresidual the launchers return what they returned before (three outputs;
+    dx not shifted), and the fused forward's y equals the plain forward of its own s bit for bit
+    (the same row kernels run on the same rounded row)."""
+    x, r, dy = (torch.randn(37, 200).to(dtype) for _ in range(3))
+    w, b = torch.randn(200).to(dtype), torch.randn(200).to(dtype)
+    plain = _cpu.layer_norm_forward(x, w, b, 1e-5)
+    assert len(plain) == 3
+    y, mean, rstd, s = _cpu.layer_norm_forward(x, w, b, 1e-5, residual=r)
+    y_s, mean_s, rstd_s = _cpu.layer_norm_forward(s, w, b, 1e-5)
+    assert torch.equal(y, y_s) and torch.equal(mean, mean_s) and torch.equal(rstd, rstd_s)
+    dx0, dw0, db0 = _cpu.layer_norm_backward(dy, s, w, mean, rstd, True)
+    dx1, dw1, db1 = _cpu.layer_norm_backward(dy, s, w, mean, rstd, True, dresidual=torch.zeros_like(dy))
+    assert torch.equal(dx0, dx1) and torch.equal(dw0, dw1) and torch.equal(db0, db1)
+
+
+def test_layer_norm_residual_bad_input_raises_named_errors():
+    x = torch.randn(4, 10)
+    stats = (torch.zeros(4), torch.ones(4))
+    bad = [(ValueError, "residual must have x's shape", torch.randn(4, 9)),
+           (ValueError, "residual must have x's shape", torch.randn(40)),
+           (TypeError, "residual has dtype BFloat16 but x has Float", x.bfloat16()),
+           (ValueError, "residual is on meta but x is on cpu", torch.empty(4, 10, device="meta")),
+           (ValueError, "residual must be contiguous", torch.randn(10, 4).t())]
+    for exc, msg, r in bad:
+        with pytest.raises(exc, match="gptfast.layer_norm: " + msg):
+            ext.layer_norm_forward(x, None, None, 1e-5, r)
+        with pytest.raises(exc, match="gptfast.layer_norm: " + msg):  # through the launcher too
+            _cpu.layer_norm_forward(x, None, None, 1e-5, residual=r)
+        with pytest.raises(exc, match="gptfast.layer_norm: d" + msg):
+            _cpu.layer_norm_backward(x, x, None, *stats, False, dresidual=r)
 
 
 # --------------------------------------------------------------------------- threads

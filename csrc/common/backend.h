@@ -67,12 +67,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic,
     const AttentionOptions& opts);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+// With residual: LayerNorm of s = x + residual (rounded to x's dtype), s returned fourth (none
+// without). With dresidual (the gradient of s; x is then the saved s): dx + dresidual.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps);
+    const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual);
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias);
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
+    const std::optional<at::Tensor>& dresidual);
 
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
                                                     const std::optional<at::Tensor>& b1,

@@ -1,6 +1,7 @@
 // LayerNorm on CUDA tensors, host side: outputs, workspaces and launches of the kernels in
 // layer_norm.cu (algorithm and design notes there). Saved by the forward for the backward: the
-// per-row mean and rstd, fp32. Arguments are validated by csrc/layer_norm.cpp; this file checks
+// per-row mean and rstd, fp32 (and, with the fused residual add, s = x + residual, which the
+// caller saves as the backward's x). Arguments are validated by csrc/layer_norm.cpp; this file checks
 // only what the kernels add: no float64 (the reference backend serves gradcheck), rows of at most
 // kLayerNormMaxCols, and at most INT_MAX rows (one forward block per row).
 #include <ATen/ops/empty.h>
@@ -38,9 +39,9 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+    const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual) {
   check_kernel_limits(x);
   const int64_t M = x.size(0), N = x.size(1);
   TORCH_CHECK_VALUE(M <= INT_MAX, kOp, ": the cuda backend takes at most ", INT_MAX,
@@ -49,7 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
+  std::optional<at::Tensor> s;
+  if (residual.has_value()) s = at::empty({M, N}, x.options());
+  if (M == 0) return {y, mean, rstd, s};
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight);
@@ -58,7 +61,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   p.x = xc.const_data_ptr();
   p.weight = data_or_null(w);
   p.bias = data_or_null(b);
+  p.residual = residual.has_value() ? residual->const_data_ptr() : nullptr;  // contiguous: checked
   p.y = y.data_ptr();
+  p.residual_out = s.has_value() ? s->data_ptr() : nullptr;
   p.mean = mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
   p.rows = M;
@@ -66,12 +71,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   p.eps = static_cast<float>(eps);
   p.dtype = dtype_code(x);
   GPTFAST_CUDA_LAUNCH_CHECK(layer_norm_forward_launch(p, current_stream()));
-  return {y, mean, rstd};
+  return {y, mean, rstd, s};
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
+    const std::optional<at::Tensor>& dresidual) {
   check_kernel_limits(x);
   const int64_t M = x.size(0), N = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -99,6 +105,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
   p.weight = data_or_null(w);
   p.mean = mean_c.const_data_ptr<float>();
   p.rstd = rstd_c.const_data_ptr<float>();
+  p.dresidual = dresidual.has_value() ? dresidual->const_data_ptr() : nullptr;  // contiguous: checked
   p.dx = dx.data_ptr();
   p.dweight = dw.has_value() ? dw->data_ptr() : nullptr;
   p.dbias = db.has_value() ? db->data_ptr() : nullptr;

@@ -8,6 +8,13 @@
 // 8192 on the scalar path); only longer rows re-read the remainder (from L1/L2). Saved for
 // backward: mean and rstd per row, fp32.
 //
+// Fused residual add (FlashAttention's layer_norm_fn(residual=, prenorm=True)): pass 1 reads x and
+// r, writes s = x + r (summed in fp32, rounded once to the dtype) and keeps s as rounded in the
+// registers, so the row normalised is the stored s and the result is the unfused layer_norm(x + r).
+// One read of x and r and one write of s and y, against an add kernel's extra write and re-read of
+// s. Accesses beyond the register slots re-read s (written by the same thread). The backward, given
+// the saved s, adds the residual stream's gradient to dx in fp32 before dx's one rounding.
+//
 // Backward, one kernel over a grid of ~#SM x occupancy blocks, each taking rows blockIdx.x,
 // blockIdx.x + gridDim.x, ...: per row, one pass for mean(g) and mean(g * xhat) (g = dy * w,
 // xhat = (x - mean) * rstd), then dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) from the
@@ -28,8 +35,10 @@
 //   pointer is 16-byte aligned, else a scalar instantiation of the same kernel (kVec = false).
 // - fp32 accumulation everywhere; rstd is 1 / sqrtf (IEEE), not rsqrtf (approximate), since it is
 //   computed once per row. No fast-math: NaN/Inf in a row propagate to that row's outputs.
-// - dtype (fp32/fp16/bf16) and kVec are the only template parameters (6 instantiations per
-//   kernel); weight/bias presence are uniform runtime branches.
+// - dtype (fp32/fp16/bf16), kVec and the residual add (forward) / the residual gradient (backward)
+//   are the template parameters (12 instantiations per kernel; the residual's is a template
+//   parameter so that the plain kernels keep their code and registers); weight/bias presence are
+//   uniform runtime branches.
 #include "layer_norm.h"
 
 #include <algorithm>
@@ -105,6 +114,15 @@ __device__ __forceinline__ float pack_sq_dev(const Pack<T, V> a, float mean) {
   return s;
 }
 
+// s = a + b for V columns, summed in fp32 and rounded once.
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> add_packs(const Pack<T, V> a, const Pack<T, V> b) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) out.v[e] = from_float<T>(to_float(a.v[e]) + to_float(b.v[e]));
+  return out;
+}
+
 // y for the V columns of vector i; w, b may be null (uniform branches).
 template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V> xv, int i, float mean, float rstd,
@@ -128,16 +146,19 @@ __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V> xv, int i, floa
   return out;
 }
 
-template <typename T, int V>
+// dx for V columns; with kAdd, + dr (the residual's gradient) before the rounding.
+template <bool kAdd, typename T, int V>
 __device__ __forceinline__ Pack<T, V> input_grad(const Pack<T, V> xv, const Pack<T, V> dyv,
                                                  const Pack<T, V> wv, float mean, float rstd,
-                                                 float mean_g, float mean_gx) {
+                                                 float mean_g, float mean_gx, const Pack<T, V> dr) {
   Pack<T, V> out;
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     const float xhat = (to_float(xv.v[e]) - mean) * rstd;
     const float g = to_float(dyv.v[e]) * to_float(wv.v[e]);
-    out.v[e] = from_float<T>(rstd * (g - mean_g - xhat * mean_gx));
+    float d = rstd * (g - mean_g - xhat * mean_gx);
+    if constexpr (kAdd) d += to_float(dr.v[e]);
+    out.v[e] = from_float<T>(d);
   }
   return out;
 }
@@ -169,7 +190,8 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float2* red) {
 }
 
 // Grid: one block per row. Block: fwd_threads(). Thread t handles vectors t, t + blockDim.x, ...
-template <typename T, bool kVec>
+// kResidual: normalise s = x + residual, written to p.residual_out.
+template <typename T, bool kVec, bool kResidual>
 __global__ void __launch_bounds__(kFwdMaxThreads, 1)
     layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using C = Config<T, kVec>;
@@ -185,6 +207,10 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
   P* y = static_cast<P*>(p.y) + row * nvec;
+  const P* r = kResidual ? static_cast<const P*>(p.residual) + row * nvec : nullptr;
+  P* s = kResidual ? static_cast<P*>(p.residual_out) + row * nvec : nullptr;
+  // The row normalised: s as stored (the passes beyond the slots re-read what this thread wrote).
+  const P* src = kResidual ? s : x;
 
   // Zero-initialised: left undefined where i >= nvec, ptxas moved the array to local memory.
   P cache[kSlots] = {};
@@ -193,12 +219,25 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
   for (int k = 0; k < kSlots; ++k) {
     const int i = tid + k * nthr;
     if (i < nvec) {
-      cache[k] = x[i];
+      if constexpr (kResidual) {
+        cache[k] = add_packs(x[i], r[i]);
+        s[i] = cache[k];
+      } else {
+        cache[k] = x[i];
+      }
       sum += pack_sum(cache[k]);
     }
   }
 #pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sum += pack_sum(x[i]);
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
+    if constexpr (kResidual) {
+      const P v = add_packs(x[i], r[i]);
+      s[i] = v;
+      sum += pack_sum(v);
+    } else {
+      sum += pack_sum(x[i]);
+    }
+  }
   const float mean = block_sum(sum, red) / static_cast<float>(p.cols);
 
   float sq = 0.f;
@@ -207,7 +246,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
     if (tid + k * nthr < nvec) sq += pack_sq_dev(cache[k], mean);
   }
 #pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sq += pack_sq_dev(x[i], mean);
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sq += pack_sq_dev(src[i], mean);
   const float var = block_sum(sq, red) / static_cast<float>(p.cols);
   const float rstd = 1.f / sqrtf(var + p.eps);
   if (tid == 0) {
@@ -222,13 +261,13 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
   }
 #pragma unroll 1
   for (int i = tid + kSlots * nthr; i < nvec; i += nthr)
-    y[i] = normalize(x[i], i, mean, rstd, w, b);
+    y[i] = normalize(src[i], i, mean, rstd, w, b);
 }
 
 // Grid: num_blocks (<= rows) blocks, block b taking rows b, b + gridDim.x, ... Block:
 // bwd_threads(). Thread t owns vectors t + k * blockDim.x (columns V times that) in every row:
-// slots k < kSlots in registers, the rest through the partial row.
-template <typename T, bool kVec>
+// slots k < kSlots in registers, the rest through the partial row. kDResidual: dx += p.dresidual.
+template <typename T, bool kVec, bool kDResidual>
 __global__ void __launch_bounds__(kBwdMaxThreads, 1)
     layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   using C = Config<T, kVec>;
@@ -268,6 +307,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1)
     const P* x = static_cast<const P*>(p.x) + row * nvec;
     const P* dy = static_cast<const P*>(p.dy) + row * nvec;
     P* dx = static_cast<P*>(p.dx) + row * nvec;
+    const P* dres = kDResidual ? static_cast<const P*>(p.dresidual) + row * nvec : nullptr;
     const float mean = p.mean[row], rstd = p.rstd[row];
 
     P xc[kSlots] = {}, dyc[kSlots] = {};  // zero-initialised: see layer_norm_fwd_kernel
@@ -316,12 +356,18 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1)
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
       const int i = tid + k * nthr;
-      if (i < nvec) dx[i] = input_grad(xc[k], dyc[k], wc[k], mean, rstd, mean_g, mean_gx);
+      if (i < nvec) {
+        P dr = {};
+        if constexpr (kDResidual) dr = dres[i];
+        dx[i] = input_grad<kDResidual>(xc[k], dyc[k], wc[k], mean, rstd, mean_g, mean_gx, dr);
+      }
     }
 #pragma unroll 1
     for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
       const P wv = w != nullptr ? w[i] : ones;
-      dx[i] = input_grad(x[i], dy[i], wv, mean, rstd, mean_g, mean_gx);
+      P dr = {};
+      if constexpr (kDResidual) dr = dres[i];
+      dx[i] = input_grad<kDResidual>(x[i], dy[i], wv, mean, rstd, mean_g, mean_gx, dr);
     }
   }
 
@@ -400,7 +446,8 @@ int bwd_threads(int cols) {
 
 bool bwd_use_vec(const LayerNormBwdParams& p) {
   return FLOAT_SWITCH(p.dtype, [&] {
-    return use_vec<elem_t>(p.cols, {p.dy, p.x, p.dx, p.weight, p.dweight_partial, p.dbias_partial});
+    return use_vec<elem_t>(p.cols, {p.dy, p.x, p.dx, p.weight, p.dresidual, p.dweight_partial,
+                                    p.dbias_partial});
   });
 }
 
@@ -409,11 +456,14 @@ bool bwd_use_vec(const LayerNormBwdParams& p) {
 cudaError_t layer_norm_forward_launch(const LayerNormFwdParams& p, cudaStream_t stream) {
   if (p.rows < 1 || p.rows > INT32_MAX || p.cols < 1 || p.cols > kLayerNormMaxCols)
     return cudaErrorInvalidValue;
+  if ((p.residual != nullptr) != (p.residual_out != nullptr)) return cudaErrorInvalidValue;
   FLOAT_SWITCH(p.dtype, [&] {
-    const bool vec = use_vec<elem_t>(p.cols, {p.x, p.weight, p.bias, p.y});
+    const bool vec = use_vec<elem_t>(p.cols, {p.x, p.weight, p.bias, p.y, p.residual, p.residual_out});
     BOOL_SWITCH(vec, kVec, [&] {
-      layer_norm_fwd_kernel<elem_t, kVec>
-          <<<static_cast<unsigned>(p.rows), fwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+      BOOL_SWITCH(p.residual != nullptr, kResidual, [&] {
+        layer_norm_fwd_kernel<elem_t, kVec, kResidual>
+            <<<static_cast<unsigned>(p.rows), fwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+      });
     });
   });
   return cudaGetLastError();
@@ -429,8 +479,11 @@ cudaError_t layer_norm_backward_num_blocks(const LayerNormBwdParams& p, int* num
   if (err != cudaSuccess) return err;
   err = FLOAT_SWITCH(p.dtype, [&] {
     return BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
-      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, layer_norm_bwd_kernel<elem_t, kVec>, bwd_threads<elem_t, kVec>(p.cols), 0);
+      return BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, layer_norm_bwd_kernel<elem_t, kVec, kDResidual>,
+            bwd_threads<elem_t, kVec>(p.cols), 0);
+      });
     });
   });
   if (err != cudaSuccess) return err;
@@ -456,8 +509,10 @@ cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& p, cudaStream_t
   const int outputs = (p.dweight != nullptr) + (p.dbias != nullptr);
   cudaError_t err = FLOAT_SWITCH(p.dtype, [&] {
     BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
-      layer_norm_bwd_kernel<elem_t, kVec>
-          <<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+      BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
+        layer_norm_bwd_kernel<elem_t, kVec, kDResidual>
+            <<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+      });
     });
     cudaError_t launch_err = cudaGetLastError();
     if (launch_err == cudaSuccess && outputs > 0) {

@@ -16,12 +16,16 @@ namespace cuda {
 constexpr int kLayerNormMaxCols = 65536;
 
 // x, y: (rows, cols) contiguous, elements of `dtype`; weight, bias: (cols,) contiguous or nullptr.
+// residual, residual_out: both (rows, cols) contiguous, or both nullptr; with them the kernel
+// normalises s = x + residual (rounded to `dtype`) and stores s in residual_out.
 // Any alignment: the launcher picks 16-byte vector accesses only when every pointer allows them.
 struct LayerNormFwdParams {
   const void* x;
   const void* weight;
   const void* bias;
+  const void* residual;
   void* y;
+  void* residual_out;
   float* mean;  // (rows,)
   float* rstd;  // (rows,): 1 / sqrt(biased variance + eps)
   int64_t rows;  // >= 1, <= INT_MAX (one block per row)
@@ -31,7 +35,7 @@ struct LayerNormFwdParams {
 };
 
 // dy, x, dx: (rows, cols) contiguous; weight: (cols,) contiguous or nullptr; mean, rstd: (rows,)
-// fp32 as the forward saved them. dweight / dbias: (cols,) outputs of `dtype`, or nullptr when not
+// fp32 as the forward saved them; dresidual: (rows, cols) contiguous, added to dx, or nullptr. dweight / dbias: (cols,) outputs of `dtype`, or nullptr when not
 // wanted. dweight_partial / dbias_partial: fp32 workspaces of (num_blocks, cols), one per wanted
 // output (nullptr otherwise); every element is written before it is read, so they need no
 // zeroing. The vectorised kernel wants them 16-byte aligned (torch's allocator gives 512); a
@@ -42,6 +46,7 @@ struct LayerNormBwdParams {
   const void* weight;
   const float* mean;
   const float* rstd;
+  const void* dresidual;
   void* dx;
   void* dweight;
   void* dbias;
@@ -57,7 +62,7 @@ cudaError_t layer_norm_forward_launch(const LayerNormFwdParams& params, cudaStre
 
 // Grid size of the backward kernel for the current device, i.e. the number of rows of the partial
 // workspaces. Call it with every field but the partials and num_blocks filled in (the choice of
-// kernel depends on the alignment of dy, x, dx and weight).
+// kernel depends on the alignment of dy, x, dx, weight and dresidual, and on dresidual's presence).
 cudaError_t layer_norm_backward_num_blocks(const LayerNormBwdParams& params, int* num_blocks);
 
 cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& params, cudaStream_t stream);

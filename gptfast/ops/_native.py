@@ -56,14 +56,17 @@ class NativeLaunchers:
                                            *((None, None) if varlen is None else varlen[:2]))
 
     def layer_norm_forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32 (fp64 for fp64 inputs on cpu)."""
-        return self.ext.layer_norm_forward(x, weight, bias, float(eps))
+                           eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32 (fp64 for fp64 inputs on cpu); with
+        ``residual`` (M, N): those of s = x + residual (rounded to x.dtype), and s fourth."""
+        return self.ext.layer_norm_forward(x, weight, bias, float(eps), residual)
 
     def layer_norm_backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                            mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool):
-        """dx (M, N), dweight (N,) or None, dbias (N,) or None."""
-        return self.ext.layer_norm_backward(dy, x, weight, mean, rstd, bool(has_bias))
+                            mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+                            dresidual: torch.Tensor | None = None):
+        """dx (M, N), dweight (N,) or None, dbias (N,) or None; with ``dresidual`` (the gradient of
+        the forward's s, which is then ``x``), dx + dresidual rounded once."""
+        return self.ext.layer_norm_backward(dy, x, weight, mean, rstd, bool(has_bias), dresidual)
 
     def gelu_ffn_forward(self, x, w1, b1, w2, b2, approximate: str):
         """out (M, N), h (M, H) = x @ w1.T + b1, both in x.dtype."""
