@@ -815,13 +815,18 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def _ln_signatures(dll):
     L = ctypes.c_int64
-    dll.emu_ln_forward.argtypes = [P, P, P, P, P, P, L, I, F32, I]
-    dll.emu_ln_backward_num_blocks.argtypes = [P, P, P, P, P, P, P, P, L, I, I, ctypes.POINTER(I)]
-    dll.emu_ln_backward.argtypes = [P, P, P, P, P, P, P, P, P, P, L, I, I, I]
+    dll.emu_ln_forward.argtypes = [P, P, P, P, P, P, P, P, L, I, F32, I]
+    dll.emu_ln_backward_num_blocks.argtypes = [P, P, P, P, P, P, P, P, P, L, I, I, ctypes.POINTER(I)]
+    dll.emu_ln_backward.argtypes = [P, P, P, P, P, P, P, P, P, P, P, L, I, I, I]
 
 
-def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, seed=0):
-    """Forward and backward of one (M, N) problem; returns the backward's number of blocks."""
+def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, seed=0, residual=False):
+    """Forward and backward of one (M, N) problem; returns the backward's number of blocks.
+
+    With ``residual``: the fused add. The forward gets x and r and must store s = x + r rounded
+    once (bit for bit the float64 sum rounded to the dtype) and normalise s as stored; the backward
+    gets the kernel's s as its x and a dresidual, and dx must be LayerNorm's dx + dresidual, held to
+    PyTorch's unfused result (its dx + dresidual in the dtype) by the same rule."""
     _ln_signatures(lib.dll)
     lib.dll.emu_clear_registry()
     lib.dll.emu_set_device(2, 2)  # 2 SMs x 2 blocks: the backward gives each block several rows
@@ -833,19 +838,29 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
     w = (1 + 0.5 * torch.randn(N)).to(dtype) if has_w else None
     b = torch.randn(N).to(dtype) if has_b else None
     dy = torch.randn(M, N).to(dtype)
+    r = (torch.randn(M, N) * 3 - 1).to(dtype) if residual else None
+    dres = torch.randn(M, N).to(dtype) if residual else None
     ptr = lambda buf: buf.ptr() if buf is not None else None  # noqa: E731
 
     xb = Buf(lib, (M, N), dtype, x, misalign)
     wb = Buf(lib, (N,), dtype, w, misalign) if has_w else None
     bb = Buf(lib, (N,), dtype, b, misalign) if has_b else None
+    rb = Buf(lib, (M, N), dtype, r, misalign) if residual else None
+    sb = Buf(lib, (M, N), dtype, misalign=misalign) if residual else None
     y = Buf(lib, (M, N), dtype, misalign=misalign)
     mean, rstd = Buf(lib, (M,), torch.float32), Buf(lib, (M,), torch.float32)
-    ins = [xb] + [t for t in (wb, bb) if t is not None]
-    rc = lib.dll.emu_ln_forward(xb.ptr(), ptr(wb), ptr(bb), y.ptr(), mean.ptr(), rstd.ptr(), M, N, eps,
-                                DTYPE_CODE[dtype])
+    ins = [xb] + [t for t in (wb, bb, rb) if t is not None]
+    rc = lib.dll.emu_ln_forward(xb.ptr(), ptr(wb), ptr(bb), ptr(rb), y.ptr(), ptr(sb), mean.ptr(), rstd.ptr(), M,
+                                N, eps, DTYPE_CODE[dtype])
     assert rc == 0, f"forward launch returned cudaError {rc}"
-    lib.finish(y, mean, rstd, *ins)
+    lib.finish(y, mean, rstd, *ins, *([sb] if residual else []))
 
+    if residual:  # from here on the normalised row is s, as the unfused layer_norm(x + r) sees it
+        s_ref = (x.double() + r.double()).to(dtype)
+        bits = _INT_VIEW[dtype][0]
+        assert torch.equal(sb.t.view(bits), s_ref.view(bits)), \
+            f"s is not x + r rounded once: max |s - ref| {max_abs_diff(sb.t, s_ref):.3e}"
+        x, xb = s_ref, sb
     xd, wd, bd = (None if t is None else t.double() for t in (x, w, b))
     y_ref, mu, rs = layer_norm_forward_reference(xd, wd, bd, eps)
     if nan_row is not None:  # NaN propagates into its row only, the other rows stay exact
@@ -868,23 +883,28 @@ def run_layer_norm(lib, M, N, dtype, has_w, has_b, misalign=0, nan_row=None, see
     check_fp32("rstd", rstd.t, rs)
 
     dyb = Buf(lib, (M, N), dtype, dy, misalign)
+    drb = Buf(lib, (M, N), dtype, dres, misalign) if residual else None
     dx = Buf(lib, (M, N), dtype, misalign=misalign)
     dw = Buf(lib, (N,), dtype) if has_w else None
     db = Buf(lib, (N,), dtype) if has_b else None
     nb = I(0)
-    rc = lib.dll.emu_ln_backward_num_blocks(dyb.ptr(), xb.ptr(), ptr(wb), mean.ptr(), rstd.ptr(), dx.ptr(), ptr(dw),
-                                            ptr(db), M, N, DTYPE_CODE[dtype], ctypes.byref(nb))
+    rc = lib.dll.emu_ln_backward_num_blocks(dyb.ptr(), xb.ptr(), ptr(wb), mean.ptr(), rstd.ptr(), ptr(drb), dx.ptr(),
+                                            ptr(dw), ptr(db), M, N, DTYPE_CODE[dtype], ctypes.byref(nb))
     assert rc == 0 and 1 <= nb.value <= M
     # Partial workspaces start as NaN: the kernel must write every element before reading it.
     dwp = Buf(lib, (nb.value, N), torch.float32) if has_w else None
     dbp = Buf(lib, (nb.value, N), torch.float32) if has_b else None
-    rc = lib.dll.emu_ln_backward(dyb.ptr(), xb.ptr(), ptr(wb), mean.ptr(), rstd.ptr(), dx.ptr(), ptr(dw), ptr(db),
-                                 ptr(dwp), ptr(dbp), M, N, nb.value, DTYPE_CODE[dtype])
+    rc = lib.dll.emu_ln_backward(dyb.ptr(), xb.ptr(), ptr(wb), mean.ptr(), rstd.ptr(), ptr(drb), dx.ptr(), ptr(dw),
+                                 ptr(db), ptr(dwp), ptr(dbp), M, N, nb.value, DTYPE_CODE[dtype])
     assert rc == 0, f"backward launch returned cudaError {rc}"
-    lib.finish(dx, dyb, mean, rstd, *ins, *[t for t in (dw, db, dwp, dbp) if t is not None])
+    lib.finish(dx, dyb, mean, rstd, *ins, *[t for t in (dw, db, dwp, dbp, drb) if t is not None])
 
     dx_ref, dw_ref, db_ref = layer_norm_backward_reference(dy.double(), xd, wd, mu, rs, has_b)
-    check("dx", dx.t, dx_ref, xr.grad, 3, magnitude=mags[1])
+    dx_pt, dx_mag = xr.grad, mags[1]
+    if residual:  # PyTorch unfused: its dx rounded, then + dresidual rounded again
+        dx_ref, dx_pt = dx_ref + dres.double(), xr.grad + dres
+        dx_mag += dres.abs().max().item()
+    check("dx", dx.t, dx_ref, dx_pt, 3, magnitude=dx_mag)
     if has_w:
         check("dw", dw.t, dw_ref, wr.grad, 3, magnitude=mags[2])
     if has_b:
@@ -931,6 +951,27 @@ def test_layer_norm_emulated(libs, case):
 
 def test_layer_norm_emulated_nan_propagates(libs):
     run_layer_norm(libs["layer_norm"], 6, 768, FP16, True, True, nan_row=2)
+
+
+# The fused residual add, (M, N, dtype, weight, bias, misalign) as above: vector path (768, 8200,
+# 16400 fp32: beyond the vector forward's slots, so s is re-read) and scalar path (N = 1, 123, 8201:
+# beyond the scalar forward's and backward's slots; 768 with misaligned pointers); M = 1 and odd M.
+LAYER_NORM_RESIDUAL_CASES = [
+    (37, 768, FP32, True, True, 0),
+    (37, 768, BF16, True, False, 0),
+    (37, 768, FP16, False, True, 1),
+    (37, 123, BF16, True, True, 0),
+    (1, 123, FP16, False, False, 0),
+    (5, 1, FP32, True, True, 0),
+    (9, 8200, FP16, True, True, 0),
+    (3, 8201, BF16, True, True, 0),
+    (2, 16400, FP32, True, False, 0),
+]
+
+
+@pytest.mark.parametrize("case", LAYER_NORM_RESIDUAL_CASES, ids=_ln_id)
+def test_layer_norm_emulated_residual(libs, case):
+    run_layer_norm(libs["layer_norm"], *case, residual=True)
 
 
 # --- GELU feed-forward: gelu_ffn.cu's own kernels (not its cuBLASLt GEMMs) --------------------
