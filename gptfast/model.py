@@ -90,13 +90,22 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config.n_embd, 4 * config.n_embd, config.bias, config.gelu_approximate, config.dropout)
 
-    def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:  # (B, T, C)
-        x = x + self.attn(self.ln_1(x), segments)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, segments: Segments | None = None, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm block on the residual stream x + residual (x alone when ``residual`` is
+        None), all (B, T, C); returns the stream after the block the same way, as (h, residual):
+        GPT-2's ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`` with each add fused into the
+        LayerNorm that reads its result (gptfast.layer_norm's ``residual=``, ``prenorm=True``),
+        so the stream is read and written once less per LayerNorm."""
+        a, residual = self.ln_1(x, residual, prenorm=True)
+        a, residual = self.ln_2(self.attn(a, segments), residual, prenorm=True)
+        return self.mlp(a), residual
 
-    def forward_cached(self, x: torch.Tensor, k_cache, v_cache, cache_len: int) -> torch.Tensor:
-        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, cache_len)
-        return x + self.mlp(self.ln_2(x))
+    def forward_cached(self, x: torch.Tensor, k_cache, v_cache, cache_len: int,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, residual = self.ln_1(x, residual, prenorm=True)
+        a, residual = self.ln_2(self.attn.forward_cached(a, k_cache, v_cache, cache_len), residual, prenorm=True)
+        return self.mlp(a), residual
 
 
 class GPT(nn.Module):
@@ -169,9 +178,10 @@ class GPT(nn.Module):
             if segments.cu_seqlens.numel() == b + 1:
                 segments = None  # one document per row: the dense kernels (faster) do the same
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        residual = None  # the residual stream is x + residual (gptfast.model.Block.forward)
         for block in self.transformer.h:
-            x = block(x, segments)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+            x, residual = block(x, segments, residual)
+        logits = self.lm_head(self.transformer.ln_f(x, residual))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -210,9 +220,10 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: {cache_len} cached + {t} new tokens exceed the cache's {cache[0][0].shape[1]}")
         pos = torch.arange(cache_len, cache_len + t, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        residual = None
         for block, (kc, vc) in zip(self.transformer.h, cache):
-            x = block.forward_cached(x, kc, vc, cache_len)
-        return self.lm_head(self.transformer.ln_f(x))
+            x, residual = block.forward_cached(x, kc, vc, cache_len, residual)
+        return self.lm_head(self.transformer.ln_f(x, residual))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -32,8 +32,14 @@ class LayerNorm(nn.LayerNorm):
                          device=device, dtype=dtype)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
-        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False,
+                residual_in_fp32: bool = False):
+        """x (..., C) -> (..., C); with ``residual``, of the stream x + residual, and with ``prenorm``
+        the pair (y, stream): :func:`gptfast.layer_norm`'s fused residual add."""
+        if residual is None and not prenorm:
+            return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend, residual=residual,
+                          prenorm=prenorm, residual_in_fp32=residual_in_fp32)
 
 
 class CausalSelfAttention(nn.Module):

@@ -20,7 +20,7 @@ def _t(*shape, seed=0, grad=True):
 
 
 def _cases(backend):
-    x, w, b = _t(3, 5, 16), _t(16, seed=1), _t(16, seed=2)
+    x, w, b, r = _t(3, 5, 16), _t(16, seed=1), _t(16, seed=2), _t(3, 5, 16, seed=13)
     w1, b1, w2, b2 = _t(24, 16, seed=3), _t(24, seed=4), _t(16, 24, seed=5), _t(16, seed=6)
     q, k, v = _t(2, 9, 4, 8, seed=7), _t(2, 11, 2, 8, seed=8), _t(2, 11, 2, 8, seed=9)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
@@ -28,13 +28,16 @@ def _cases(backend):
     return {
         "layer_norm": lambda: gptfast.layer_norm(x, w, b, backend=backend),
         "layer_norm-noaffine": lambda: gptfast.layer_norm(x, None, None, backend=backend),
+        # both outputs of the fused residual add feed the loss: the stream's gradient is used
+        "layer_norm-residual": lambda: (lambda y, s: y * 2 + s)(*gptfast.layer_norm(
+            x, w, b, residual=r, prenorm=True, backend=backend)),
         "gelu_ffn": lambda: gptfast.gelu_ffn(x, w1, b1, w2, b2, approximate="none", backend=backend),
         "attention": lambda: gptfast.attention(q, k, v, causal=True, backend=backend),
         "attention-options": lambda: gptfast.attention(q, k, v, causal=True, window_size=(3, -1), softcap=5.0,
                                                        dropout_p=0.2, backend=backend),
         "varlen": lambda: gptfast.attention_varlen(qp, kp, vp, cu, cu, 5, 5, causal=True, dropout_p=0.1,
                                                    backend=backend),
-    }, [x, w, b, w1, b1, w2, b2, q, k, v, qp, kp, vp]
+    }, [x, w, b, r, w1, b1, w2, b2, q, k, v, qp, kp, vp]
 
 
 def _run(fn, leaves):
@@ -63,7 +66,7 @@ def test_eager_functions_and_custom_ops_give_identical_results(backend, monkeypa
             assert torch.equal(fn(), eager[0]), name
 
 
-_MODULES = {"layer_norm": ("layer_norm", ["layer_norm_fwd_op", "layer_norm_bwd_op"]),
+_MODULES = {"layer_norm": ("layer_norm", ["layer_norm_fwd_op", "layer_norm_residual_fwd_op", "layer_norm_bwd_op"]),
             "gelu_ffn": ("gelu_ffn", ["gelu_ffn_fwd_op", "gelu_ffn_bwd_op"]),
             "attention": ("attention", ["attention_fwd_op", "attention_bwd_op"]),
             "varlen": ("varlen", ["attention_varlen_fwd_op", "attention_varlen_bwd_op"])}
@@ -79,7 +82,7 @@ def test_eager_mode_skips_torch_library_and_the_switch_restores_it(eager, monkey
             real = getattr(module, op)
             monkeypatch.setattr(module, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a))
     cases, leaves = _cases("reference")
-    for name in ("layer_norm", "gelu_ffn", "attention", "varlen"):
+    for name in ("layer_norm", "layer_norm-residual", "gelu_ffn", "attention", "varlen"):
         _run(cases[name], leaves)
     if eager:
         assert calls == []
