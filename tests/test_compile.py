@@ -28,6 +28,8 @@ def _opcheck_cases(backend):
     out, lse = ops.attention_fwd(q, k, v, True, 0.25, *plain, False, backend)
     x, w, b = _t(6, 24), _t(24), _t(24)
     y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5, backend)
+    r = _t(6, 24)
+    yr, mean_r, rstd_r, s = ops.layer_norm_residual_fwd(x, r, w, b, 1e-5, backend)
     xf, w1, b1, w2, b2 = _t(6, 24), _t(40, 24), _t(40), _t(24, 40), _t(24)
     of, h = ops.gelu_ffn_fwd(xf, w1, b1, w2, b2, "tanh", backend)
     d = lambda t: torch.randn_like(t).detach()  # noqa: E731
@@ -38,7 +40,10 @@ def _opcheck_cases(backend):
         (ops.attention_bwd, (d(out), *nog(q, k, v, out, lse), True, 0.25, *plain, False, backend)),
         (ops.layer_norm_fwd, (x, w, b, 1e-5, backend)),
         (ops.layer_norm_fwd, (x, None, None, 1e-5, backend)),
-        (ops.layer_norm_bwd, (d(y), *nog(x, w, mean, rstd), True, backend)),
+        (ops.layer_norm_bwd, (d(y), *nog(x, w, mean, rstd), True, None, backend)),
+        (ops.layer_norm_residual_fwd, (x, r, w, b, 1e-5, backend)),
+        (ops.layer_norm_residual_fwd, (x, r, None, None, 1e-5, backend)),
+        (ops.layer_norm_bwd, (d(yr), *nog(s, w, mean_r, rstd_r), True, d(s), backend)),
         (ops.gelu_ffn_fwd, (xf, w1, b1, w2, b2, "tanh", backend)),
         (ops.gelu_ffn_fwd, (xf, w1, None, w2.t().contiguous().t(), None, "none", backend)),
         (ops.gelu_ffn_bwd, (d(of), *nog(xf, h, w1, w2), True, False, "tanh", backend)),
@@ -142,7 +147,7 @@ def test_compiled_model_follows_backend_selection_at_run_time(seed, monkeypatch)
     calls = []
     real = ln_module.layer_norm_forward_reference
     monkeypatch.setattr(ln_module, "layer_norm_forward_reference",
-                        lambda *a: calls.append(1) or real(*a))
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     from gptfast.ops import _backend
     monkeypatch.setattr(_backend, "_LOADED", {})
     torch._dynamo.reset()

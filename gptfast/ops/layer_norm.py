@@ -47,10 +47,14 @@ def layer_norm_forward_reference(x: torch.Tensor, weight: torch.Tensor | None, b
                                  eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Reference launcher: x (M, N) -> y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32; with
     ``residual`` (M, N), of s = x + residual rounded to x.dtype, and s as a fourth output."""
-    acc = _acc_dtype(x.dtype)
     if residual is not None:
-        s = (x.to(acc) + residual.to(acc)).to(x.dtype)
-        return (*layer_norm_forward_reference(s, weight, bias, eps), s)
+        s = (x.to(_acc_dtype(x.dtype)) + residual.to(_acc_dtype(x.dtype))).to(x.dtype)
+        return (*_normalise_reference(s, weight, bias, eps), s)
+    return _normalise_reference(x, weight, bias, eps)
+
+
+def _normalise_reference(x, weight, bias, eps):
+    acc = _acc_dtype(x.dtype)
     xa = x.to(acc)
     mean = xa.mean(-1)
     rstd = torch.rsqrt((xa - mean[:, None]).pow(2).mean(-1) + eps)
