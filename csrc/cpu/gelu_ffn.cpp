@@ -9,7 +9,7 @@
 // Temporaries: h and a in forward; dA/dh and a in backward -- the same (M, H) tensors eager
 // PyTorch needs, minus eager's separate GELU'(h), dh and bias-gradient passes.
 // bf16/fp16: the GEMMs run in the input dtype with the bias inside addmm (as F.linear), GELU and
-// GELU' in fp32 on widened rows.
+// GELU' in fp32, widened and narrowed element by element inside the one pass.
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,66 +30,112 @@ namespace gptfast {
 namespace cpu {
 namespace {
 
-// h[j] (+)= b[j] (b may be null), a[j] = GELU(h[j]).
-template <typename T>
-GPTFAST_INLINE void bias_gelu_row_impl(T* h, const T* b, T* a, int64_t n, bool tanh_approx) {
+// One pass per row. fp32/fp64 rows are worked on in place. bf16/fp16 rows go through kChunk-float
+// buffers on the stack, widened, run through the same fp32 loops and narrowed, all inside the
+// cloned functions below: a fused 16-bit loop is vectorised 32 lanes wide, which spills the
+// erf's constants out of the 32 zmm registers (1.5x slower), and the buffers stay in L1. (The bf16
+// path used to widen whole rows into heap vectors and narrow them back in baseline-ISA loops.)
+constexpr int64_t kChunk = 512;
+
+// h[j] (+)= b[j] (b may be null; h is then written back), a[j] = GELU(h[j]).
+template <typename T, bool kTanh>
+GPTFAST_INLINE void bias_gelu_core(T* h, const T* b, T* a, int64_t n) {
   if (b) {
-    if (tanh_approx) {
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = h[j] + b[j];
-        h[j] = v;
-        vec::gelu_and_grad<T>(v, true, &a[j], nullptr);
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = h[j] + b[j];
-        h[j] = v;
-        vec::gelu_and_grad<T>(v, false, &a[j], nullptr);
-      }
-    }
-  } else if (tanh_approx) {
-    for (int64_t j = 0; j < n; ++j) vec::gelu_and_grad<T>(h[j], true, &a[j], nullptr);
-  } else {
-    for (int64_t j = 0; j < n; ++j) vec::gelu_and_grad<T>(h[j], false, &a[j], nullptr);
-  }
-}
-
-// a[j] = GELU(h[j]); dh[j] = dh[j] * GELU'(h[j]) in place (dh holds dA on entry).
-template <typename T>
-GPTFAST_INLINE void gelu_backward_row_impl(const T* h, T* dh, T* a, int64_t n, bool tanh_approx) {
-  if (tanh_approx) {
     for (int64_t j = 0; j < n; ++j) {
-      T g;
-      vec::gelu_and_grad<T>(h[j], true, &a[j], &g);
-      dh[j] = dh[j] * g;
+      const T v = h[j] + b[j];
+      h[j] = v;
+      T act;  // a local, not &a[j]: through a pointer GCC left the AVX-512 clone of this loop scalar
+      vec::gelu_and_grad<T>(v, kTanh, &act, nullptr);
+      a[j] = act;
     }
   } else {
     for (int64_t j = 0; j < n; ++j) {
-      T g;
-      vec::gelu_and_grad<T>(h[j], false, &a[j], &g);
-      dh[j] = dh[j] * g;
+      T act;
+      vec::gelu_and_grad<T>(h[j], kTanh, &act, nullptr);
+      a[j] = act;
     }
   }
 }
 
-GPTFAST_VEC_CLONES void bias_gelu_row(float* h, const float* b, float* a, int64_t n, bool t) {
-  bias_gelu_row_impl<float>(h, b, a, n, t);
+// a[j] = GELU(h[j]); dh[j] = dh[j] * GELU'(h[j]) in place (dh holds dA on entry); part[j] += dh[j]
+// when part is not null.
+template <typename T, bool kTanh>
+GPTFAST_INLINE void gelu_backward_core(const T* h, T* dh, T* a, T* part, int64_t n) {
+  if (part) {
+    for (int64_t j = 0; j < n; ++j) {
+      T act, g;
+      vec::gelu_and_grad<T>(h[j], kTanh, &act, &g);
+      a[j] = act;
+      dh[j] = dh[j] * g;
+      part[j] += dh[j];
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      T act, g;
+      vec::gelu_and_grad<T>(h[j], kTanh, &act, &g);
+      a[j] = act;
+      dh[j] = dh[j] * g;
+    }
+  }
 }
-void bias_gelu_row(double* h, const double* b, double* a, int64_t n, bool t) {
-  bias_gelu_row_impl<double>(h, b, a, n, t);
+
+template <typename S, bool kTanh>
+GPTFAST_INLINE void bias_gelu_row_impl(S* h, const S* b, S* a, int64_t n) {
+  using T = at::opmath_type<S>;
+  if constexpr (std::is_same_v<S, T>) {
+    bias_gelu_core<T, kTanh>(h, b, a, n);
+  } else {  // the bias is inside addmm for 16-bit types (see forward_impl)
+    T hb[kChunk], ab[kChunk];
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - j0);
+      for (int64_t j = 0; j < m; ++j) hb[j] = static_cast<T>(h[j0 + j]);
+      bias_gelu_core<T, kTanh>(hb, nullptr, ab, m);
+      for (int64_t j = 0; j < m; ++j) a[j0 + j] = static_cast<S>(ab[j]);
+    }
+  }
 }
-GPTFAST_VEC_CLONES void gelu_backward_row(const float* h, float* dh, float* a, int64_t n, bool t) {
-  gelu_backward_row_impl<float>(h, dh, a, n, t);
+
+// dh = dA * GELU'(h) rounded to S, a = GELU(h); part += the rounded dh (db1 sums what dW1 and dx
+// see, as the reference does).
+template <typename S, bool kTanh>
+GPTFAST_INLINE void gelu_backward_row_impl(const S* h, S* dh, S* a, at::opmath_type<S>* part, int64_t n) {
+  using T = at::opmath_type<S>;
+  if constexpr (std::is_same_v<S, T>) {
+    gelu_backward_core<T, kTanh>(h, dh, a, part, n);
+  } else {
+    T hb[kChunk], db[kChunk], ab[kChunk];
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - j0);
+      for (int64_t j = 0; j < m; ++j) {
+        hb[j] = static_cast<T>(h[j0 + j]);
+        db[j] = static_cast<T>(dh[j0 + j]);
+      }
+      gelu_backward_core<T, kTanh>(hb, db, ab, nullptr, m);
+      for (int64_t j = 0; j < m; ++j) {
+        dh[j0 + j] = static_cast<S>(db[j]);
+        a[j0 + j] = static_cast<S>(ab[j]);
+      }
+      if (part) {
+        T* p = part + j0;
+        for (int64_t j = 0; j < m; ++j) p[j] += static_cast<T>(dh[j0 + j]);
+      }
+    }
+  }
 }
-void gelu_backward_row(const double* h, double* dh, double* a, int64_t n, bool t) {
-  gelu_backward_row_impl<double>(h, dh, a, n, t);
-}
-GPTFAST_VEC_CLONES void add_row(float* acc, const float* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
-}
-void add_row(double* acc, const double* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
-}
+
+#define GPTFAST_GELU_ROWS(S, CLONES)                                                                 \
+  CLONES void bias_gelu_row(S* h, const S* b, S* a, int64_t n, bool t) {                            \
+    t ? bias_gelu_row_impl<S, true>(h, b, a, n) : bias_gelu_row_impl<S, false>(h, b, a, n);         \
+  }                                                                                                  \
+  CLONES void gelu_backward_row(const S* h, S* dh, S* a, at::opmath_type<S>* part, int64_t n, bool t) { \
+    t ? gelu_backward_row_impl<S, true>(h, dh, a, part, n)                                           \
+      : gelu_backward_row_impl<S, false>(h, dh, a, part, n);                                         \
+  }
+GPTFAST_GELU_ROWS(float, GPTFAST_VEC_CLONES)
+GPTFAST_GELU_ROWS(c10::BFloat16, GPTFAST_VEC_CLONES)
+GPTFAST_GELU_ROWS(c10::Half, GPTFAST_VEC_CLONES)
+GPTFAST_GELU_ROWS(double, )  // libm erf/tanh: scalar anyway (fp64 is for gradcheck, not speed)
+#undef GPTFAST_GELU_ROWS
 
 inline int64_t grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
@@ -107,21 +153,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   at::Tensor a = at::empty_like(h);
   const int64_t M = h.size(0), H = h.size(1);
   at::Tensor b1c = fuse_bias ? b1->contiguous() : at::Tensor();
-  const acc_t* bp = nullptr;
-  if constexpr (kDirect) bp = fuse_bias ? b1c.const_data_ptr<acc_t>() : nullptr;
+  const scalar_t* bp = fuse_bias ? b1c.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* hp = h.data_ptr<scalar_t>();
   scalar_t* ap = a.data_ptr<scalar_t>();
   at::parallel_for(0, M, grain(H), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> hb(kDirect ? 0 : H), abuf(kDirect ? 0 : H);
-    for (int64_t r = begin; r < end; ++r) {
-      if constexpr (kDirect) {
-        bias_gelu_row(hp + r * H, bp, ap + r * H, H, tanh_approx);
-      } else {
-        for (int64_t j = 0; j < H; ++j) hb[j] = static_cast<acc_t>(hp[r * H + j]);
-        bias_gelu_row(hb.data(), static_cast<const acc_t*>(nullptr), abuf.data(), H, tanh_approx);
-        for (int64_t j = 0; j < H; ++j) ap[r * H + j] = static_cast<scalar_t>(abuf[j]);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) bias_gelu_row(hp + r * H, bp, ap + r * H, H, tanh_approx);
   });
   at::Tensor out = b2.has_value() ? at::addmm(*b2, a, w2.t()) : at::mm(a, w2.t());
   return {out, h};
@@ -132,7 +168,6 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::o
 backward_impl(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w1,
               const at::Tensor& w2, bool has_b1, bool has_b2, bool tanh_approx) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t M = h.size(0), H = h.size(1);
   at::Tensor dh = at::mm(dout, w2);  // dA, turned into dh in place below
@@ -146,26 +181,8 @@ backward_impl(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h, 
   at::parallel_for(0, M, grain(H), [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     acc_t* part = has_b1 ? db1_part.data() + static_cast<size_t>(tid) * H : nullptr;
-    std::vector<acc_t> hb(kDirect ? 0 : H), db(kDirect ? 0 : H), abuf(kDirect ? 0 : H);
-    for (int64_t r = begin; r < end; ++r) {
-      if constexpr (kDirect) {
-        gelu_backward_row(hp + r * H, dhp + r * H, ap + r * H, H, tanh_approx);
-        if (part) add_row(part, dhp + r * H, H);
-      } else {
-        for (int64_t j = 0; j < H; ++j) {
-          hb[j] = static_cast<acc_t>(hp[r * H + j]);
-          db[j] = static_cast<acc_t>(dhp[r * H + j]);
-        }
-        gelu_backward_row(hb.data(), db.data(), abuf.data(), H, tanh_approx);
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t d = static_cast<scalar_t>(db[j]);
-          dhp[r * H + j] = d;
-          ap[r * H + j] = static_cast<scalar_t>(abuf[j]);
-          db[j] = static_cast<acc_t>(d);  // db1 sums the rounded dh, as the reference does
-        }
-        if (part) add_row(part, db.data(), H);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      gelu_backward_row(hp + r * H, dhp + r * H, ap + r * H, part, H, tanh_approx);
   });
   at::Tensor dw2 = at::mm(dout.t(), a);
   a.reset();  // free (M, H) before the next GEMMs allocate
