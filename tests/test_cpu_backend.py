@@ -376,8 +376,9 @@ def test_forward_pass_gelu_matches_backward_pass(approximate):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_rows_are_the_fp32_pass_rounded(dtype, approximate):
-    # bf16/fp16 rows are widened into kChunk-float buffers, run through the fp32 loops and narrowed:
-    # every element must equal the fp32 launcher's result rounded once. 1300 = 2 chunks + a remainder.
+    # bf16/fp16 rows are widened, run through the fp32 GELU and narrowed inside one vectorised loop
+    # (32 lanes wide in the AVX-512 clone): every element must equal the fp32 launcher's result
+    # rounded once. 1300 columns: whole vectors and a remainder.
     h = _gelu_sweep().to(dtype)
     h = h[torch.isfinite(h)]
     hidden = 1300
@@ -390,7 +391,7 @@ def test_16bit_rows_are_the_fp32_pass_rounded(dtype, approximate):
     m = 64
     x = h[: m * 7 : 7].reshape(m, 1).contiguous()
     w2 = torch.zeros(1, hidden, dtype=dtype)
-    w2[0, hidden - 3] = 1.0  # a column of the last, partial chunk
+    w2[0, hidden - 3] = 1.0  # a column of the remainder
     out, _ = ext.gelu_ffn_forward(x, torch.ones(hidden, 1, dtype=dtype), None, w2, None, approximate)
     out32, _ = ext.gelu_ffn_forward(x.float(), torch.ones(hidden, 1), None, w2.float(), None, approximate)
     assert_close(out, out32.to(dtype), atol=0.0, name=f"{dtype} GELU (forward pass)")

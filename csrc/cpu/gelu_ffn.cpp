@@ -30,95 +30,52 @@ namespace gptfast {
 namespace cpu {
 namespace {
 
-// One pass per row. fp32/fp64 rows are worked on in place. bf16/fp16 rows go through kChunk-float
-// buffers on the stack, widened, run through the same fp32 loops and narrowed, all inside the
-// cloned functions below: a fused 16-bit loop is vectorised 32 lanes wide, which spills the
-// erf's constants out of the 32 zmm registers (1.5x slower), and the buffers stay in L1. (The bf16
-// path used to widen whole rows into heap vectors and narrow them back in baseline-ISA loops.)
-constexpr int64_t kChunk = 512;
+// One pass per row, in the row's storage type S (float, double, bf16, fp16), GELU in T = opmath(S).
+// The conversions are inside the cloned functions below, so that they vectorise with the GELU (the
+// bf16 path used to widen each row into a heap buffer and narrow it back in baseline-ISA loops).
+// Results go through locals, not pointers into a or dh: GCC left the AVX-512 clone of a loop
+// scalar when gelu_and_grad wrote to &a[j], and does not vectorise a copy of a c10::BFloat16.
 
-// h[j] (+)= b[j] (b may be null; h is then written back), a[j] = GELU(h[j]).
-template <typename T, bool kTanh>
-GPTFAST_INLINE void bias_gelu_core(T* h, const T* b, T* a, int64_t n) {
+// h[j] (+)= b[j] (b may be null; fp32/fp64 only, h is then written back), a[j] = GELU(h[j]).
+template <typename S, bool kTanh>
+GPTFAST_INLINE void bias_gelu_row_impl(S* h, const S* b, S* a, int64_t n) {
+  using T = at::opmath_type<S>;
   if (b) {
     for (int64_t j = 0; j < n; ++j) {
-      const T v = h[j] + b[j];
-      h[j] = v;
-      T act;  // a local, not &a[j]: through a pointer GCC left the AVX-512 clone of this loop scalar
+      const T v = static_cast<T>(h[j]) + static_cast<T>(b[j]);
+      h[j] = static_cast<S>(v);
+      T act;
       vec::gelu_and_grad<T>(v, kTanh, &act, nullptr);
-      a[j] = act;
+      a[j] = static_cast<S>(act);
     }
   } else {
     for (int64_t j = 0; j < n; ++j) {
       T act;
-      vec::gelu_and_grad<T>(h[j], kTanh, &act, nullptr);
-      a[j] = act;
+      vec::gelu_and_grad<T>(static_cast<T>(h[j]), kTanh, &act, nullptr);
+      a[j] = static_cast<S>(act);
     }
   }
 }
 
-// a[j] = GELU(h[j]); dh[j] = dh[j] * GELU'(h[j]) in place (dh holds dA on entry); part[j] += dh[j]
-// when part is not null.
-template <typename T, bool kTanh>
-GPTFAST_INLINE void gelu_backward_core(const T* h, T* dh, T* a, T* part, int64_t n) {
-  if (part) {
-    for (int64_t j = 0; j < n; ++j) {
-      T act, g;
-      vec::gelu_and_grad<T>(h[j], kTanh, &act, &g);
-      a[j] = act;
-      dh[j] = dh[j] * g;
-      part[j] += dh[j];
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      T act, g;
-      vec::gelu_and_grad<T>(h[j], kTanh, &act, &g);
-      a[j] = act;
-      dh[j] = dh[j] * g;
-    }
-  }
-}
-
-template <typename S, bool kTanh>
-GPTFAST_INLINE void bias_gelu_row_impl(S* h, const S* b, S* a, int64_t n) {
-  using T = at::opmath_type<S>;
-  if constexpr (std::is_same_v<S, T>) {
-    bias_gelu_core<T, kTanh>(h, b, a, n);
-  } else {  // the bias is inside addmm for 16-bit types (see forward_impl)
-    T hb[kChunk], ab[kChunk];
-    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-      const int64_t m = std::min(kChunk, n - j0);
-      for (int64_t j = 0; j < m; ++j) hb[j] = static_cast<T>(h[j0 + j]);
-      bias_gelu_core<T, kTanh>(hb, nullptr, ab, m);
-      for (int64_t j = 0; j < m; ++j) a[j0 + j] = static_cast<S>(ab[j]);
-    }
-  }
-}
-
-// dh = dA * GELU'(h) rounded to S, a = GELU(h); part += the rounded dh (db1 sums what dW1 and dx
-// see, as the reference does).
+// a[j] = GELU(h[j]); dh[j] = dh[j] * GELU'(h[j]) in place (dh holds dA on entry), rounded to S;
+// part[j] += that rounded dh[j] (db1 sums what dW1 and dx see, as the reference does).
 template <typename S, bool kTanh>
 GPTFAST_INLINE void gelu_backward_row_impl(const S* h, S* dh, S* a, at::opmath_type<S>* part, int64_t n) {
   using T = at::opmath_type<S>;
-  if constexpr (std::is_same_v<S, T>) {
-    gelu_backward_core<T, kTanh>(h, dh, a, part, n);
+  if (part) {
+    for (int64_t j = 0; j < n; ++j) {
+      T act, g;
+      vec::gelu_and_grad<T>(static_cast<T>(h[j]), kTanh, &act, &g);
+      dh[j] = static_cast<S>(static_cast<T>(dh[j]) * g);
+      a[j] = static_cast<S>(act);
+      part[j] += static_cast<T>(dh[j]);  // read back: the rounded value
+    }
   } else {
-    T hb[kChunk], db[kChunk], ab[kChunk];
-    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-      const int64_t m = std::min(kChunk, n - j0);
-      for (int64_t j = 0; j < m; ++j) {
-        hb[j] = static_cast<T>(h[j0 + j]);
-        db[j] = static_cast<T>(dh[j0 + j]);
-      }
-      gelu_backward_core<T, kTanh>(hb, db, ab, nullptr, m);
-      for (int64_t j = 0; j < m; ++j) {
-        dh[j0 + j] = static_cast<S>(db[j]);
-        a[j0 + j] = static_cast<S>(ab[j]);
-      }
-      if (part) {
-        T* p = part + j0;
-        for (int64_t j = 0; j < m; ++j) p[j] += static_cast<T>(dh[j0 + j]);
-      }
+    for (int64_t j = 0; j < n; ++j) {
+      T act, g;
+      vec::gelu_and_grad<T>(static_cast<T>(h[j]), kTanh, &act, &g);
+      dh[j] = static_cast<S>(static_cast<T>(dh[j]) * g);
+      a[j] = static_cast<S>(act);
     }
   }
 }
