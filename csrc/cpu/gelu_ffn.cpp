@@ -9,7 +9,8 @@
 // Temporaries: h and a in forward; dA/dh and a in backward -- the same (M, H) tensors eager
 // PyTorch needs, minus eager's separate GELU'(h), dh and bias-gradient passes.
 // bf16/fp16: the GEMMs run in the input dtype with the bias inside addmm (as F.linear), GELU and
-// GELU' in fp32, widened and narrowed element by element inside the one pass.
+// GELU' in fp32, widened and narrowed element by element inside the one pass; the forward looks
+// GELU up in a table of all 65536 inputs made by that same fp32 code.
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -81,9 +82,6 @@ GPTFAST_INLINE void gelu_backward_row_impl(const S* h, S* dh, S* a, at::opmath_t
 }
 
 #define GPTFAST_GELU_ROWS(S, CLONES)                                                                 \
-  CLONES void bias_gelu_row(S* h, const S* b, S* a, int64_t n, bool t) {                            \
-    t ? bias_gelu_row_impl<S, true>(h, b, a, n) : bias_gelu_row_impl<S, false>(h, b, a, n);         \
-  }                                                                                                  \
   CLONES void gelu_backward_row(const S* h, S* dh, S* a, at::opmath_type<S>* part, int64_t n, bool t) { \
     t ? gelu_backward_row_impl<S, true>(h, dh, a, part, n)                                           \
       : gelu_backward_row_impl<S, false>(h, dh, a, part, n);                                         \
@@ -93,6 +91,42 @@ GPTFAST_GELU_ROWS(c10::BFloat16, GPTFAST_VEC_CLONES)
 GPTFAST_GELU_ROWS(c10::Half, GPTFAST_VEC_CLONES)
 GPTFAST_GELU_ROWS(double, )  // libm erf/tanh: scalar anyway (fp64 is for gradcheck, not speed)
 #undef GPTFAST_GELU_ROWS
+GPTFAST_VEC_CLONES void bias_gelu_row(float* h, const float* b, float* a, int64_t n, bool t) {
+  t ? bias_gelu_row_impl<float, true>(h, b, a, n) : bias_gelu_row_impl<float, false>(h, b, a, n);
+}
+void bias_gelu_row(double* h, const double* b, double* a, int64_t n, bool t) {
+  t ? bias_gelu_row_impl<double, true>(h, b, a, n) : bias_gelu_row_impl<double, false>(h, b, a, n);
+}
+
+// The bf16/fp16 forward pass looks GELU up: a 16-bit h has 65536 values, and a table of their
+// GELUs, made once per type and form by the same cloned fp32 GELU as the rows (and the backward),
+// gives exactly what computing gives, at 1.8x the speed (samples in the pass, bf16, M = 1024,
+// H = 3072; as fast as eager's bf16 F.gelu, whose erf is cheaper and less accurate). Activations
+// touch a few thousand entries, which stay in L1. The backward computes: GELU' needs a float table
+// too, and the two lookups were 1.5x slower than computing both.
+template <typename S, bool kTanh>
+GPTFAST_VEC_CLONES void fill_gelu_table(uint16_t* tab) {
+  for (uint32_t i = 0; i < 65536; ++i) {
+    float act;
+    const S h(static_cast<uint16_t>(i), S::from_bits());
+    vec::gelu_and_grad<float>(static_cast<float>(h), kTanh, &act, nullptr);
+    tab[i] = static_cast<S>(act).x;
+  }
+}
+
+template <typename S, bool kTanh>
+const uint16_t* gelu_table() {
+  static const std::vector<uint16_t> tab = [] {
+    std::vector<uint16_t> t(65536);
+    fill_gelu_table<S, kTanh>(t.data());
+    return t;
+  }();
+  return tab.data();
+}
+
+void gelu_lookup(const uint16_t* h, uint16_t* a, const uint16_t* tab, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) a[j] = tab[h[j]];
+}
 
 inline int64_t grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
@@ -113,9 +147,19 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   const scalar_t* bp = fuse_bias ? b1c.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* hp = h.data_ptr<scalar_t>();
   scalar_t* ap = a.data_ptr<scalar_t>();
-  at::parallel_for(0, M, grain(H), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) bias_gelu_row(hp + r * H, bp, ap + r * H, H, tanh_approx);
-  });
+  if constexpr (kDirect) {
+    at::parallel_for(0, M, grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) bias_gelu_row(hp + r * H, bp, ap + r * H, H, tanh_approx);
+    });
+  } else {
+    const uint16_t* tab = tanh_approx ? gelu_table<scalar_t, true>() : gelu_table<scalar_t, false>();
+    // c10::BFloat16 / c10::Half are a uint16_t member each: their arrays are arrays of the bits
+    const uint16_t* hb = reinterpret_cast<const uint16_t*>(hp);
+    uint16_t* ab = reinterpret_cast<uint16_t*>(ap);
+    at::parallel_for(0, M * H, 32768, [&](int64_t begin, int64_t end) {
+      gelu_lookup(hb + begin, ab + begin, tab, end - begin);
+    });
+  }
   at::Tensor out = b2.has_value() ? at::addmm(*b2, a, w2.t()) : at::mm(a, w2.t());
   return {out, h};
 }
