@@ -137,7 +137,7 @@ def size_label(op: str, p: dict) -> str:
     if op == "layer_norm":
         return f"{p['M']}x{p['N']}" + (" +residual" if p.get("residual") else "")
     if op == "gelu_ffn":
-        return f"{p['M']}x{p['C']}x{p['Hd']}"
+        return f"{p['M']}x{p['C']}x{p['Hd']}" + (" exact" if p.get("approximate") == "none" else "")
     return ("nanogpt " if p.get("model") == "nanogpt" else "") + f"{p['preset']} {p['batch']}x{p['seqlen']}"
 
 
@@ -236,8 +236,8 @@ def layer_norm_residual_eager(x, r, w, b):  # the unfused residual add: s = x + 
     return F.layer_norm(s, (s.shape[-1],), w, b, 1e-5), s
 
 
-def gelu_ffn_eager(x, w1, b1, w2, b2):
-    return gelu_ffn_ref(x, w1, b1, w2, b2, approximate="tanh")  # Linear -> GELU(tanh) -> Linear
+def gelu_ffn_eager(x, w1, b1, w2, b2, approximate: str = "tanh"):
+    return gelu_ffn_ref(x, w1, b1, w2, b2, approximate=approximate)  # Linear -> GELU -> Linear
 
 
 def _importable(module: str) -> str | None:
@@ -285,7 +285,15 @@ class Case:
             return lambda q, k, v: attention_eager(q, k, v, causal, p)
         if self.op == "layer_norm" and self.params.get("residual"):
             return layer_norm_residual_eager
-        return {"layer_norm": layer_norm_eager, "gelu_ffn": gelu_ffn_eager}[self.op]
+        if self.op == "gelu_ffn":
+            approx = self.approximate
+            return lambda x, w1, b1, w2, b2: gelu_ffn_eager(x, w1, b1, w2, b2, approx)
+        return layer_norm_eager
+
+    @property
+    def approximate(self) -> str:
+        """gelu_ffn's GELU: "tanh" (GPT-2's, the default) or "none" (exact, erf: nanoGPT's)."""
+        return self.params.get("approximate", "tanh")
 
     @property
     def options(self) -> dict:
@@ -325,7 +333,7 @@ class Case:
             return [out, dx, dx, dw, db, ms]  # [y, grads..., then s]
         if self.op == "layer_norm":
             return layer_norm_magnitudes(*inputs64, grad64, 1e-5)
-        return gelu_ffn_magnitudes(*inputs64, grad64, "tanh")
+        return gelu_ffn_magnitudes(*inputs64, grad64, self.approximate)
 
     def gptfast_fn(self, backend: str) -> Callable:
         import gptfast
@@ -346,7 +354,8 @@ class Case:
             return lambda x, r, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend, residual=r, prenorm=True)
         if self.op == "layer_norm":
             return lambda x, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend)
-        return lambda x, w1, b1, w2, b2: gptfast.gelu_ffn(x, w1, b1, w2, b2, "tanh", backend=backend)
+        approx = self.approximate
+        return lambda x, w1, b1, w2, b2: gptfast.gelu_ffn(x, w1, b1, w2, b2, approx, backend=backend)
 
     def check_params(self, device: str) -> dict:
         """The size the float64 ground truth is computed at (attention: fewer B, H if huge)."""
@@ -1015,7 +1024,8 @@ def table_header(op: str, device: torch.device, dtype: torch.dtype, info: dict, 
         lines.append("TFLOP/s = 4*B*H*T^2*D (/2 causal; x2.5 bwd, x3.5 fwd-bwd) / time (FlashAttention's count; "
                      "with a window, T^2 is the exact number of visible query-key pairs)")
     elif op == "gelu_ffn":
-        lines.append("TFLOP/s = GEMM FLOPs 2*M*C*H + 2*M*H*C (x2 bwd, x3 fwd-bwd) / time; size = M x C x H")
+        lines.append("TFLOP/s = GEMM FLOPs 2*M*C*H + 2*M*H*C (x2 bwd, x3 fwd-bwd) / time; size = M x C x H; "
+                     "GELU tanh unless marked exact (--gelu none)")
     elif op == "layer_norm":
         lines.append(LAYER_NORM_BYTES)
     else:
@@ -1196,6 +1206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", action="store_true",
                    help="layer_norm: the fused residual add, y, s = LN(x + r), x + r (gptfast.layer_norm's "
                         "residual=, prenorm=True) against the add then LayerNorm")
+    p.add_argument("--gelu", choices=("tanh", "none"), default=None,
+                   help="gelu_ffn: the GELU, tanh (GPT-2's, default) or none (exact erf GELU: nanoGPT's nn.GELU())")
     p.add_argument("--model", choices=TRAIN_MODELS, default="gpt",
                    help="train: gptfast's GPT against itself on PyTorch ops (gpt, default) or against a "
                         "model with nanoGPT's structure and the same weights (nanogpt, bench/nanogpt.py: "
@@ -1279,6 +1291,11 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
             raise BenchError(f"--residual is an option of layer_norm, not {op}'s")
         for c in cases:
             c.params["residual"] = True
+    if getattr(args, "gelu", None) is not None:
+        if op != "gelu_ffn":
+            raise BenchError(f"--gelu is an option of gelu_ffn, not {op}'s")
+        for c in cases:
+            c.params["approximate"] = args.gelu
     model = getattr(args, "model", "gpt") or "gpt"
     if model != "gpt":
         if op != "train":

@@ -188,6 +188,22 @@ def test_layer_norm_residual_is_checked_and_timed(tmp_path, capsys):
         assert r["gbps"] == pytest.approx(work / (r["ms"] * 1e6))
 
 
+def test_gelu_ffn_exact_gelu_is_benchmarked_and_checked_against_the_exact_truth(tmp_path):
+    # --gelu none: every row runs and is checked with the erf GELU (nanoGPT's nn.GELU())
+    out = tmp_path / "exact"
+    main(["bench", "gelu_ffn", *FAST, "--gelu", "none", "--sizes", "64,32", "--backends", "reference,cpu,eager",
+          "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"reference", "cpu", "eager"}
+    assert all(r["status"] == "ok" and r["size"] == "64x32x128 exact" for r in rows)
+    exact = bench.Case("gelu_ffn", dict(M=64, C=32, Hd=128, approximate="none"))
+    cpu = torch.device("cpu")
+    tanh = bench.Case("gelu_ffn", dict(M=64, C=32, Hd=128)).gptfast_fn("reference")
+    with pytest.raises(AssertionError):  # the tanh form is ~1e-3 off the exact one: caught
+        bench.check_case(exact, tanh, cpu, torch.float32, backward=False)
+    bench.check_case(exact, exact.gptfast_fn("reference"), cpu, torch.float32, backward=True)
+
+
 def test_layer_norm_residual_check_covers_both_outputs_and_the_stream_gradient():
     case = bench.Case("layer_norm", dict(M=8, N=32, residual=True))
     cpu = torch.device("cpu")
@@ -264,6 +280,7 @@ def test_default_grids_and_backends():
     (["layer_norm", "--backends", "reference,fast"], "unknown ['fast']"),
     (["train", "--residual"], "--residual is an option of layer_norm"),
     (["layer_norm", "--model", "nanogpt"], "--model is an option of train"),
+    (["attention", "--gelu", "none"], "--gelu is an option of gelu_ffn"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
