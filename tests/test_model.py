@@ -64,6 +64,29 @@ def test_loss_drops_over_30_steps(seed):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_configure_optimizer_is_fused_adamw_with_the_loop_s_updates(seed):
+    # fused on the CPU too (one kernel instead of a Python loop over parameters): the same
+    # AdamW, decay on matrices and embeddings only, as torch's per-parameter loop computes it
+    model = GPT(TINY)
+    twin = GPT(TINY)
+    twin.load_state_dict(model.state_dict())
+    opt = model.configure_optimizer(0.1, 1e-2, device_type="cpu")
+    assert opt.defaults["fused"] is True
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == {id(p) for p in model.parameters() if p.dim() >= 2}
+    loop = torch.optim.AdamW([{"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                              {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    idx = torch.randint(0, 32, (2, 16))
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, loop)):
+            o.zero_grad()
+            m(idx, idx)[1].backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p.detach(), q.detach(), atol=1e-5, name=name)
+
+
 def test_trains_under_cpu_autocast(seed):
     model = GPT(TINY)
     idx = torch.randint(0, 32, (2, 16))
