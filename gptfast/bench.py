@@ -42,6 +42,7 @@ import platform
 import signal
 import statistics
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -828,10 +829,15 @@ def _autocast(device, dtype):
 
 def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype, min_run_time: float) -> Row:
     """One optimizer step (forward, backward, AdamW) of a GPT preset; checked by its first loss."""
+    return time_train([prepare_train(params, name, device, dtype)], device, dtype, min_run_time, 1)[0]
+
+
+def prepare_train(params: dict, name: str, device: torch.device, dtype: torch.dtype) -> tuple[Row, Callable | None]:
+    """The row of one train backend and its step function (None when skipped, wrong or failed:
+    the row says why), checked by its first loss and run once (compilation, optimizer state)."""
     import gptfast
     from .model import GPT, GPTConfig
     from .ops._backend import _REGISTRY
-    from .train import peak_flops
     row = Row(op="train", size=size_label("train", params), causal="", dtype=DTYPE_NAMES[dtype],
               device=device.type, phase="step", backend=name, params=dict(params))
     nano = params.get("model") == "nanogpt"
@@ -840,12 +846,12 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
         if name in BASELINES:
             row.status, row.error = "SKIP", (f"{name} is not a train baseline" + (
                 " (patched: of --model nanogpt)" if name == "patched" else ""))
-            return row
+            return row, None
         impls = [_REGISTRY.get((op, name)) for op in ("attention", "layer_norm", "gelu_ffn")]
         reasons = [i.unavailable_reason(device) if i else f"no {name} backend" for i in impls]
         if any(reasons):
             row.status, row.error = "SKIP", next(r for r in reasons if r)
-            return row
+            return row, None
     b, t = params["batch"], params["seqlen"]
     try:
         model = _build_gpt(params, device, name)
@@ -859,8 +865,6 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
         # compiles once) against a float64 eager model with the same weights.
         check = batches[0]
         ref_model = _build_gpt(params, device, "eager").double()
-        with torch.device("meta"):  # parameter counts for the FLOPs
-            ref_shape = GPT(GPTConfig.from_preset(params["preset"]))
         with torch.no_grad():
             ref = ref_model(check[:, :-1], check[:, 1:])[1].double()
             with _autocast(device, dtype):
@@ -876,7 +880,7 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
                 assert_within_pytorch_error(got, ref, pt, factor=2, atol=1e-2, name="first loss")
         except AssertionError as exc:
             row.status, row.error = "WRONG", _short(exc)
-            return row
+            return row, None
         row.checked_at = "first loss"
 
         opt = GPT.configure_optimizer(model, 0.1, 1e-4, device_type=device.type)  # any module: its parameters
@@ -893,20 +897,63 @@ def run_train(params: dict, name: str, device: torch.device, dtype: torch.dtype,
             return loss
 
         step()  # compilation, optimizer state allocation
-        row.ms, row.timing = time_ms(step, device, min_run_time=min_run_time, warmup_ms=200, rep_ms=1000)
         row.n_sets = len(batches)
-        row.peak_mib = peak_mib(step, device)
-        row.tokens_per_s = b * t / (row.ms * 1e-3)
-        flops = GPT.flops_per_token(ref_shape, t) * row.tokens_per_s
-        row.tflops = flops / 1e12
-        peak, _ = peak_flops(device, dtype)
-        row.mfu = flops / peak
+        return row, step
     except Exception as exc:
         row.status, row.error = ("OOM" if _is_oom(exc) else "ERROR"), _short(exc)
-    finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return row
+        return row, None
+
+
+def _block_ms(step: Callable, device: torch.device, steps: int) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def time_train(prepared: list[tuple[Row, Callable | None]], device: torch.device, dtype: torch.dtype,
+               min_run_time: float, repeats: int) -> list[Row]:
+    """Time the prepared steps of one size in ``repeats`` rounds that take each backend in turn
+    (one block of steps per backend per round, about ``min_run_time`` seconds each), the median
+    block per backend: on a shared machine every backend sees the same load, so their ratios
+    hold even when the absolute times drift."""
+    from .model import GPT, GPTConfig
+    from .train import peak_flops
+    live = [(row, step) for row, step in prepared if step is not None]
+    times: dict[int, list[float]] = {id(row): [] for row, _ in live}
+    steps: dict[int, int] = {}
+    for row, step in live:  # the block size from a first, timed step (after the warm-up one)
+        try:
+            first = _block_ms(step, device, 1)
+            steps[id(row)] = max(1, min(1000, round(min_run_time * 1e3 / max(first, 1e-3))))
+        except Exception as exc:
+            row.status, row.error = ("OOM" if _is_oom(exc) else "ERROR"), _short(exc)
+    live = [(row, step) for row, step in live if row.status == "ok"]
+    for _ in range(max(1, repeats)):
+        for row, step in live:
+            times[id(row)].append(_block_ms(step, device, steps[id(row)]))
+    for row, step in live:
+        b, t = row.params["batch"], row.params["seqlen"]
+        ts = sorted(times[id(row)])
+        row.ms = ts[len(ts) // 2]
+        row.timing = (f"median of {len(ts)} interleaved blocks of steps per backend "
+                      f"(~{min_run_time:g} s each, wall clock" + (", synchronized)" if device.type == "cuda" else ")"))
+        row.peak_mib = peak_mib(step, device)
+        row.tokens_per_s = b * t / (row.ms * 1e-3)
+        with torch.device("meta"):  # parameter counts for the FLOPs
+            shape = GPT(GPTConfig.from_preset(row.params["preset"]))
+        flops = GPT.flops_per_token(shape, t) * row.tokens_per_s
+        row.tflops = flops / 1e12
+        row.mfu = flops / peak_flops(device, dtype)[0]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [row for row, _ in prepared]
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -1231,7 +1278,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="generate: timings per measurement, the median is kept (default 3); "
                         "drop_in: training steps per model (default 5); overhead: timed blocks per op "
-                        "(default 7)")
+                        "(default 7); train: interleaved rounds of one block per backend, the median is "
+                        "kept (default 5)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; nothing runs")
 
 
@@ -1390,12 +1438,15 @@ def run(args, command: str) -> int:
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(cases) * len(backends), desc=f"bench {args.op}", unit="run", file=sys.stderr,
                dynamic_ncols=True, disable=not tty)
+    repeats = args.repeats or 5
     try:
         for case in cases:
+            prepared: list = []
             for name in backends:
                 bar.set_postfix_str(f"{case.label}{'' if case.causal is None else ' causal' if case.causal else ''} {name}")
-                if args.op == "train":
-                    rows.append(run_train(case.params, name, device, dtype, args.min_run_time))
+                if args.op == "train":  # timed below, once every backend of this size is ready
+                    prepared.append(prepare_train(case.params, name, device, dtype))
+                    rows.append(prepared[-1][0])
                 else:
                     try:
                         variant = make_variant(case, name, device, dtype)
@@ -1407,6 +1458,13 @@ def run(args, command: str) -> int:
                     print(f"bench {args.op}: {case.label}{'' if case.causal is None else ' causal' if case.causal else ''}"
                           f" {name}: {rows[-1].status}", file=sys.stderr, flush=True)
                 if out:  # after every run: a stage killed by a timeout keeps what it measured
+                    fill_ratios(rows, ceilings)
+                    write_results(out, args.op, rows, info, command)
+            if prepared:
+                bar.set_postfix_str(f"{case.label}: timing {len(prepared)} backends x {repeats} rounds")
+                time_train(prepared, device, dtype, args.min_run_time, repeats)
+                del prepared  # the models and optimizer states of this size
+                if out:
                     fill_ratios(rows, ceilings)
                     write_results(out, args.op, rows, info, command)
     except (KeyboardInterrupt, _Interrupted):

@@ -245,7 +245,11 @@ def _layer_norm_bwd_kernel(
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(y, mean, rstd), or with ``residual`` (y, mean, rstd, s): s = x + residual, the row LayerNorm
-    normalises (see the module docstring)."""
+    normalises (see the module docstring). x (..., N): its leading dimensions are the rows."""
+    if x.dim() != 2:
+        n = x.shape[-1]
+        out = layer_norm_forward(x.view(-1, n), weight, bias, eps, None if residual is None else residual.view(-1, n))
+        return tuple(t.view(x.shape) if t.dim() == 2 else t for t in out)
     M, N = x.shape
     y = torch.empty_like(x)
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -276,7 +280,12 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor 
                         dresidual: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """dx, dweight, dbias; x is the forward's s when it had a residual, and ``dresidual`` (the
-    gradient of the returned s) is then added to dx."""
+    gradient of the returned s) is then added to dx. x (..., N): its leading dimensions are the rows."""
+    if x.dim() != 2:
+        n = x.shape[-1]
+        dx, dw, db = layer_norm_backward(dy.view(-1, n), x.view(-1, n), weight, mean, rstd, has_bias,
+                                         None if dresidual is None else dresidual.view(-1, n))
+        return dx.view(x.shape), dw, db
     M, N = x.shape
     dx = torch.empty_like(x)
     block, one_tile, warps = _settings(N)

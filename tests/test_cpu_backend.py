@@ -159,6 +159,25 @@ def test_layer_norm_residual_against_reference(M, N, dtype, affine, seed):
         assert_matches_reference(db, db64, db_pt, magnitude=mags[3], factor=3, name="dbias")
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 40), (40,), (1, 1, 2, 40), (0, 4, 40)], ids=str)
+def test_layer_norm_launchers_take_leading_dimensions(shape):
+    # (..., N) is the (M, N) of its flattened rows: the same numbers, outputs in x's shape
+    g = torch.Generator().manual_seed(0)
+    x, r, dy, ds = (torch.randn(shape, generator=g) for _ in range(4))
+    w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    flat = [t.reshape(-1, 40) for t in (x, r, dy, ds)]
+    y, mean, rstd, s = ext.layer_norm_forward(x, w, b, 1e-5, r)
+    y2, mean2, rstd2, s2 = ext.layer_norm_forward(flat[0], w, b, 1e-5, flat[1])
+    assert y.shape == s.shape == x.shape and mean.shape == rstd.shape == (flat[0].shape[0],)
+    for got, want in ((y, y2), (s, s2), (mean, mean2), (rstd, rstd2)):
+        assert torch.equal(got.reshape(want.shape), want)
+    dx, dw, db = ext.layer_norm_backward(dy, s, w, mean, rstd, True, ds)
+    dx2, dw2, db2 = ext.layer_norm_backward(flat[2], s2, w, mean2, rstd2, True, flat[3])
+    assert dx.shape == x.shape
+    for got, want in ((dx, dx2), (dw, dw2), (db, db2)):
+        assert torch.equal(got.reshape(want.shape), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layer_norm_residual_leaves_the_plain_paths_alone(dtype, seed):
     """Without residual/dresidual the launchers return what they returned before (three outputs;
@@ -261,6 +280,11 @@ def test_bad_input_raises_named_errors_from_cpp():
         ext.attention_backward(out, q, q, q, out, lse.double(), True, 0.25)
 
     x = torch.randn(4, 10)
+    for bad in (torch.randn(()), torch.randn(3, 0)):
+        with pytest.raises(ValueError, match=r"x must be \(\.\.\., N\) with N > 0"):
+            ext.layer_norm_forward(bad, None, None, 1e-5)
+    with pytest.raises(ValueError, match="dy must have x's shape"):
+        ext.layer_norm_backward(x[:2], x, None, torch.zeros(4), torch.ones(4), False)
     with pytest.raises(ValueError, match="gptfast.layer_norm: weight must have shape"):
         ext.layer_norm_forward(x, torch.ones(9), None, 1e-5)
     with pytest.raises(ValueError, match="x must be contiguous"):

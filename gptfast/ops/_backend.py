@@ -39,7 +39,9 @@ seqlen_q == seqlen_k)::
     option keyword, on both launchers (the backward takes ``deterministic`` positionally); it
     returns out (total_q, nheads, headdim) and lse (nheads, total_q) (gptfast.ops.varlen).
 
-layer_norm (x: (M, N) contiguous; weight, bias: (N,) contiguous or None, dtype of x)::
+layer_norm (x: (..., N) contiguous, its M rows the leading dimensions flattened (any number,
+including none: (N,) is one row); weight, bias: (N,) contiguous or None, dtype of x; y, s, dy,
+dx, residual and dresidual have x's shape, written (M, N) below)::
 
     layer_norm_forward(x, weight, bias, eps: float)
         -> y (M, N) x.dtype, mean (M,), rstd (M,): float32 (float64 for float64 inputs)

@@ -57,14 +57,15 @@ class NativeLaunchers:
 
     def layer_norm_forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                            eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32 (fp64 for fp64 inputs on cpu); with
-        ``residual`` (M, N): those of s = x + residual (rounded to x.dtype), and s fourth."""
+        """y (..., N) in x.dtype, mean (M,), rstd (M,) in fp32 (fp64 for fp64 inputs on cpu), M the
+        rows of x (..., N); with ``residual`` (x's shape): those of s = x + residual (rounded to
+        x.dtype), and s fourth. The extension flattens and restores the leading dimensions."""
         return self.ext.layer_norm_forward(x, weight, bias, float(eps), residual)
 
     def layer_norm_backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                             mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
                             dresidual: torch.Tensor | None = None):
-        """dx (M, N), dweight (N,) or None, dbias (N,) or None; with ``dresidual`` (the gradient of
+        """dx (x's shape), dweight (N,) or None, dbias (N,) or None; with ``dresidual`` (the gradient of
         the forward's s, which is then ``x``), dx + dresidual rounded once."""
         return self.ext.layer_norm_backward(dy, x, weight, mean, rstd, bool(has_bias), dresidual)
 

@@ -12,6 +12,7 @@ input checks, the custom ops with their autograd formula, and the public functio
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -45,8 +46,13 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 def layer_norm_forward_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                                  eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Reference launcher: x (M, N) -> y (M, N) in x.dtype, mean (M,), rstd (M,) in fp32; with
-    ``residual`` (M, N), of s = x + residual rounded to x.dtype, and s as a fourth output."""
+    """Reference launcher: x (..., N) -> y (..., N) in x.dtype, mean (M,), rstd (M,) in fp32, M the
+    rows of x; with ``residual`` (x's shape), of s = x + residual rounded to x.dtype, and s as a
+    fourth output."""
+    if x.dim() != 2:
+        out = layer_norm_forward_reference(x.reshape(-1, x.shape[-1]), weight, bias, eps,
+                                           None if residual is None else residual.reshape(-1, x.shape[-1]))
+        return tuple(t.view(x.shape) if t.dim() == 2 else t for t in out)
     if residual is not None:
         s = (x.to(_acc_dtype(x.dtype)) + residual.to(_acc_dtype(x.dtype))).to(x.dtype)
         return (*_normalise_reference(s, weight, bias, eps), s)
@@ -69,8 +75,13 @@ def _normalise_reference(x, weight, bias, eps):
 def layer_norm_backward_reference(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                                   mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
                                   dresidual: torch.Tensor | None = None):
-    """Reference launcher: returns dx (M, N), dweight (N,) or None, dbias (N,) or None; dx
-    includes ``dresidual`` (M, N), the residual stream's gradient, when given."""
+    """Reference launcher: returns dx (x's shape (..., N)), dweight (N,) or None, dbias (N,) or
+    None; dx includes ``dresidual`` (x's shape), the residual stream's gradient, when given."""
+    if x.dim() != 2:
+        n = x.shape[-1]
+        dx, dw, db = layer_norm_backward_reference(dy.reshape(-1, n), x.reshape(-1, n), weight, mean, rstd,
+                                                   has_bias, None if dresidual is None else dresidual.reshape(-1, n))
+        return dx.view(x.shape), dw, db
     acc = _acc_dtype(x.dtype)
     dya = dy.to(acc)
     xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
@@ -86,15 +97,15 @@ def layer_norm_backward_reference(dy: torch.Tensor, x: torch.Tensor, weight: tor
 _DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
-def _valid_vector(t, n: int, device) -> bool:
-    return t is None or (isinstance(t, torch.Tensor) and t.dtype in _DTYPES and t.shape == (n,) and t.device == device)
+def _valid_vector(t, n: int, x: torch.Tensor) -> bool:
+    return t is None or (isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.shape == (n,) and t.device == x.device)
 
 
 def _check_inputs(x, weight, bias, eps, residual) -> None:
     # A valid call passes the few reads below (this runs on every call: DESIGN.md "Host cost");
     # anything else goes through the checks that name what is wrong.
     if (isinstance(x, torch.Tensor) and x.dtype in _DTYPES and x.dim() and x.shape[-1] and type(eps) is float
-            and eps >= 0 and _valid_vector(weight, x.shape[-1], x.device) and _valid_vector(bias, x.shape[-1], x.device)
+            and eps >= 0 and _valid_vector(weight, x.shape[-1], x) and _valid_vector(bias, x.shape[-1], x)
             and (residual is None or (isinstance(residual, torch.Tensor) and residual.shape == x.shape
                                       and residual.device == x.device and residual.dtype in (x.dtype, torch.float32)))):
         return
@@ -117,13 +128,16 @@ def _check_inputs(x, weight, bias, eps, residual) -> None:
                         "or float32 (a residual stream kept in fp32)")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"gptfast.{op}: eps must be a non-negative number, got {eps!r}")
+    if autocast_dtype(x.device.type) is None:  # under autocast every float is cast to float32 first
+        check_same(op, "x", x, weight=weight, bias=bias)
 
 
 # Custom ops (see attention.py for why). torch.library outputs cannot be None, so an absent
 # weight/bias gradient travels as an empty tensor and becomes None in the autograd formula.
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, N) contiguous -> y (M, N), mean (M,), rstd (M,)."""
+    """x (..., N) contiguous -> y (..., N), mean (M,), rstd (M,) for its M rows (the launchers take
+    the leading dimensions: no Python view before or after the kernel, DESIGN.md "Host cost")."""
     if x.numel() == 0:
         return _layer_norm_fwd_fake(x, weight, bias, eps, backend)
     launchers = _backend.resolve("layer_norm", x.device, x.dtype, backend or None)
@@ -136,14 +150,14 @@ layer_norm_fwd_op = torch.library.custom_op("gptfast::layer_norm_fwd", _layer_no
 
 @layer_norm_fwd_op.register_fake
 def _layer_norm_fwd_fake(x, weight, bias, eps, backend):
-    stats = x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
+    stats = x.new_empty((math.prod(x.shape[:-1]),), dtype=_acc_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
 def _layer_norm_residual_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                              bias: torch.Tensor | None, eps: float, backend: str
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual (M, N) contiguous, one dtype -> y, mean, rstd of s = x + residual, and s (M, N)."""
+    """x, residual (..., N) contiguous, one dtype -> y, mean, rstd of s = x + residual, and s (x's shape)."""
     if x.numel() == 0:
         return _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, backend)
     launchers = _backend.resolve("layer_norm", x.device, x.dtype, backend or None)
@@ -163,7 +177,7 @@ def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, backend):
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                     rstd: torch.Tensor, has_bias: bool, dresidual: torch.Tensor | None, backend: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (M, N) (plus ``dresidual``, when given), dweight (N,) or empty, dbias (N,) or empty."""
+    """dx (x's shape, plus ``dresidual`` when given), dweight (N,) or empty, dbias (N,) or empty."""
     if x.numel() == 0:
         dx, dw, db = _layer_norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, dresidual, backend)
         return dx, dw.zero_(), db.zero_()
@@ -184,7 +198,7 @@ layer_norm_bwd_op = torch.library.custom_op("gptfast::layer_norm_bwd", _layer_no
 
 @layer_norm_bwd_op.register_fake
 def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, dresidual, backend):
-    n = x.shape[1]
+    n = x.shape[-1]
     dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
     return torch.empty_like(x), dw, x.new_empty((n,) if has_bias else (0,))
 
@@ -259,7 +273,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     _check_inputs(x, weight, bias, eps, residual)
     if autocast_dtype(x.device.type) is not None:
         x, weight, bias, residual = cast_floats(torch.float32, x, weight, bias, residual)
-    check_same("layer_norm", "x", x, weight=weight, bias=bias)
     if residual is None:
         y = _layer_norm(x, weight, bias, eps, backend)
         if not prenorm:
@@ -271,13 +284,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         x, weight, bias, residual = cast_floats(stream, x, weight, bias, residual)
     elif residual.dtype != stream:
         residual = residual.to(stream)
-    shape = x.shape
-    x2d, r2d = x.reshape(-1, shape[-1]).contiguous(), residual.reshape(-1, shape[-1]).contiguous()
-    weight, bias = _dense(weight), _dense(bias)
-    y, _, _, s = run_op(layer_norm_residual_fwd_op, _LayerNormResidualFunction, _layer_norm_residual_fwd, x2d, r2d,
-                        weight, bias, float(eps), _backend.checked_name(backend))
-    y = y.view(shape).to(out_dtype)
-    return (y, s.view(shape)) if prenorm else y
+    y, _, _, s = run_op(layer_norm_residual_fwd_op, _LayerNormResidualFunction, _layer_norm_residual_fwd,
+                        x.contiguous(), residual.contiguous(), _dense(weight), _dense(bias), float(eps),
+                        _backend.checked_name(backend))
+    y = y.to(out_dtype)
+    return (y, s) if prenorm else y
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -287,6 +298,5 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _layer_norm(x, weight, bias, eps, backend) -> torch.Tensor:
-    y = run_op(layer_norm_fwd_op, _LayerNormFunction, _layer_norm_fwd, x.reshape(-1, x.shape[-1]).contiguous(),
-               _dense(weight), _dense(bias), float(eps), "" if backend is None else _backend.checked_name(backend))[0]
-    return y.view(x.shape)
+    return run_op(layer_norm_fwd_op, _LayerNormFunction, _layer_norm_fwd, x.contiguous(), _dense(weight),
+                  _dense(bias), float(eps), "" if backend is None else _backend.checked_name(backend))[0]
