@@ -1019,10 +1019,10 @@ def _fmt(v, digits=3) -> str:
 
 def fill_ratios(rows: list[Row], ceilings: dict | None) -> None:
     for r in rows:
-        if r.status != "ok":
+        if r.status != "ok" or r.ms is None:  # (a train row is timed once its size's rows are ready)
             continue
         peers = {p.backend: p for p in rows if p.op == r.op and p.size == r.size and p.causal == r.causal
-                 and p.phase == r.phase and p.status == "ok"}
+                 and p.phase == r.phase and p.status == "ok" and p.ms is not None}
         if "eager" in peers:
             r.vs_eager = peers["eager"].ms / r.ms
         if "compile" in peers:
