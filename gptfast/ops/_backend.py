@@ -73,6 +73,20 @@ b1: (H,) or None, b2: (N,) or None, contiguous; all of x's dtype; approximate in
 
     GELU(h) is recomputed from h in the backward, never saved.
 
+rms_norm (x: (..., N) contiguous, its M rows the leading dimensions flattened; weight: (N,)
+contiguous or None, dtype of x; offset: float added to the weight (Gemma: 1.0); y, s, dy, dx,
+residual and dresidual have x's shape)::
+
+    rms_norm_forward(x, weight, eps: float, offset: float)
+        -> y x.dtype = x * rstd * (offset + weight) rounded once, rstd (M,) = 1/sqrt(mean(x^2) + eps):
+           float32 (float64 for float64 inputs)
+    rms_norm_backward(dy, x, weight, rstd, offset: float)
+        -> dx x.dtype, dweight (N,) or None (when weight is None)
+
+    with the fused residual add as layer_norm's: ``residual=r`` on the forward (then s third,
+    rounded to x.dtype, normalised as rounded) and ``dresidual=ds`` on the backward (given s as x;
+    dx + ds accumulated in fp32, rounded once).
+
 kvcache (decoding over a KV cache, forward only: gptfast.ops.kvcache; q (B, Tq, H, D) contiguous;
 k_cache, v_cache (B_cache, T_cache, Hk, D), or paged (num_blocks, page_block_size, Hk, D), one
 shape, stride(-1) == 1; int32 contiguous tensors on q's device)::
@@ -118,9 +132,13 @@ from typing import Callable, Iterator
 import torch
 
 OPS = ("attention", "layer_norm", "gelu_ffn")
+# Training ops of other decoders' blocks (the Llama family's), not used by gptfast's GPT (so
+# `gptfast train --backend` does not require them); registered per backend as their kernels land.
+EXTRA_OPS = ("rms_norm",)
 # Forward-only inference ops (no backward launcher); not called in training, so `gptfast train
 # --backend` does not require them. cuda has no kvcache kernel: auto routes around it.
 DECODE_OPS = ("kvcache",)
+ALL_OPS = OPS + EXTRA_OPS + DECODE_OPS
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Fastest first. Triton is never auto-selected on the CPU: there it runs in the interpreter,
@@ -214,8 +232,8 @@ _CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("gptfast_b
 
 
 def register(impl: Impl) -> None:
-    if impl.op not in OPS + DECODE_OPS:
-        raise ValueError(f"unknown op {impl.op!r}; ops are {OPS + DECODE_OPS}")
+    if impl.op not in ALL_OPS:
+        raise ValueError(f"unknown op {impl.op!r}; ops are {ALL_OPS}")
     if impl.backend not in BACKENDS:
         raise ValueError(f"unknown backend {impl.backend!r}; backends are {BACKENDS}")
     _REGISTRY[(impl.op, impl.backend)] = impl
@@ -226,7 +244,7 @@ def _bwd_name(op: str, name: str) -> str:
     return "" if op in DECODE_OPS else name
 
 
-for _op in OPS + DECODE_OPS:
+for _op in ALL_OPS:
     register(Impl(
         op=_op, backend="reference", devices=("cpu", "cuda"), module=f"gptfast.ops.{_op}",
         fwd_name=f"{_op}_forward_reference", bwd_name=_bwd_name(_op, f"{_op}_backward_reference"),
@@ -427,8 +445,8 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     ``device`` defaults to ``"cuda"`` when a GPU is visible, else ``"cpu"``. The list is in
     ``auto`` preference order for that device, followed by any other runnable backend.
     """
-    if op is not None and op not in OPS + DECODE_OPS:
-        raise ValueError(f"unknown op {op!r}; ops are {OPS + DECODE_OPS}")
+    if op is not None and op not in ALL_OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {ALL_OPS}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -445,7 +463,7 @@ def backend_table(devices: tuple[str, ...] | None = None) -> list[dict]:
     if devices is None:
         devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     rows = []
-    for op in OPS + DECODE_OPS:
+    for op in ALL_OPS:
         for backend in BACKENDS:
             impl = _REGISTRY.get((op, backend))
             for dev in devices:
