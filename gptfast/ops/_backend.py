@@ -139,6 +139,10 @@ EXTRA_OPS = ("rms_norm",)
 # --backend` does not require them. cuda has no kvcache kernel: auto routes around it.
 DECODE_OPS = ("kvcache",)
 ALL_OPS = OPS + EXTRA_OPS + DECODE_OPS
+# The ops each kernel backend implements (the reference implements ALL_OPS).
+TRITON_OPS = OPS + DECODE_OPS  # kernels/<op>.py
+CPU_OPS = OPS + DECODE_OPS  # csrc/cpu/
+CUDA_OPS = OPS  # csrc/cuda/
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Fastest first. Triton is never auto-selected on the CPU: there it runs in the interpreter,
@@ -251,6 +255,7 @@ for _op in ALL_OPS:
         dtypes=REFERENCE_DTYPES, note="pure PyTorch, explicit backward",
         features=frozenset(ATTENTION_FEATURES + LAYOUT_FEATURES) if _op == "attention" else frozenset(),
     ))
+for _op in TRITON_OPS:
     register(Impl(
         op=_op, backend="triton", devices=("cuda", "cpu"), module=f"gptfast.kernels.{_op}",
         fwd_name=f"{_op}_forward", bwd_name=_bwd_name(_op, f"{_op}_backward"),
@@ -266,7 +271,7 @@ def _cpu_requirement(device: torch.device) -> str | None:
     return _build.unavailable_reason("cpu")
 
 
-for _op in OPS + DECODE_OPS:
+for _op in CPU_OPS:
     register(Impl(
         op=_op, backend="cpu", devices=("cpu",), module="gptfast.ops._cpu",
         fwd_name=f"{_op}_forward", bwd_name=_bwd_name(_op, f"{_op}_backward"), dtypes=REFERENCE_DTYPES,
@@ -288,7 +293,7 @@ def _cuda_requirement(device: torch.device) -> str | None:
     return _build.unavailable_reason("cuda")
 
 
-for _op in OPS:
+for _op in CUDA_OPS:
     register(Impl(
         op=_op, backend="cuda", devices=("cuda",), module="gptfast.ops._cuda",
         fwd_name=f"{_op}_forward", bwd_name=f"{_op}_backward",
