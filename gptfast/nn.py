@@ -1,7 +1,7 @@
 """nn.Module wrappers around the gptfast ops, with GPT-2's parameter names.
 
 ``LayerNorm`` is a drop-in for ``nn.LayerNorm`` (same parameters and state-dict keys; it *is*
-an ``nn.LayerNorm``). ``CausalSelfAttention`` and ``MLP`` carry nanoGPT / GPT-2 names
+an ``nn.LayerNorm``), ``RMSNorm`` likewise for ``nn.RMSNorm`` (with Gemma's ``offset``). ``CausalSelfAttention`` and ``MLP`` carry nanoGPT / GPT-2 names
 (``c_attn``, ``c_proj``, ``c_fc``), so GPT-2 checkpoints map onto them mechanically.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import attention, attention_varlen, gelu_ffn, layer_norm
+from .ops import attention, attention_varlen, gelu_ffn, layer_norm, rms_norm
 
-__all__ = ["LayerNorm", "CausalSelfAttention", "MLP"]
+__all__ = ["LayerNorm", "RMSNorm", "CausalSelfAttention", "MLP"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -40,6 +40,37 @@ class LayerNorm(nn.LayerNorm):
             return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
         return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend, residual=residual,
                           prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` over the last dimension, computed by :func:`gptfast.rms_norm`:
+    ``x / sqrt(mean(x^2) + eps) * (offset + weight)``.
+
+    ``offset`` 1.0 gives Gemma's RMSNorm (its weight stores scale - 1; initialise it to zeros for an
+    identity start: ``nn.init.zeros_(norm.weight)``). ``eps=None`` is x's machine epsilon, as in
+    ``nn.RMSNorm``. Only a single normalised dimension is supported. ``backend`` pins this module
+    to one backend (default: selection rules).
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, offset: float = 0.0, backend: str | None = None):
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if len(shape) != 1:
+            raise ValueError(f"gptfast.nn.RMSNorm normalises the last dimension only; "
+                             f"normalized_shape must be an int or 1-tuple, got {normalized_shape!r}")
+        super().__init__(shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
+        self.offset = float(offset)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False,
+                residual_in_fp32: bool = False):
+        """x (..., C) -> (..., C); with ``residual``, of the stream x + residual, and with ``prenorm``
+        the pair (y, stream): :func:`gptfast.rms_norm`'s fused residual add."""
+        return rms_norm(x, self.weight, self.eps, offset=self.offset, residual=residual, prenorm=prenorm,
+                        residual_in_fp32=residual_in_fp32, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", offset={self.offset:g}" if self.offset else "")
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,4 +1,4 @@
-"""``gptfast.patch(model)``: run an existing model's LayerNorms, attention and GELU MLPs on gptfast ops.
+"""``gptfast.patch(model)``: run an existing model's LayerNorms, RMSNorms, attention and GELU MLPs on gptfast ops.
 
 Patching rewires modules in place by giving each recognised module an instance-level ``forward``
 (a ``functools.partial`` of a function in this file, so a patched model still deep-copies and
@@ -13,6 +13,10 @@ and the patched forward on a sample input before the patch is kept:
   optional ``bias``, e.g. nanoGPT's ``LayerNorm(ndim, bias=False)``) whose forward is
   ``F.layer_norm`` over the last dim -- checked on a unit-scale and a small-scale input, which
   also tells its eps (its ``eps``/``variance_epsilon`` attribute, else 1e-5 or 1e-6).
+- RMSNorms: ``nn.RMSNorm`` over one dimension, and any such leaf whose forward is
+  x / sqrt(mean(x^2) + eps) * (offset + weight) -- the Llama / Mistral / Qwen2 RMSNorm classes
+  (offset 0) and Gemma's (its weight stored as scale - 1: offset 1) -- found by the same check
+  runs (eps: its attribute, else 1e-6, 1e-5 or 1e-8).
 - GELU MLPs: a module with one of the Linear (or HF ``Conv1D``) pairs ``c_fc``/``c_proj``,
   ``fc_in``/``fc_out``, ``dense_h_to_4h``/``dense_4h_to_h``, ``fc1``/``fc2``, one activation
   identified by evaluating it (exact-erf or tanh GELU; BLOOM's ``gelu_impl`` too), an optional
@@ -32,8 +36,8 @@ left alone). Attention-probability dropout in training (nanoGPT's ``attn_dropout
 ``attn_pdrop``) runs inside gptfast's attention kernels (same probability, gptfast's RNG).
 
 The report lists every module that was patched and every module that looks like a norm, an
-attention or an MLP (by structure or class name) and was not, with the reason (RMSNorm and gated
-MLPs have no gptfast op yet; OPT's MLP lives inside its decoder layer's forward; ...).
+attention or an MLP (by structure or class name) and was not, with the reason (gated MLPs have no
+gptfast op yet; OPT's MLP lives inside its decoder layer's forward; ...).
 
 Calls of a patched module that fall back to its own forward are counted in
 ``module._gptfast_patch.fallbacks`` -- in eager mode only: under torch.compile nothing is counted
@@ -52,11 +56,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hf_direct import DIRECT_ATTENTION
-from .ops import _backend, attention, gelu_ffn, layer_norm
+from .ops import _backend, attention, gelu_ffn, layer_norm, rms_norm
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchEntry"]
 
-OPS = ("attention", "layer_norm", "gelu_ffn")
+OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn")
 _STATE = "_gptfast_patch"
 _ACT_NAMES = ("gelu", "act", "activation", "act_fn")
 
@@ -67,7 +71,7 @@ _ACT_NAMES = ("gelu", "act", "activation", "act_fn")
 @dataclass
 class PatchEntry:
     path: str      # module path in the model ("" for the root)
-    kind: str      # "layer_norm", "attention" or "gelu_ffn"
+    kind: str      # "layer_norm", "rms_norm", "attention" or "gelu_ffn" (skipped: also "gated_ffn")
     action: str    # "patched" or "skipped"
     reason: str    # why skipped, or when a patched module still runs its original forward
 
@@ -116,7 +120,9 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
 
     Args:
         model: any ``nn.Module`` (nanoGPT-style GPT, Hugging Face GPT-2, or anything with LayerNorms).
-        ops: which ops to use, a subset of ("attention", "layer_norm", "gelu_ffn").
+        ops: which ops to use, a subset of ("attention", "layer_norm", "rms_norm", "gelu_ffn")
+            (a norm is found to be a LayerNorm or an RMSNorm by its check run, then patched if
+            its op is in ``ops``).
         backend: pin the patched modules to one gptfast backend (default: the selection rules).
             Checked by name here; whether it runs on the model's device is decided when an op
             runs (as everywhere in gptfast), so a model may be patched for "cuda" while still on
@@ -146,11 +152,21 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
         kind, why_not = _classify(module)
         if kind is None:
             continue
-        if why_not is None and kind not in ops:
+        norm = kind == "layer_norm"  # LayerNorm or RMSNorm: its check run tells which
+        if why_not is None and not norm and kind not in ops:
             why_not = f"{kind!r} not in ops"
+        if why_not is None and norm and not {"layer_norm", "rms_norm"} & set(ops):
+            why_not = "'layer_norm' not in ops"
         if why_not is None and _STATE in module.__dict__:
             why_not = "already patched"
         config, note = (None, None) if why_not else _PREPARE[kind](module)
+        if config is not None and config.get("flavour") == "rms_norm":
+            kind = "rms_norm"
+        if why_not is None and config is not None and kind not in ops:
+            why_not, config = f"{kind!r} not in ops", None
+        if (why_not is None and config is not None and backend not in (None, "auto")
+                and (kind, backend) not in _backend._REGISTRY):
+            why_not, config = f"the {backend!r} backend has no {kind} kernel yet", None
         if why_not is None and config is None:
             why_not = note
         if why_not is None:
@@ -161,7 +177,8 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
                 why_not = _verify(module, config)
                 if why_not:
                     unpatch_module(module)
-        if why_not and kind == "layer_norm" and not isinstance(module, nn.LayerNorm) and _looks_like(module) != "norm":
+        if (why_not and kind == "layer_norm" and not isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+                and _looks_like(module) != "norm"):
             continue  # a leaf with a 1-D weight that is not a LayerNorm and is not called a norm
         seen.add(id(module))
         report.entries.append(_entry(path, kind, why_not, note))
@@ -261,7 +278,7 @@ _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
 def _is_gptfast_module(m: nn.Module) -> bool:
     from . import nn as gnn
-    return isinstance(m, (gnn.LayerNorm, gnn.CausalSelfAttention, gnn.MLP))
+    return isinstance(m, (gnn.LayerNorm, gnn.RMSNorm, gnn.CausalSelfAttention, gnn.MLP))
 
 
 def _mlp_pair(m: nn.Module) -> tuple[str, str] | None:
@@ -295,8 +312,8 @@ def _looks_like(m: nn.Module) -> str | None:
 
 def _classify(m: nn.Module) -> tuple[str | None, str | None]:
     """(kind, reason it cannot be patched or None) for a candidate module; (None, None) otherwise."""
-    if isinstance(m, nn.LayerNorm) or _norm_like(m):
-        kind = "layer_norm"
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or _norm_like(m):
+        kind = "layer_norm"  # or an RMSNorm: _prepare_layer_norm's check run tells
     elif type(m).__name__ in DIRECT_ATTENTION or (isinstance(getattr(m, "c_attn", None), nn.Module)
                                                   and isinstance(getattr(m, "c_proj", None), nn.Module)):
         kind = "attention"
@@ -336,10 +353,12 @@ def _sample(c: int, like: torch.Tensor, scale: float = 1.0, seed: int = 0) -> to
     return x.to(like.device, like.dtype)
 
 
-def _layer_norm_eps(m: nn.Module) -> tuple[float | None, str | None]:
-    """(eps, None) if ``m``'s forward is F.layer_norm over the last dim with its weight and bias for
-    one eps (its own eps attribute, else 1e-5 or 1e-6), checked on a unit-scale and on a small-scale
-    input (where eps shows); else (None, what it computes instead, when recognisable)."""
+def _norm_config(m: nn.Module) -> tuple[dict | None, str | None]:
+    """({"eps"}, None) if ``m``'s forward is F.layer_norm over the last dim with its weight and bias
+    for one eps (its own eps attribute, else 1e-5 or 1e-6), ({"eps", "offset", "flavour":
+    "rms_norm"}, None) if it is an RMSNorm (no bias; offset 0 or 1), checked on a unit-scale and on
+    a small-scale input (where eps shows); else (None, what it computes instead, when
+    recognisable)."""
     w, b = m.weight, getattr(m, "bias", None)
     if w.device.type == "meta":
         return None, "on the meta device: cannot be checked"
@@ -363,17 +382,27 @@ def _layer_norm_eps(m: nn.Module) -> tuple[float | None, str | None]:
     wd, bd = w.detach().double(), None if b is None else b.detach().double()
     for eps in own[:1] + [1e-5, 1e-6]:
         if close(lambda x: F.layer_norm(x, (c,), wd, bd, eps)):
-            return eps, None
+            return {"eps": eps}, None
     for eps in own[:1] + [1e-6, 1e-5, 1e-8]:
         for offset in (0.0, 1.0):
             rms = (lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + wd)
                    + (0 if bd is None else bd))
             if close(rms):
-                return None, f"RMSNorm{' (1 + weight)' if offset else ''}: no gptfast op for it yet"
-    return None, "its forward is not F.layer_norm over the last dim (checked on sample inputs)"
+                if bd is not None:
+                    return None, f"RMSNorm{' (1 + weight)' if offset else ''} with a bias: no gptfast op for it"
+                return {"eps": eps, "offset": offset, "flavour": "rms_norm"}, None
+    return None, "its forward is neither F.layer_norm nor an RMSNorm over the last dim (checked on sample inputs)"
 
 
 def _prepare_layer_norm(m: nn.Module):
+    if isinstance(m, nn.RMSNorm):
+        if len(m.normalized_shape) != 1:
+            return None, (f"normalized_shape {tuple(m.normalized_shape)} spans several dims; "
+                          "gptfast normalises the last only")
+        if type(m).forward is nn.RMSNorm.forward:  # eps None: x's machine epsilon, as F.rms_norm
+            return {"eps": m.eps, "offset": 0.0, "flavour": "rms_norm"}, None
+        if m.weight is None:
+            return None, f"{type(m).__name__} overrides nn.RMSNorm.forward and has no weight to check with"
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
             return None, (f"normalized_shape {tuple(m.normalized_shape)} spans several dims; "
@@ -382,10 +411,13 @@ def _prepare_layer_norm(m: nn.Module):
             return {"eps": m.eps}, None
         if m.weight is None:
             return None, f"{type(m).__name__} overrides nn.LayerNorm.forward and has no weight to check with"
-    eps, why = _layer_norm_eps(m)
-    if eps is None:
+    config, why = _norm_config(m)
+    if config is None:
         return None, why
-    return {"eps": eps}, f"{type(m).__name__}: checked to compute F.layer_norm (eps={eps:g})"
+    if config.get("flavour") == "rms_norm":
+        offset = f", offset {config['offset']:g}" if config["offset"] else ""
+        return config, f"{type(m).__name__}: checked to compute RMSNorm (eps={config['eps']:g}{offset})"
+    return config, f"{type(m).__name__}: checked to compute F.layer_norm (eps={config['eps']:g})"
 
 
 def _prepare_attention(m: nn.Module):
@@ -478,7 +510,7 @@ def _lookalike_reason(m: nn.Module, looks: str) -> str:
     name = type(m).__name__
     if looks == "norm":
         if _norm_like(m):
-            return _layer_norm_eps(m)[1] or "not recognised"
+            return _norm_config(m)[1] or "not recognised"
         return f"{name}: not a leaf with a 1-D weight and optional bias (unrecognised structure)"
     if looks == "mlp":
         children = set(m._modules)
@@ -609,6 +641,15 @@ def _layer_norm_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer_norm(x, m.weight, getattr(m, "bias", None), state.config["eps"], backend=state.backend)
 
 
+def _rms_norm_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's result dtype: the HF RMSNorms return weight * (...).to(x.dtype), promoted."""
+    state, w = m.__dict__[_STATE], m.weight
+    if w is not None and w.dtype != x.dtype:
+        dt = torch.promote_types(w.dtype, x.dtype)
+        x, w = x.to(dt), w.to(dt)
+    return rms_norm(x, w, state.config["eps"], offset=state.config["offset"], backend=state.backend)
+
+
 def _mlp_forward(m: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """(..., C) -> (..., C); with BLOOM's signature, dropout(out) + residual as its dropout_add."""
     state = m.__dict__[_STATE]
@@ -681,6 +722,6 @@ def _direct_forward(m: nn.Module, *args, **kwargs):  # gptfast.hf_direct's atten
 
 
 _PREPARE = {"layer_norm": _prepare_layer_norm, "attention": _prepare_attention, "gelu_ffn": _prepare_mlp}
-_FORWARD = {"layer_norm": _layer_norm_forward, "attention": _nanogpt_attention_forward,
+_FORWARD = {"layer_norm": _layer_norm_forward, "rms_norm": _rms_norm_forward, "attention": _nanogpt_attention_forward,
             "gelu_ffn": _mlp_forward,
             "direct": _direct_forward}

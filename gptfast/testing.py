@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 __all__ = ["assert_close", "assert_within_pytorch_error", "assert_matches_reference", "max_abs_diff",
            "sdpa_bthd", "rounding_atol", "accumulation_eps", "attention_magnitudes",
-           "layer_norm_magnitudes", "gelu_ffn_magnitudes", "ROUNDING_FACTOR"]
+           "layer_norm_magnitudes", "rms_norm_magnitudes", "gelu_ffn_magnitudes", "ROUNDING_FACTOR"]
 
 # How many eps_acc * M a kernel may be off beyond PyTorch's own error. Measured over every test
 # that uses this rule on the CPU (the whole suite, fuzz included; cpu, reference and triton
@@ -204,6 +204,31 @@ def layer_norm_magnitudes(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     return [root_n * _max(y), root_n * _max(dx),
             root_n * _max((dy * big_x).sum(0)) if weight is not None else None,
             root_n * _max(dy.sum(0)) if bias is not None else None]
+
+
+def rms_norm_magnitudes(x: torch.Tensor, weight: torch.Tensor | None, dout: torch.Tensor | None,
+                        eps: float = 1e-6, offset: float = 0.0) -> list[float | None]:
+    """Magnitudes ``[out, dx, dweight]`` of RMSNorm's terms over the last dim of x, each the max over
+    its tensor, times sqrt(N) (sqrt(max(N, rows)) for the gradients), as :func:`layer_norm_magnitudes`.
+
+    xhat = x rstd (no cancellation: |xhat| itself); y = xhat w' with w' = offset + w; with
+    g = dy w', dx = rstd (g - xhat mean(g xhat)): rstd (|g| + |xhat| mean(|g| |xhat|));
+    dweight = sum_rows |dy| |xhat|. None for an absent weight.
+    """
+    x, weight, dout = _f64(x, weight, dout)
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    rstd = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x2.abs() * rstd
+    w_abs = (offset + weight).abs() if weight is not None else torch.ones(n, dtype=torch.float64, device=x.device)
+    y = xhat * w_abs
+    if dout is None:
+        return [math.sqrt(n) * _max(y), None, None]
+    dy = dout.reshape(-1, n).abs()
+    g = dy * w_abs
+    dx = rstd * (g + xhat * (g * xhat).mean(-1, keepdim=True))
+    root_n = math.sqrt(max(n, x2.shape[0]))
+    return [root_n * _max(y), root_n * _max(dx), root_n * _max((dy * xhat).sum(0)) if weight is not None else None]
 
 
 def gelu_ffn_magnitudes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -248,7 +248,8 @@ def test_bench_drop_in_times_patched_against_unpatched(tmp_path, capsys):
     assert [r["family"] for r in rows] == ["gpt2", "llama"] and all(r["status"] == "ok" for r in rows)
     assert all(r["patched_ms"] > 0 and r["x_unpatched"] == r["unpatched_ms"] / r["patched_ms"] for r in rows)
     assert rows[0]["runs_on_gptfast"] == "norm 9/9, attention 4/4, mlp 4/4"
-    assert rows[1]["left"] == "4x gated MLP (no gptfast op yet); 9x RMSNorm (no gptfast op yet)"
+    assert rows[1]["runs_on_gptfast"] == "norm 9/9, attention 4/4, mlp 0/4"  # RMSNorms patched
+    assert rows[1]["left"] == "4x gated MLP (no gptfast op yet)"
     assert "x unpatched" in out and (tmp_path / "drop_in.txt").read_text().count("\n") == 6
     with pytest.raises(SystemExit) as exc:
         main(["bench", "drop_in", "--sizes", "gpt3"])
