@@ -54,9 +54,10 @@ import torch.nn.functional as F
 
 from .ops.gelu_ffn import gelu_ffn_ref
 from .testing import (assert_close, assert_matches_reference, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
-                      gelu_ffn_magnitudes, layer_norm_magnitudes, sdpa_bthd)
+                      gelu_ffn_magnitudes, layer_norm_magnitudes, rms_norm_magnitudes, sdpa_bthd)
 
-OPS = ("attention", "layer_norm", "gelu_ffn", "train", "generate", "drop_in", "overhead")
+OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn", "train", "generate", "drop_in", "overhead")
+NORM_OPS = ("layer_norm", "rms_norm")  # timed in GB/s
 PHASES = ("fwd", "bwd", "fwd-bwd")
 BASELINES = ("eager", "compile", "flash_attn", "liger", "patched")
 # Rotate input sets until they hold this many bytes (beyond any L2/LLC here), at most MAX_SETS.
@@ -93,7 +94,7 @@ def parse_size(op: str, spec: str) -> dict:
         if hk and (hk[0] > h or h % hk[0]):
             raise BenchError(f"--sizes: {spec!r}: the kv heads {hk[0]} must divide the heads {h}")
         return dict(B=b, T=t, H=h, D=d) | (dict(Hk=hk[0]) if hk and hk[0] != h else {})
-    if op == "layer_norm":
+    if op in NORM_OPS:
         m, n = _ints(spec, 2, 2, "M,N (rows, hidden size)")
         return dict(M=m, N=n)
     if op == "gelu_ffn":
@@ -123,6 +124,8 @@ def default_sizes(op: str, device: str) -> list[dict]:
         return [dict(B=2048 // t, T=t, H=4, D=64) for t in (128, 256, 512, 1024)]  # hidden 256
     if op == "layer_norm":
         return [dict(M=8 * 1024 if gpu else 4096, N=n) for n in widths]
+    if op == "rms_norm":  # Llama widths: 2048 (1B), 4096 (7B/8B), 8192 (70B); and GPT-2's 768
+        return [dict(M=8 * 1024 if gpu else 4096, N=n) for n in (768, 2048, 4096, 8192)]
     if op == "gelu_ffn":
         if gpu:
             return [dict(M=8 * 1024, C=c, Hd=4 * c) for c in widths]
@@ -135,7 +138,7 @@ def default_sizes(op: str, device: str) -> list[dict]:
 def size_label(op: str, p: dict) -> str:
     if op == "attention":
         return f"{p['B']}x{p['T']}x{p['H']}x{p['D']}" + attention_options_label(p)
-    if op == "layer_norm":
+    if op in NORM_OPS:
         return f"{p['M']}x{p['N']}" + (" +residual" if p.get("residual") else "")
     if op == "gelu_ffn":
         return f"{p['M']}x{p['C']}x{p['Hd']}" + (" exact" if p.get("approximate") == "none" else "")
@@ -232,6 +235,15 @@ def layer_norm_eager(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
 
 
+def rms_norm_eager(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+
+def rms_norm_residual_eager(x, r, w):  # the unfused residual add, then RMSNorm
+    s = x + r
+    return F.rms_norm(s, (s.shape[-1],), w, 1e-6), s
+
+
 def layer_norm_residual_eager(x, r, w, b):  # the unfused residual add: s = x + r, then LayerNorm(s)
     s = x + r
     return F.layer_norm(s, (s.shape[-1],), w, b, 1e-5), s
@@ -274,6 +286,9 @@ class Case:
         if self.op == "layer_norm":
             x, w, b = rnd(p["M"], p["N"], scale=2.0, shift=1.0), rnd(p["N"]), rnd(p["N"])
             return [x, rnd(p["M"], p["N"]), w, b] if p.get("residual") else [x, w, b]
+        if self.op == "rms_norm":
+            x, w = rnd(p["M"], p["N"], scale=2.0, shift=1.0), rnd(p["N"])
+            return [x, rnd(p["M"], p["N"]), w] if p.get("residual") else [x, w]
         c, h = p["C"], p["Hd"]
         return [rnd(p["M"], c), rnd(h, c, scale=c ** -0.5), rnd(h, scale=0.1),
                 rnd(c, h, scale=h ** -0.5), rnd(c, scale=0.1)]
@@ -286,6 +301,8 @@ class Case:
             return lambda q, k, v: attention_eager(q, k, v, causal, p)
         if self.op == "layer_norm" and self.params.get("residual"):
             return layer_norm_residual_eager
+        if self.op == "rms_norm":
+            return rms_norm_residual_eager if self.params.get("residual") else rms_norm_eager
         if self.op == "gelu_ffn":
             approx = self.approximate
             return lambda x, w1, b1, w2, b2: gelu_ffn_eager(x, w1, b1, w2, b2, approx)
@@ -334,6 +351,14 @@ class Case:
             return [out, dx, dx, dw, db, ms]  # [y, grads..., then s]
         if self.op == "layer_norm":
             return layer_norm_magnitudes(*inputs64, grad64, 1e-5)
+        if self.op == "rms_norm" and self.params.get("residual"):  # outputs y = RMSNorm(s), s = x + r
+            x, r, w = inputs64
+            gy, gs = grad64 if grad64 is not None else (None, None)
+            out, dx, dw = rms_norm_magnitudes(x + r, w, gy, 1e-6)
+            dx = None if dx is None else dx + float(gs.abs().max())
+            return [out, dx, dx, dw, float((x.abs() + r.abs()).max())]  # [y, grads..., then s]
+        if self.op == "rms_norm":
+            return rms_norm_magnitudes(*inputs64, grad64, 1e-6)
         return gelu_ffn_magnitudes(*inputs64, grad64, self.approximate)
 
     def gptfast_fn(self, backend: str) -> Callable:
@@ -355,6 +380,10 @@ class Case:
             return lambda x, r, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend, residual=r, prenorm=True)
         if self.op == "layer_norm":
             return lambda x, w, b: gptfast.layer_norm(x, w, b, 1e-5, backend=backend)
+        if self.op == "rms_norm" and self.params.get("residual"):
+            return lambda x, r, w: gptfast.rms_norm(x, w, 1e-6, backend=backend, residual=r, prenorm=True)
+        if self.op == "rms_norm":
+            return lambda x, w: gptfast.rms_norm(x, w, 1e-6, backend=backend)
         approx = self.approximate
         return lambda x, w1, b1, w2, b2: gptfast.gelu_ffn(x, w1, b1, w2, b2, approx, backend=backend)
 
@@ -373,7 +402,7 @@ class Case:
         return p
 
     def work(self, phase: str, dtype: torch.dtype) -> float:
-        """FLOPs (attention, gelu_ffn) or bytes (layer_norm) of one call of ``phase``."""
+        """FLOPs (attention, gelu_ffn) or bytes (layer_norm, rms_norm) of one call of ``phase``."""
         p = self.params
         if self.op == "attention":
             if "window" in p:  # the pairs the window lets through, exactly
@@ -388,11 +417,15 @@ class Case:
         e = torch.finfo(dtype).bits // 8
         m, n = p["M"], p["N"]
         res = 2 * m * n if p.get("residual") else 0   # fwd: read r, write s; bwd: read ds (dx is dr too)
-        fwd = (2 * m * n + 2 * n) * e + res * e       # read x, w, b; write y
-        bwd = (3 * m * n + 3 * n) * e + 2 * m * 4 + (res // 2) * e  # read x, dy, w, fp32 mean/rstd; write dx, dw, db
+        vecs, stats = (2, 2) if self.op == "layer_norm" else (1, 1)  # (w, b) and (mean, rstd), or w and rstd
+        fwd = (2 * m * n + vecs * n) * e + res * e    # read x, w[, b]; write y
+        bwd = (3 * m * n + (vecs + 1) * n) * e + stats * m * 4 + (res // 2) * e  # read x, dy, w, fp32 stats; write dx, dw[, db]
         return {"fwd": fwd, "bwd": bwd, "fwd-bwd": fwd + bwd}[phase]
 
 
+RMS_NORM_BYTES = ("GB/s counts fwd: read x, w + write y = (2MN + N) elements; bwd: read x, dy, w + write dx, dw "
+                  "= (3MN + 2N) elements + 4M bytes of fp32 rstd; fwd-bwd: both; eager = F.rms_norm (eps 1e-6); "
+                  "'+residual' sizes (--residual): +2MN elements fwd (read r, write s) and +MN bwd (read ds)")
 LAYER_NORM_BYTES = ("GB/s counts fwd: read x, w, b + write y = (2MN + 2N) elements; bwd: read x, dy, w "
                     "+ write dx, dw, db = (3MN + 3N) elements + 8M bytes of fp32 mean/rstd; fwd-bwd: both; "
                     "'+residual' sizes (--residual: y, s = LN(x + r), x + r; eager = the add, then F.layer_norm): "
@@ -583,7 +616,7 @@ def default_backends(op: str, device: str) -> list[str]:
     names = gptfast_backends(op, device) + ["eager", "compile"]
     if device == "cuda" and op == "attention" and _importable("flash_attn") is None:
         names.append("flash_attn")
-    if device == "cuda" and op == "layer_norm" and _importable("liger_kernel") is None:
+    if device == "cuda" and op in NORM_OPS and _importable("liger_kernel") is None:
         names.append("liger")
     return names
 
@@ -605,11 +638,19 @@ def make_variant(case: Case, name: str, device: torch.device, dtype: torch.dtype
         kw = case.attention_kwargs(device) if case.options else {}
         return Variant(name, lambda q, k, v: flash_attn_func(q, k, v, causal=causal, **kw))
     if name == "liger":
-        if case.op != "layer_norm":
-            return Variant(name, None, "Liger-Kernel has no plain attention / GELU-FFN op; layer_norm only")
+        if case.op not in NORM_OPS:
+            return Variant(name, None, "Liger-Kernel has no plain attention / GELU-FFN op; layer_norm and rms_norm only")
         why = _importable("liger_kernel")
         if why or device.type != "cuda":
             return Variant(name, None, why or "Liger-Kernel needs a CUDA GPU")
+        if case.op == "rms_norm":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            def liger_rms(x, w):  # offset 0, fp32 computation ("llama" casting), not in place
+                return LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False)
+            if case.params.get("residual"):  # no fused residual there: its RMSNorm after the add
+                return Variant(name, lambda x, r, w: (liger_rms(x + r, w), x + r))
+            return Variant(name, liger_rms)
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
         if case.params.get("residual"):  # Liger has no fused residual: its LayerNorm after the add
             def liger_residual(x, r, w, b):
@@ -729,7 +770,7 @@ def run_case(case: Case, variant: Variant, phases: list[str], device: torch.devi
             row.ms, row.timing = time_ms(call, device, min_run_time=min_run_time)
             row.peak_mib = peak_mib(call, device)
             work = case.work(row.phase, dtype)
-            if case.op == "layer_norm":
+            if case.op in NORM_OPS:
                 row.gbps = work / (row.ms * 1e-3) / 1e9
             else:
                 row.tflops = work / (row.ms * 1e-3) / 1e12
@@ -1035,14 +1076,14 @@ def fill_ratios(rows: list[Row], ceilings: dict | None) -> None:
 
 
 def format_rows(op: str, rows: list[Row], ceilings: dict | None) -> str:
-    rate = {"layer_norm": "GB/s", "train": "tokens/s"}.get(op, "TFLOP/s")
+    rate = {"layer_norm": "GB/s", "rms_norm": "GB/s", "train": "tokens/s"}.get(op, "TFLOP/s")
     cols = ["size"] + (["causal"] if op == "attention" else []) + ["phase", "backend", "status", "ms", rate]
     if op == "train":
         cols += ["TFLOP/s", "MFU"]
     cols += ["x eager", "x compile", "peak MiB"] + (["of ceiling"] if ceilings else []) + ["note"]
     table = []
     for r in rows:
-        val = {"layer_norm": r.gbps, "train": r.tokens_per_s}.get(op, r.tflops)
+        val = {"layer_norm": r.gbps, "rms_norm": r.gbps, "train": r.tokens_per_s}.get(op, r.tflops)
         cells = {"size": r.size, "causal": r.causal, "phase": r.phase, "backend": r.backend,
                  "status": r.status, "ms": _fmt(r.ms, 4), "TFLOP/s": _fmt(r.tflops),
                  "MFU": "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"}
@@ -1075,6 +1116,8 @@ def table_header(op: str, device: torch.device, dtype: torch.dtype, info: dict, 
                      "GELU tanh unless marked exact (--gelu none)")
     elif op == "layer_norm":
         lines.append(LAYER_NORM_BYTES)
+    elif op == "rms_norm":
+        lines.append(RMS_NORM_BYTES)
     else:
         lines.append("one optimizer step (fwd + bwd + AdamW); TFLOP/s and MFU from GPT.flops_per_token; "
                      "MFU relative to train.peak_flops (datasheet on known GPUs, measured matmul elsewhere); "
@@ -1172,10 +1215,10 @@ def plot(op: str, rows: list[Row], out: Path, title: str, ceilings: dict | None)
         plt.close(fig)
         return files
     phases = [p for p in PHASES if any(r.phase == p for r in ok)]
-    ylabel = "throughput (GB/s)" if op == "layer_norm" else "throughput (TFLOP/s)"
+    ylabel = "throughput (GB/s)" if op in NORM_OPS else "throughput (TFLOP/s)"
     ceiling = None
     if ceilings:
-        ceiling = ceilings["copy_gbps"] if op == "layer_norm" else ceilings["matmul_tflops"]
+        ceiling = ceilings["copy_gbps"] if op in NORM_OPS else ceilings["matmul_tflops"]
     for phase in phases:
         prow = [r for r in ok if r.phase == phase]
         if op == "attention":
@@ -1184,7 +1227,7 @@ def plot(op: str, rows: list[Row], out: Path, title: str, ceilings: dict | None)
             xval = lambda r: r.params["T"]  # noqa: E731
             xlabel = f"sequence length T (batch x T = {'/'.join(sorted({str(r.params['B'] * r.params['T']) for r in prow}))} tokens)"
             ptitle = lambda k: f"head dim {k[0]}, {'causal' if k[1] == 'true' else 'not causal'}"  # noqa: E731
-        elif op == "layer_norm":
+        elif op in NORM_OPS:
             panels, key = [None], (lambda r: None)
             ms = sorted({r.params["M"] for r in prow})
             xval, xlabel, ptitle = (lambda r: r.params["N"]), f"hidden size N (M = {'/'.join(map(str, ms))} rows)", (lambda k: "")
@@ -1197,7 +1240,7 @@ def plot(op: str, rows: list[Row], out: Path, title: str, ceilings: dict | None)
         fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.2 * nrow), squeeze=False)
         for ax, k in zip(axes.flat, panels):
             for b in backends:
-                pts = sorted((xval(r), r.gbps if op == "layer_norm" else r.tflops)
+                pts = sorted((xval(r), r.gbps if op in NORM_OPS else r.tflops)
                              for r in prow if key(r) == k and r.backend == b)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=b, color=colors[b])
@@ -1229,7 +1272,7 @@ def plot(op: str, rows: list[Row], out: Path, title: str, ceilings: dict | None)
 SIZES_HELP = """sizes, separated by spaces or ';' (default: the device's grid, see --dry-run):
 attention B,T,H,D[,HK] (batch, seqlen, heads, headdim, kv heads for GQA/MQA; e.g. 4,512,12,64
 or 4,512,32,128,8; options: --window, --softcap, --alibi, --dropout);
-layer_norm M,N (rows, hidden); gelu_ffn M,C[,H] (rows, width, FFN width, default 4C);
+layer_norm, rms_norm M,N (rows, hidden); gelu_ffn M,C[,H] (rows, width, FFN width, default 4C);
 train PRESET,BATCH[,SEQLEN] (e.g. gpt2,8 or tiny,8,128); generate PRESET,BATCH,CTX[,NEW]
 (prompt length CTX, NEW generated tokens, default 32; e.g. small,1,1024); drop_in FAMILY
 (a Hugging Face decoder family, e.g. gpt2 llama; default all 13)"""
@@ -1251,8 +1294,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for the op on the device (never the Triton interpreter) + eager + compile "
                         "(+ flash_attn / liger when importable)")
     p.add_argument("--residual", action="store_true",
-                   help="layer_norm: the fused residual add, y, s = LN(x + r), x + r (gptfast.layer_norm's "
-                        "residual=, prenorm=True) against the add then LayerNorm")
+                   help="layer_norm, rms_norm: the fused residual add, y, s = norm(x + r), x + r (the ops' "
+                        "residual=, prenorm=True) against the add then the norm")
     p.add_argument("--gelu", choices=("tanh", "none"), default=None,
                    help="gelu_ffn: the GELU, tanh (GPT-2's, default) or none (exact erf GELU: nanoGPT's nn.GELU())")
     p.add_argument("--model", choices=TRAIN_MODELS, default="gpt",
@@ -1335,8 +1378,8 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
     else:
         cases = [Case(op, s) for s in sizes]
     if getattr(args, "residual", False):
-        if op != "layer_norm":
-            raise BenchError(f"--residual is an option of layer_norm, not {op}'s")
+        if op not in NORM_OPS:
+            raise BenchError(f"--residual is an option of layer_norm and rms_norm, not {op}'s")
         for c in cases:
             c.params["residual"] = True
     if getattr(args, "gelu", None) is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptfast
 from gptfast import bench
 from gptfast.cli import main
 from gptfast.ops import _backend
@@ -204,6 +205,25 @@ def test_gelu_ffn_exact_gelu_is_benchmarked_and_checked_against_the_exact_truth(
     bench.check_case(exact, exact.gptfast_fn("reference"), cpu, torch.float32, backward=True)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_is_checked_and_timed_in_gb_per_s(tmp_path, residual):
+    out = tmp_path / "rms"
+    main(["bench", "rms_norm", *FAST, "--sizes", "32,64", "--backends", "reference,eager", "--fwd", "--fwd-bwd",
+          "--out", str(out)] + (["--residual"] if residual else []))
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["backend"], r["phase"]) for r in rows} == {(b, p) for b in ("reference", "eager") for p in ("fwd", "fwd-bwd")}
+    e, m, n = 4, 32, 64  # fwd: read x, w, write y; bwd: read x, dy, w, rstd, write dx, dw (+ r, s, ds)
+    res = 2 * m * n if residual else 0
+    for r in rows:
+        assert r["status"] == "ok" and r["size"] == "32x64" + (" +residual" if residual else "")
+        work = (2 * m * n + n + res) * e + (0 if r["phase"] == "fwd" else (3 * m * n + 2 * n + res // 2) * e + 4 * m)
+        assert r["gbps"] == pytest.approx(work / (r["ms"] * 1e6))
+    case = bench.Case("rms_norm", dict(M=8, N=32))
+    off = lambda x, w: gptfast.rms_norm(x, w, 1e-6, offset=0.01)  # noqa: E731  (a 1% scale error: caught)
+    with pytest.raises(AssertionError):
+        bench.check_case(case, off, torch.device("cpu"), torch.float32, backward=False)
+
+
 def test_layer_norm_residual_check_covers_both_outputs_and_the_stream_gradient():
     case = bench.Case("layer_norm", dict(M=8, N=32, residual=True))
     cpu = torch.device("cpu")
@@ -278,7 +298,7 @@ def test_default_grids_and_backends():
     (["layer_norm", "--alibi"], "attention options"),
     (["train", "--sizes", "nope,2"], "PRESET,BATCH"),
     (["layer_norm", "--backends", "reference,fast"], "unknown ['fast']"),
-    (["train", "--residual"], "--residual is an option of layer_norm"),
+    (["train", "--residual"], "--residual is an option of layer_norm and rms_norm"),
     (["layer_norm", "--model", "nanogpt"], "--model is an option of train"),
     (["attention", "--gelu", "none"], "--gelu is an option of gelu_ffn"),
 ])
