@@ -131,7 +131,7 @@ def test_available_backends_and_table():
     with pytest.raises(ValueError, match="unknown op"):
         gptfast.available_backends("conv2d")
     rows = gptfast.backend_table(devices=("cpu",))
-    assert {(r["op"], r["backend"]) for r in rows} == {(o, b) for o in _backend.OPS + _backend.DECODE_OPS
+    assert {(r["op"], r["backend"]) for r in rows} == {(o, b) for o in _backend.ALL_OPS
                                                     for b in _backend.BACKENDS}
     ref_rows = [r for r in rows if r["backend"] == "reference"]
     assert all(r["available"] for r in ref_rows)

@@ -50,9 +50,13 @@ def layer_norm_forward_reference(x: torch.Tensor, weight: torch.Tensor | None, b
     rows of x; with ``residual`` (x's shape), of s = x + residual rounded to x.dtype, and s as a
     fourth output."""
     if x.dim() != 2:
-        out = layer_norm_forward_reference(x.reshape(-1, x.shape[-1]), weight, bias, eps,
-                                           None if residual is None else residual.reshape(-1, x.shape[-1]))
+        out = _forward_reference_2d(x.reshape(-1, x.shape[-1]), weight, bias, eps,
+                                    None if residual is None else residual.reshape(-1, x.shape[-1]))
         return tuple(t.view(x.shape) if t.dim() == 2 else t for t in out)
+    return _forward_reference_2d(x, weight, bias, eps, residual)
+
+
+def _forward_reference_2d(x, weight, bias, eps, residual):
     if residual is not None:
         s = (x.to(_acc_dtype(x.dtype)) + residual.to(_acc_dtype(x.dtype))).to(x.dtype)
         return (*_normalise_reference(s, weight, bias, eps), s)
