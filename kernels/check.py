@@ -37,6 +37,7 @@ from gptfast.kernels import attention as _att  # noqa: E402
 from gptfast.kernels import gelu_ffn as _ffn  # noqa: E402
 from gptfast.kernels import _reduce  # noqa: E402
 from gptfast.kernels import layer_norm as _ln  # noqa: E402
+from gptfast.kernels import rms_norm as _rms  # noqa: E402
 
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}
 DT = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -168,6 +169,32 @@ def _layer_norm_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def _rms_norm_jobs(arch: int) -> list[Job]:
+    jobs = []
+    # each width with weight, plain and with the fused residual add (+res); the narrowest and the
+    # chunked widest also without weight (-w). The dW partials' colsum is in _layer_norm_jobs.
+    variants = [(n, res, True) for n in (1024, 8192, 65536) for res in (False, True)]
+    variants += [(1024, True, False), (65536, True, False)]
+    for n, res, weight in variants:
+        block, one_tile, warps = _ln._settings(n)
+        tag = (" +res" if res else "") + ("" if weight else " -w")
+        fn = _jit(_rms._rms_norm_fwd_kernel)
+        ce = dict(HAS_WEIGHT=weight, HAS_RESIDUAL=res, BLOCK_N=block, ONE_TILE=one_tile)
+        types = {n_: "*bf16" for n_ in ("X", "Y", "W", "R", "S")}
+        types.update(Rstd="*fp32", stride_x="i32", stride_y="i32", stride_r="i32", stride_s="i32",
+                     N="i32", eps="fp32", offset="fp32")
+        jobs.append(Job("rms_fwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}{tag}", False,
+                        ["X", "Y", "W", "Rstd", "R", "S", "stride_x", "stride_y", "stride_r", "stride_s"]))
+        fn = _jit(_rms._rms_norm_bwd_kernel)
+        ce = dict(HAS_WEIGHT=weight, HAS_DRESIDUAL=res, BLOCK_N=block, ONE_TILE=one_tile)
+        types = {n_: "*bf16" for n_ in ("X", "W", "DY", "DX", "DRES")}
+        types.update(Rstd="*fp32", DW_partial="*fp32", stride_x="i32", stride_dy="i32", stride_dx="i32",
+                     stride_dres="i32", M="i32", N="i32", offset="fp32", rows_per_program="i32")
+        jobs.append(Job("rms_bwd", fn, _sig(fn, types, ce), ce, warps, 1, f"bf16 N={n} w{warps}{tag}", False,
+                        ["X", "W", "DY", "DX", "Rstd", "DW_partial", "DRES"]))
+    return jobs
+
+
 def _ffn_jobs(arch: int) -> list[Job]:
     jobs = []
     fn = _jit(_ffn._ffn_matmul_kernel)
@@ -235,7 +262,7 @@ def run(archs: list[int], only: str | None = None) -> int:
     print("-" * len(header))
     t_all = time.time()
     for arch in archs:
-        jobs = _attention_jobs(arch) + _layer_norm_jobs(arch) + _ffn_jobs(arch)
+        jobs = _attention_jobs(arch) + _layer_norm_jobs(arch) + _rms_norm_jobs(arch) + _ffn_jobs(arch)
         if only:
             jobs = [j for j in jobs if only in j.kernel]
         for job in jobs:
