@@ -219,7 +219,8 @@ def check_rms_norm_launchers(M, N, dtype, has_weight=True, offset=0.0, residual=
     pt = rms_norm_forward_reference(s, w, eps, offset)
     mags = rms_norm_magnitudes(s, w, offset, dy, eps)
     assert_results_match(y, ref[0], pt[0], magnitudes=mags, name=f"{name} y")
-    assert_close(rstd, ref[1], atol=0.0, rtol=4e-6, name=f"{name} rstd")
+    # rstd from a sum of N squares (no cancellation): relatively a few eps_fp32 * sqrt(N) off
+    assert_close(rstd, ref[1], atol=0.0, rtol=rounding_atol(math.sqrt(N), torch.float32), name=f"{name} rstd")
 
     dx, dw = rms_norm_backward(dy, s, w, rstd, offset, **({"dresidual": ds} if residual else {}))
     assert dx.dtype == dtype and dx.shape == shape and dx.is_contiguous()

@@ -1,6 +1,6 @@
 """Triton-only GPU tests (the grid shared with the cuda backend is in test_kernels_gpu.py):
 float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, and the
-LayerNorm's fused residual add in bf16 and at GPU sizes.
+LayerNorm's and RMSNorm's fused residual add in bf16 and at GPU sizes.
 
 Skipped without a GPU. Run by bench/gpu_suite.sh.
 """
@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from test_triton_attention import check_attention  # noqa: E402
 from test_triton_gelu_ffn import check_gelu_ffn  # noqa: E402
 from test_triton_layer_norm import check_layer_norm_residual  # noqa: E402
+from test_triton_rms_norm import check_rms_norm, check_rms_norm_launchers  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,3 +44,21 @@ def test_layer_norm_residual(M, N, dtype, has_weight, has_bias):
     # The interpreter has no bf16 and runs one program at a time; here s = x + r is still checked
     # bitwise (fp32 add, one round-to-nearest), the rest against float64.
     check_layer_norm_residual(M, N, dtype, has_weight, has_bias)
+
+
+@pytest.mark.parametrize("M,N,dtype,has_weight,offset,residual", [
+    (257, 1000, torch.bfloat16, True, 0.0, True),
+    (257, 4096, torch.float16, True, 1.0, True),
+    (4096, 1024, torch.bfloat16, True, 1.0, True),  # many rows per backward program (G = 4 x SMs)
+    (4096, 2048, torch.bfloat16, False, 0.0, False),
+    (3, 9000, torch.bfloat16, True, 0.0, True),  # chunked forward and backward
+    (600, 9000, torch.bfloat16, True, 1.0, False),  # chunked, more rows than programs: dW partials add up
+])
+def test_rms_norm_launchers(M, N, dtype, has_weight, offset, residual):
+    # s = x + r still bitwise (fp32 add, one round-to-nearest), the rest against float64.
+    check_rms_norm_launchers(M, N, dtype, has_weight, offset, residual)
+
+
+@pytest.mark.parametrize("rows,N,offset", [(512, 4096, 0.0), (300, 1000, 1.0)])
+def test_rms_norm_op_bf16(rows, N, offset):
+    check_rms_norm(rows, N, torch.bfloat16, offset=offset)
