@@ -2,8 +2,8 @@
 
 Interpreter-sized (TRITON_INTERPRET=1 on CPU): hidden sizes {123, 768, 1000} (not powers of two)
 and one row wider than the kernel's single tile (the chunked path), weight present or absent,
-offset 0 (Llama) and 1 (Gemma), fp16 and fp32 (bf16 on a GPU only: tests/gpu/test_triton_gpu.py),
-leading dimensions, several rows per backward program. Ground truth: float64; within 2x/3x
+offset 0 (Llama) and 1 (Gemma), fp16 and fp32 (bf16 on a GPU only: tests/gpu/test_triton_gpu.py
+runs these checks there), leading dimensions, several rows per backward program. Ground truth: float64; within 2x/3x
 PyTorch's own error in the dtype plus the rounding of the summed terms (gptfast.testing's rule).
 
 The fused residual add (``residual=`` / ``dresidual=`` of the launchers) is checked against the
@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 import gptfast  # noqa: E402
 from gptfast.testing import (assert_close, assert_matches_reference, assert_results_match,  # noqa: E402
                              rounding_atol)
+from test_triton_layer_norm import _bits_equal  # noqa: E402  (the bits of one rounding, -0.0 apart from 0.0)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -53,13 +54,6 @@ def rms_norm_magnitudes(x: torch.Tensor, weight: torch.Tensor | None, offset: fl
     root_n = math.sqrt(max(n, x2.shape[0]))
     return [root_n * float((xhat * big_w).max()), root_n * float(dx.max()),
             root_n * float((dy * xhat).sum(0).max()) if weight is not None else None]
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # torch.equal calls -0.0 == 0.0; the contract is one rounding, so compare the bits
-    assert a.dtype == b.dtype and a.shape == b.shape
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
-    return torch.equal(a.view(view), b.view(view))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +101,6 @@ GRID = [
                          ids=[f"N{n}-{str(d)[6:]}-w{int(w)}-off{o:g}" for _, n, d, w, o in GRID])
 def test_rms_norm_triton_matches_float64(rows, N, dtype, has_weight, offset):
     check_rms_norm(rows, N, dtype, has_weight, offset)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="bf16 arithmetic is unsupported in the Triton interpreter; bf16 runs on a GPU only")
-def test_rms_norm_triton_bf16():
-    check_rms_norm(64, 1000, torch.bfloat16, offset=1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
@@ -238,7 +225,8 @@ def check_rms_norm_launchers(M, N, dtype, has_weight=True, offset=0.0, residual=
     if DEVICE != "cpu" or not residual:
         return
     y0, rstd0 = rms_norm_forward(s, w, eps, offset)
-    assert _bits_equal(y, y0) and _bits_equal(rstd, rstd0), f"{name}: fused forward differs from the unfused kernel on s"
+    assert _bits_equal(y, y0) and _bits_equal(rstd, rstd0), \
+        f"{name}: fused forward differs from the unfused kernel on s"
     if dtype == torch.float32:
         dx0, dw0 = rms_norm_backward(dy, s, w, rstd, offset)  # no dresidual: unfused
         assert _bits_equal(dx, dx0 + ds), f"{name}: dx != unfused dx + ds"
