@@ -43,6 +43,11 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::o
 gelu_ffn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, bool, bool, const std::string&);
 #ifndef GPTFAST_CUDA
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
+    const at::Tensor&, const std::optional<at::Tensor>&, double, double, const std::optional<at::Tensor>&);
+std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double,
+    const std::optional<at::Tensor>&);
 namespace cpu {  // csrc/cpu/kvcache.cpp (no cuda kernel: the cuda build binds no kvcache_forward)
 std::tuple<at::Tensor, at::Tensor> kvcache_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&,
@@ -104,6 +109,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap"), py::arg("alibi_slopes"), py::arg("num_splits"),
         "Split-K KV-cache decoding: (out (B,Tq,H,D), lse (B,H,Tq) fp32); the cache read in place "
         "(contiguous rows or block_table pages), keys key_start[b] .. key_end[b] - 1 of sequence b");
+  // As layer_norm_forward: a 2-tuple without a residual, a 3-tuple with one.
+  m.def(
+      "rms_norm_forward",
+      [](const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,
+         const std::optional<at::Tensor>& residual) -> py::tuple {
+        auto [y, rstd, s] = gptfast::rms_norm_forward(x, weight, eps, offset, residual);
+        if (s.has_value()) return py::make_tuple(y, rstd, *s);
+        return py::make_tuple(y, rstd);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("offset") = 0.0,
+      py::arg("residual") = py::none(),
+      "RMSNorm forward: (y, rstd); with residual, of s = x + residual: (y, rstd, s)");
+  m.def("rms_norm_backward", &gptfast::rms_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
+        py::arg("rstd"), py::arg("offset") = 0.0, py::arg("dresidual") = py::none(),
+        "RMSNorm backward: (dx, dweight or None); with dresidual, dx + dresidual");
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");
 #endif

@@ -10,33 +10,37 @@ namespace gptfast {
 
 namespace {
 constexpr const char* kOp = "gptfast.layer_norm";
+constexpr const char* kRmsOp = "gptfast.rms_norm";
 
-void check_affine(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
+void check_affine(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                  const char* op = kOp) {
   if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " is on ", t->device(),
+  TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(),
                     " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), kOp, ": ", name, " has dtype ",
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
                    t->scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(-1), kOp, ": ", name,
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(-1), op, ": ", name,
                     " must have shape (", x.size(-1), ",) (x.shape[-1]), got ", t->sizes());
 }
 
 // The residual stream's tensors (residual, dresidual): x's shape, dtype and device, contiguous.
-void check_stream(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
+void check_stream(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                  const char* op = kOp) {
   if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " is on ", t->device(),
+  TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(),
                     " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), kOp, ": ", name, " has dtype ",
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
                    t->scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), kOp, ": ", name, " must have x's shape ",
+  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), op, ": ", name, " must have x's shape ",
                     x.sizes(), ", got ", t->sizes());
-  TORCH_CHECK_VALUE(t->is_contiguous(), kOp, ": ", name, " must be contiguous, got strides ",
+  TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, " must be contiguous, got strides ",
                     t->strides());
 }
 
-#define CHECK_ROWS(x)                                                                            \
-  TORCH_CHECK_VALUE((x).dim() >= 1 && (x).size(-1) > 0, kOp, ": ", #x,                            \
-                    " must be (..., N) with N > 0 (the normalised dimension), got shape ", (x).sizes())
+void check_rows(const at::Tensor& x, const char* op = kOp) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, op,
+                    ": x must be (..., N) with N > 0 (the normalised dimension), got shape ", x.sizes());
+}
 
 // (..., N) -> (M, N); a 2-D tensor as it is
 at::Tensor rows(const at::Tensor& t) { return t.dim() == 2 ? t : t.view({-1, t.size(-1)}); }
@@ -51,7 +55,7 @@ at::Tensor shaped(const at::Tensor& t, const at::Tensor& like) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual) {
-  CHECK_ROWS(x);
+  check_rows(x);
   CHECK_BACKEND_DEVICE(x);
   CHECK_FLOATING(x);
   CHECK_CONTIGUOUS(x);
@@ -68,7 +72,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
     const std::optional<at::Tensor>& dresidual) {
-  CHECK_ROWS(x);
+  check_rows(x);
   CHECK_BACKEND_DEVICE(x);
   CHECK_FLOATING(x);
   CHECK_CONTIGUOUS(x);
@@ -88,5 +92,43 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
                                                    rows(dresidual));
   return {shaped(dx, x), dw, db};
 }
+
+#ifndef GPTFAST_CUDA  // RMSNorm: cpu kernels only so far (the cuda build does not compile this part)
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,
+    const std::optional<at::Tensor>& residual) {
+  constexpr const char* kOp = kRmsOp;  // the CHECK_* macros name the op through kOp
+  check_rows(x, kOp);
+  CHECK_BACKEND_DEVICE(x);
+  CHECK_FLOATING(x);
+  CHECK_CONTIGUOUS(x);
+  check_affine(weight, "weight", x, kOp);
+  check_stream(residual, "residual", x, kOp);
+  TORCH_CHECK_VALUE(eps >= 0, kOp, ": eps must be non-negative, got ", eps);
+  auto [y, rstd, s] = backend::rms_norm_forward(rows(x), weight, eps, offset, rows(residual));
+  if (s.has_value()) s = shaped(*s, x);
+  return {shaped(y, x), rstd, s};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& rstd, double offset, const std::optional<at::Tensor>& dresidual) {
+  constexpr const char* kOp = kRmsOp;
+  check_rows(x, kOp);
+  CHECK_BACKEND_DEVICE(x);
+  CHECK_FLOATING(x);
+  CHECK_CONTIGUOUS(x);
+  CHECK_SAME_DTYPE(dy, x);
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), kOp, ": dy must have x's shape ", x.sizes(), ", got ",
+                    dy.sizes());
+  CHECK_CONTIGUOUS(dy);
+  check_affine(weight, "weight", x, kOp);
+  CHECK_SHAPE(rstd, x.numel() / x.size(-1));
+  CHECK_DEVICE(rstd, x.device());
+  check_stream(dresidual, "dresidual", x, kOp);
+  auto [dx, dw] = backend::rms_norm_backward(rows(dy), rows(x), weight, rstd, offset, rows(dresidual));
+  return {shaped(dx, x), dw};
+}
+#endif
 
 }  // namespace gptfast

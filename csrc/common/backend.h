@@ -77,6 +77,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
     const std::optional<at::Tensor>& dresidual);
 
+// RMSNorm (cpu only so far): y, rstd and, with residual, s = x + residual; backward dx
+// (+ dresidual), dweight (none without a weight).
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,
+    const std::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& rstd, double offset, const std::optional<at::Tensor>& dresidual);
+
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
                                                     const std::optional<at::Tensor>& b1,
                                                     const at::Tensor& w2,

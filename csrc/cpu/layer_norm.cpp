@@ -1,4 +1,5 @@
-// LayerNorm over the last dimension on the CPU, rows in parallel.
+// LayerNorm and RMSNorm over the last dimension on the CPU, rows in parallel (RMSNorm: the
+// section near the end, on the LayerNorm's row helpers).
 //
 // Forward: one pass over each row for the statistics -- shifted sums sum(x - x0), sum((x - x0)^2)
 // over explicit lanes (x0 = the row's first element removes the offset that ruins a plain
@@ -335,6 +336,182 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* 
   if (has_bias) reduce(db_part, db);
 }
 
+// ------------------------------------------------------------------ RMSNorm
+// y = (x * rstd) * w', rstd = 1 / sqrt(mean(x^2) + eps), w' = offset + weight (widened once);
+// backward with xhat = x * rstd, g = dy * w':
+//   dx = rstd * (g - xhat * mean(g * xhat)),  dW += dy * xhat (per-thread partial rows).
+// The same row loop, buffers and fused residual add as the LayerNorm above, without the mean.
+
+template <typename T>
+GPTFAST_INLINE T rms_rstd_impl(const T* x, int64_t n, T eps) {
+  using V = typename vec::Vec<T>::type;
+  constexpr int L = vec::Vec<T>::n;
+  V a = vec::vsplat<T>(0), b = a;  // two chains: FMA latency
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    const V d0 = vec::vload(x + j), d1 = vec::vload(x + j + L);
+    a += d0 * d0, b += d1 * d1;
+  }
+  for (; j + L <= n; j += L) {
+    const V d0 = vec::vload(x + j);
+    a += d0 * d0;
+  }
+  T ss = vec::vsum<T>(a + b);
+  for (; j < n; ++j) ss += x[j] * x[j];
+  return T(1) / std::sqrt(ss / static_cast<T>(n) + eps);
+}
+
+template <typename T>
+GPTFAST_INLINE void rms_scale_row_impl(const T* x, int64_t n, T rstd, const T* w, T* y) {
+  if (w) {
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] * rstd) * w[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j] * rstd;
+  }
+}
+
+// dx for one row (fp32/fp64, written to dx), dW partials; with kRes, dx += dres before the store.
+template <typename T, bool kRes>
+GPTFAST_INLINE void rms_backward_row_impl(const T* x, const T* dy, const T* dres, int64_t n, T rstd,
+                                          const T* w, T* dx, T* dw_part) {
+  using V = typename vec::Vec<T>::type;
+  constexpr int L = vec::Vec<T>::n;
+  const V vr = vec::vsplat<T>(rstd);
+  V sgx = vec::vsplat<T>(0);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V xh = vec::vload(x + j) * vr;
+    const V g = w ? vec::vload(dy + j) * vec::vload(w + j) : vec::vload(dy + j);
+    sgx += g * xh;
+  }
+  T c = vec::vsum<T>(sgx);
+  for (; j < n; ++j) c += (w ? dy[j] * w[j] : dy[j]) * (x[j] * rstd);
+  const T mgx = c / static_cast<T>(n);
+  const V vmgx = vec::vsplat<T>(mgx);
+  for (j = 0; j + L <= n; j += L) {
+    const V xh = vec::vload(x + j) * vr;
+    const V d = vec::vload(dy + j);
+    const V g = w ? d * vec::vload(w + j) : d;
+    if (dw_part) vec::vstore(dw_part + j, vec::vload(dw_part + j) + d * xh);
+    V v = vr * (g - xh * vmgx);
+    if constexpr (kRes) v += vec::vload(dres + j);
+    vec::vstore(dx + j, v);
+  }
+  for (; j < n; ++j) {
+    const T xh = x[j] * rstd;
+    const T d = dy[j];
+    const T g = w ? d * w[j] : d;
+    if (dw_part) dw_part[j] += d * xh;
+    T v = rstd * (g - xh * mgx);
+    if constexpr (kRes) v += dres[j];
+    dx[j] = v;
+  }
+}
+
+GPTFAST_VEC_CLONES float rms_rstd(const float* x, int64_t n, float eps) { return rms_rstd_impl<float>(x, n, eps); }
+double rms_rstd(const double* x, int64_t n, double eps) { return rms_rstd_impl<double>(x, n, eps); }
+GPTFAST_VEC_CLONES void rms_scale_row(const float* x, int64_t n, float rstd, const float* w, float* y) {
+  rms_scale_row_impl<float>(x, n, rstd, w, y);
+}
+void rms_scale_row(const double* x, int64_t n, double rstd, const double* w, double* y) {
+  rms_scale_row_impl<double>(x, n, rstd, w, y);
+}
+GPTFAST_VEC_CLONES void rms_backward_row(const float* x, const float* dy, const float* dres, int64_t n,
+                                         float rstd, const float* w, float* dx, float* dw) {
+  if (dres) rms_backward_row_impl<float, true>(x, dy, dres, n, rstd, w, dx, dw);
+  else rms_backward_row_impl<float, false>(x, dy, nullptr, n, rstd, w, dx, dw);
+}
+void rms_backward_row(const double* x, const double* dy, const double* dres, int64_t n, double rstd,
+                      const double* w, double* dx, double* dw) {
+  if (dres) rms_backward_row_impl<double, true>(x, dy, dres, n, rstd, w, dx, dw);
+  else rms_backward_row_impl<double, false>(x, dy, nullptr, n, rstd, w, dx, dw);
+}
+
+// w' = offset + weight in acc_t, or empty without a weight.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> offset_weight(const at::Tensor* w, double offset, int64_t N) {
+  std::vector<acc_t> buf(w ? N : 0);
+  if (w) {
+    auto wc = w->contiguous();
+    const scalar_t* p = wc.const_data_ptr<scalar_t>();
+    const acc_t o = static_cast<acc_t>(offset);
+    for (int64_t j = 0; j < N; ++j) buf[j] = o + static_cast<acc_t>(p[j]);
+  }
+  return buf;
+}
+
+template <typename scalar_t>
+void rms_forward_impl(const at::Tensor& x, const at::Tensor* res, const at::Tensor* w, double eps,
+                      double offset, at::Tensor& y, at::Tensor& rstd, at::Tensor* s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* resp = res ? res->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* sp = s ? s->data_ptr<scalar_t>() : nullptr;
+  acc_t* rp = rstd.data_ptr<acc_t>();
+  const std::vector<acc_t> wbuf = offset_weight<scalar_t, acc_t>(w, offset, N);
+  const acc_t* wa = w ? wbuf.data() : nullptr;
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kDirect ? 0 : N), ybuf(kDirect ? 0 : N);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* xr = resp ? add_residual<scalar_t, acc_t>(xp + r * N, resp + r * N, N, sp + r * N, xbuf.data())
+                             : widen<scalar_t, acc_t>(xp + r * N, N, xbuf.data());
+      const acc_t rs = rms_rstd(xr, N, e);
+      acc_t* yr;
+      if constexpr (kDirect) yr = yp + r * N; else yr = ybuf.data();
+      rms_scale_row(xr, N, rs, wa, yr);
+      if constexpr (!kDirect)
+        for (int64_t j = 0; j < N; ++j) yp[r * N + j] = static_cast<scalar_t>(yr[j]);
+      rp[r] = rs;
+    }
+  });
+}
+
+template <typename scalar_t>
+void rms_backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* w, const at::Tensor& rstd,
+                       double offset, const at::Tensor* dres, at::Tensor& dx, at::Tensor* dw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const scalar_t* drp = dres ? dres->const_data_ptr<scalar_t>() : nullptr;
+  at::Tensor rstd_c = rstd.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* rp = rstd_c.const_data_ptr<acc_t>();
+  const std::vector<acc_t> wbuf = offset_weight<scalar_t, acc_t>(w, offset, N);
+  const acc_t* wa = w ? wbuf.data() : nullptr;
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> dw_part(w ? static_cast<size_t>(nthreads) * N : 0);  // (nthreads, N)
+  at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kDirect ? 0 : N), dybuf(kDirect ? 0 : N), drbuf(kDirect || !drp ? 0 : N),
+        dxbuf(kDirect ? 0 : N);
+    acc_t* dwp = w ? dw_part.data() + static_cast<size_t>(at::get_thread_num()) * N : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* xr = widen<scalar_t, acc_t>(xp + r * N, N, xbuf.data());
+      const acc_t* dyr = widen<scalar_t, acc_t>(dyp + r * N, N, dybuf.data());
+      const acc_t* drr = drp ? widen<scalar_t, acc_t>(drp + r * N, N, drbuf.data()) : nullptr;
+      if constexpr (kDirect) {
+        rms_backward_row(xr, dyr, drr, N, rp[r], wa, dxp + r * N, dwp);
+      } else {  // the residual's gradient joins dx in fp32, before dx's one rounding
+        rms_backward_row(xr, dyr, drr, N, rp[r], wa, dxbuf.data(), dwp);
+        for (int64_t j = 0; j < N; ++j) dxp[r * N + j] = static_cast<scalar_t>(dxbuf[j]);
+      }
+    }
+  });
+  if (w) {
+    scalar_t* o = dw->data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) {
+      acc_t t = 0;
+      for (int k = 0; k < nthreads; ++k) t += dw_part[static_cast<size_t>(k) * N + j];
+      o[j] = static_cast<scalar_t>(t);
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
@@ -374,6 +551,34 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
                                 dx, dw ? &*dw : nullptr, db ? &*db : nullptr);
       });
   return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,
+    const std::optional<at::Tensor>& residual) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  std::optional<at::Tensor> s;
+  if (residual.has_value()) s = at::empty(x.sizes(), x.options());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_rms_norm_fwd", [&] {
+    rms_forward_impl<scalar_t>(x, residual ? &*residual : nullptr, weight ? &*weight : nullptr, eps, offset, y,
+                               rstd, s ? &*s : nullptr);
+  });
+  return {y, rstd, s};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& rstd,
+    double offset, const std::optional<at::Tensor>& dresidual) {
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  std::optional<at::Tensor> dw;
+  if (weight.has_value()) dw = at::empty({x.size(1)}, weight->options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gptfast_rms_norm_bwd", [&] {
+    rms_backward_impl<scalar_t>(dy, x, weight ? &*weight : nullptr, rstd, offset,
+                                dresidual ? &*dresidual : nullptr, dx, dw ? &*dw : nullptr);
+  });
+  return {dx, dw};
 }
 
 }  // namespace cpu

@@ -14,7 +14,8 @@ import torch
 from .. import _build
 
 LAUNCHERS = ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward",
-             "gelu_ffn_forward", "gelu_ffn_backward", "kvcache_forward")
+             "gelu_ffn_forward", "gelu_ffn_backward", "kvcache_forward", "rms_norm_forward",
+             "rms_norm_backward")
 
 
 class NativeLaunchers:
@@ -68,6 +69,23 @@ class NativeLaunchers:
         """dx (x's shape), dweight (N,) or None, dbias (N,) or None; with ``dresidual`` (the gradient of
         the forward's s, which is then ``x``), dx + dresidual rounded once."""
         return self.ext.layer_norm_backward(dy, x, weight, mean, rstd, bool(has_bias), dresidual)
+
+    def _rms_norm(self, name: str):
+        if not hasattr(self.ext, name):
+            raise NotImplementedError(f"gptfast.rms_norm: the {self.backend!r} backend has no rms_norm kernel yet")
+        return getattr(self.ext, name)
+
+    def rms_norm_forward(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
+                         residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """y (..., N) in x.dtype, rstd (M,) in fp32 (fp64 for fp64 inputs), M the rows of x; with
+        ``residual`` (x's shape): those of s = x + residual (rounded to x.dtype), and s third. The
+        cuda build has no such kernel yet."""
+        return self._rms_norm("rms_norm_forward")(x, weight, float(eps), float(offset), residual)
+
+    def rms_norm_backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+                          offset: float, dresidual: torch.Tensor | None = None):
+        """dx (x's shape), dweight (N,) or None; with ``dresidual``, dx + dresidual rounded once."""
+        return self._rms_norm("rms_norm_backward")(dy, x, weight, rstd, float(offset), dresidual)
 
     def gelu_ffn_forward(self, x, w1, b1, w2, b2, approximate: str):
         """out (M, N), h (M, H) = x @ w1.T + b1, both in x.dtype."""
