@@ -38,10 +38,10 @@ REPORTS = {
     "bloom": {("layer_norm", "patched"): 6, ("attention", "patched"): 2, ("gelu_ffn", "patched"): 2},
     "opt": {("layer_norm", "patched"): 5, ("attention", "patched"): 2, ("gelu_ffn", "skipped"): 2},
     "falcon": {("layer_norm", "patched"): 3, ("attention", "patched"): 2, ("gelu_ffn", "patched"): 2},
-    "llama": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "skipped"): 5},
-    "mistral": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "skipped"): 5},
-    "qwen2": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "skipped"): 5},
-    "gemma2": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "skipped"): 9},
+    "llama": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 5},
+    "mistral": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 5},
+    "qwen2": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 5},
+    "gemma2": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 9},
 }
 
 
