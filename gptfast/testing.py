@@ -211,7 +211,8 @@ def rms_norm_magnitudes(x: torch.Tensor, weight: torch.Tensor | None, dout: torc
     """Magnitudes ``[out, dx, dweight]`` of RMSNorm's terms over the last dim of x, each the max over
     its tensor, times sqrt(N) (sqrt(max(N, rows)) for the gradients), as :func:`layer_norm_magnitudes`.
 
-    xhat = x rstd (no cancellation: |xhat| itself); y = xhat w' with w' = offset + w; with
+    xhat = x rstd (no cancellation: |xhat| itself); y = xhat w' with w' = offset + w, whose terms are
+    |offset| + |w|; with
     g = dy w', dx = rstd (g - xhat mean(g xhat)): rstd (|g| + |xhat| mean(|g| |xhat|));
     dweight = sum_rows |dy| |xhat|. None for an absent weight.
     """
@@ -220,7 +221,8 @@ def rms_norm_magnitudes(x: torch.Tensor, weight: torch.Tensor | None, dout: torc
     x2 = x.reshape(-1, n)
     rstd = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)
     xhat = x2.abs() * rstd
-    w_abs = (offset + weight).abs() if weight is not None else torch.ones(n, dtype=torch.float64, device=x.device)
+    # the terms of offset + w: |offset| + |w| (their sum may cancel; each is rounded)
+    w_abs = abs(offset) + weight.abs() if weight is not None else torch.ones(n, dtype=torch.float64, device=x.device)
     y = xhat * w_abs
     if dout is None:
         return [math.sqrt(n) * _max(y), None, None]

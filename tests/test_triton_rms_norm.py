@@ -21,39 +21,10 @@ pytest.importorskip("triton")
 
 import gptfast  # noqa: E402
 from gptfast.testing import (assert_close, assert_matches_reference, assert_results_match,  # noqa: E402
-                             rounding_atol)
+                             rms_norm_magnitudes, rounding_atol)
 from test_triton_layer_norm import _bits_equal  # noqa: E402  (the bits of one rounding, -0.0 apart from 0.0)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rms_norm_magnitudes(x: torch.Tensor, weight: torch.Tensor | None, offset: float, dout: torch.Tensor | None,
-                        eps: float = 1e-6) -> list[float | None]:
-    """Magnitudes ``[out, dx, dweight]`` of RMSNorm's terms over the last dim of x (see
-    gptfast.testing), each the max over its tensor, times sqrt(N) (sqrt(max(N, rows)) for the
-    gradients).
-
-    xhat = x rstd is relatively off by the rounding of rstd (a sum of squares, all positive: no
-    cancellation), so its terms are |xhat|; with W = |offset| + |w| (the terms of offset + w),
-    y = xhat (offset + w): |xhat| W; g = dy (offset + w): |dy| W, and
-    dx = rstd (g - xhat mean(g xhat)): rstd (|g| + |xhat| mean(|g| |xhat|));
-    dweight = sum_rows dy xhat: sum |dy| |xhat|. None for an absent weight.
-    """
-    x, weight, dout = (None if t is None else t.detach().double() for t in (x, weight, dout))
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    rstd = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = x2.abs() * rstd
-    big_w = abs(offset) + weight.abs() if weight is not None else torch.ones(n, dtype=torch.float64, device=x.device)
-    root_n = math.sqrt(n)
-    if dout is None:
-        return [root_n * float((xhat * big_w).max()), None, None]
-    dy = dout.reshape(-1, n).abs()
-    g = dy * big_w
-    dx = rstd * (g + xhat * (g * xhat).mean(-1, keepdim=True))
-    root_n = math.sqrt(max(n, x2.shape[0]))
-    return [root_n * float((xhat * big_w).max()), root_n * float(dx.max()),
-            root_n * float((dy * xhat).sum(0).max()) if weight is not None else None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +54,7 @@ def check_rms_norm(rows, N, dtype, has_weight=True, offset=0.0, eps=1e-6, backen
     grads = lambda xs: [None if t is None else t.grad for t in xs]  # noqa: E731
     assert all(a.dtype == dtype for a in grads(xtr) if a is not None)
     assert_results_match(out, ref, pt, grads(xtr), grads(x64), grads(xpt),
-                         magnitudes=rms_norm_magnitudes(x64[0], x64[1], offset, g, eps),
+                         magnitudes=rms_norm_magnitudes(x64[0], x64[1], g, eps, offset),
                          name=f"N={N} {dtype} w={has_weight} offset={offset}")
 
 
@@ -204,7 +175,7 @@ def check_rms_norm_launchers(M, N, dtype, has_weight=True, offset=0.0, residual=
 
     ref = rms_norm_forward_reference(s.double(), f64(w), eps, offset)
     pt = rms_norm_forward_reference(s, w, eps, offset)
-    mags = rms_norm_magnitudes(s, w, offset, dy, eps)
+    mags = rms_norm_magnitudes(s, w, dy, eps, offset)
     assert_results_match(y, ref[0], pt[0], magnitudes=mags, name=f"{name} y")
     # rstd from a sum of N squares (no cancellation): relatively a few eps_fp32 * sqrt(N) off
     assert_close(rstd, ref[1], atol=0.0, rtol=rounding_atol(math.sqrt(N), torch.float32), name=f"{name} rstd")
