@@ -47,6 +47,7 @@ What each model computes, read from transformers 5.24's modeling files:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import weakref
@@ -308,6 +309,11 @@ def _bloom_forward(m, hidden_states, residual, alibi, attention_mask, layer_past
 
 def _falcon_prepare(m):
     c = m.config
+    if "alibi" not in inspect.signature(type(m).forward).parameters:
+        # transformers >= 5.25 rewrote FalconAttention (ALiBi folded into the mask, attention
+        # through ALL_ATTENTION_FUNCTIONS): this patch is written for the older forward
+        return None, ("FalconAttention.forward takes no alibi argument (transformers >= 5.25's rewrite); "
+                      "gptfast's Falcon patch is for transformers < 5.25")
     if m.head_dim > MAX_HEADDIM:
         return None, f"head dim {m.head_dim} > {MAX_HEADDIM}"
     h = m.num_heads

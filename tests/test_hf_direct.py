@@ -338,6 +338,27 @@ def test_falcon_mismatched_kv_heads_is_skipped():
     assert attn[0].reason == "num_kv_heads=2 != 4 heads without new_decoder_architecture"
 
 
+def test_falcon_attention_without_an_alibi_argument_is_skipped():
+    """transformers >= 5.25 rewrote FalconAttention.forward (no alibi argument, ALiBi inside the
+    mask): the direct patch, written for the older forward, must leave such a module alone with
+    that reason instead of failing at its first call."""
+    model = build("falcon")
+    attention_type = type(model.transformer.h[0].self_attention)
+    if "alibi" not in __import__("inspect").signature(attention_type.forward).parameters:
+        pytest.skip("this transformers' FalconAttention is already the rewritten one")
+
+    def forward(self, hidden_states, attention_mask, position_ids=None, **kwargs):
+        return attention_type.forward(self, hidden_states, None, attention_mask, position_ids, **kwargs)
+
+    rewritten = type("FalconAttention", (attention_type,), {"forward": forward})
+    for block in model.transformer.h:
+        block.self_attention.__class__ = rewritten
+    report = gptfast.patch(model, backend="cpu")
+    attn = [e for e in report.entries if e.kind == "attention"]
+    assert [e.action for e in attn] == ["skipped"] * 2
+    assert "takes no alibi argument" in attn[0].reason
+
+
 def test_report_notes():
     notes = {}
     for family in ("gpt_neo", "bloom", "falcon", "falcon-gqa", "falcon-alibi"):
