@@ -134,7 +134,7 @@ import torch
 OPS = ("attention", "layer_norm", "gelu_ffn")
 # Training ops of other decoders' blocks (the Llama family's), not used by gptfast's GPT (so
 # `gptfast train --backend` does not require them); registered per backend as their kernels land.
-EXTRA_OPS = ("rms_norm",)
+EXTRA_OPS = ("rms_norm", "linear_cross_entropy")
 # Forward-only inference ops (no backward launcher); not called in training, so `gptfast train
 # --backend` does not require them. cuda has no kvcache kernel: auto routes around it.
 DECODE_OPS = ("kvcache",)
