@@ -48,6 +48,8 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
 std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double,
     const std::optional<at::Tensor>&);
+at::Tensor cross_entropy_logits_(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                 double, double);
 namespace cpu {  // csrc/cpu/kvcache.cpp (no cuda kernel: the cuda build binds no kvcache_forward)
 std::tuple<at::Tensor, at::Tensor> kvcache_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&,
@@ -124,6 +126,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &gptfast::rms_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
         py::arg("rstd"), py::arg("offset") = 0.0, py::arg("dresidual") = py::none(),
         "RMSNorm backward: (dx, dweight or None); with dresidual, dx + dresidual");
+  m.def("cross_entropy_logits_", &gptfast::cross_entropy_logits_, py::arg("z"), py::arg("targets"),
+        py::arg("row_scale"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
+        "linear_cross_entropy's logits epilogue: the row losses (C,); z (C, V) becomes the gradient of "
+        "sum(row_scale * losses) in place when row_scale is given");
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");
 #endif

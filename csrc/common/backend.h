@@ -86,6 +86,14 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& rstd, double offset, const std::optional<at::Tensor>& dresidual);
 
+// gptfast.linear_cross_entropy's logits epilogue (the contract: cross_entropy_logits_reference in
+// gptfast/ops/linear_cross_entropy.py): z (C, V) fp32 (fp64 on cpu) contiguous logits, targets
+// (C,) int64, row_scale (C,) of z's dtype or none. Returns the losses (C,); with row_scale, z is
+// overwritten by the gradient of sum(row_scale * losses) (otherwise its content is unspecified).
+at::Tensor cross_entropy_logits_(at::Tensor& z, const at::Tensor& targets,
+                                 const std::optional<at::Tensor>& row_scale, int64_t ignore_index,
+                                 double label_smoothing, double softcap);
+
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
                                                     const std::optional<at::Tensor>& b1,
                                                     const at::Tensor& w2,

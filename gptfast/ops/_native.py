@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from .. import _build
+from .linear_cross_entropy import chunked_linear_cross_entropy
 
 LAUNCHERS = ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward",
              "gelu_ffn_forward", "gelu_ffn_backward", "kvcache_forward", "rms_norm_forward",
-             "rms_norm_backward")
+             "rms_norm_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward")
 
 
 class NativeLaunchers:
@@ -86,6 +87,27 @@ class NativeLaunchers:
                           offset: float, dresidual: torch.Tensor | None = None):
         """dx (x's shape), dweight (N,) or None; with ``dresidual``, dx + dresidual rounded once."""
         return self._rms_norm("rms_norm_backward")(dy, x, weight, rstd, float(offset), dresidual)
+
+    def _cross_entropy_logits(self, z, targets, row_scale, ignore_index, label_smoothing, softcap):
+        """The logits epilogue (gptfast.ops.linear_cross_entropy's contract) in this extension."""
+        kernel = getattr(self.ext, "cross_entropy_logits_", None)
+        if kernel is None:
+            raise NotImplementedError(f"gptfast.linear_cross_entropy: the {self.backend!r} backend has no "
+                                      "linear_cross_entropy kernel yet")
+        return kernel(z, targets, row_scale, int(ignore_index), float(label_smoothing), float(softcap))
+
+    def linear_cross_entropy_forward(self, x, weight, bias, targets, ignore_index: int, label_smoothing: float,
+                                     softcap: float, row_scale, chunk_rows: int):
+        """losses (M,) and, with row_scale, dx, dweight, dbias or None: the chunk driver (torch GEMMs)
+        around this extension's logits epilogue."""
+        return chunked_linear_cross_entropy(self._cross_entropy_logits, x, weight, bias, targets, ignore_index,
+                                            label_smoothing, softcap, row_scale, chunk_rows)
+
+    def linear_cross_entropy_backward(self, row_scale, x, weight, bias, targets, ignore_index: int,
+                                      label_smoothing: float, softcap: float, chunk_rows: int):
+        """dx, dweight, dbias or None of sum(row_scale * losses) (reduction "none")."""
+        return chunked_linear_cross_entropy(self._cross_entropy_logits, x, weight, bias, targets, ignore_index,
+                                            label_smoothing, softcap, row_scale, chunk_rows)[1:]
 
     def gelu_ffn_forward(self, x, w1, b1, w2, b2, approximate: str):
         """out (M, N), h (M, H) = x @ w1.T + b1, both in x.dtype."""

@@ -71,8 +71,8 @@ def cross_entropy_logits_reference(z: torch.Tensor, targets: torch.Tensor, row_s
     z (C, V) fp32 (fp64 for fp64 inputs) contiguous logits, targets (C,) int64, row_scale (C,)
     of z's dtype or None; softcap 0.0 for none. Returns the losses (C,) in z's dtype (0 on rows
     whose target is ``ignore_index``); with ``row_scale``, z is overwritten by the gradient of
-    sum(row_scale * losses) w.r.t. the raw logits (zero rows where ignored). Without it z is
-    left as it was.
+    sum(row_scale * losses) w.r.t. the raw logits (zero rows where ignored). Without it z's
+    content afterwards is unspecified (a kernel may softcap it in place).
     """
     eps = label_smoothing
     valid = targets != ignore_index
