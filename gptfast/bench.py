@@ -56,7 +56,8 @@ from .ops.gelu_ffn import gelu_ffn_ref
 from .testing import (assert_close, assert_matches_reference, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
                       gelu_ffn_magnitudes, layer_norm_magnitudes, rms_norm_magnitudes, sdpa_bthd)
 
-OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn", "train", "generate", "drop_in", "overhead")
+OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn", "linear_cross_entropy", "train", "generate", "drop_in",
+       "overhead")
 NORM_OPS = ("layer_norm", "rms_norm")  # timed in GB/s
 PHASES = ("fwd", "bwd", "fwd-bwd")
 BASELINES = ("eager", "compile", "flash_attn", "liger", "patched")
@@ -1275,7 +1276,8 @@ or 4,512,32,128,8; options: --window, --softcap, --alibi, --dropout);
 layer_norm, rms_norm M,N (rows, hidden); gelu_ffn M,C[,H] (rows, width, FFN width, default 4C);
 train PRESET,BATCH[,SEQLEN] (e.g. gpt2,8 or tiny,8,128); generate PRESET,BATCH,CTX[,NEW]
 (prompt length CTX, NEW generated tokens, default 32; e.g. small,1,1024); drop_in FAMILY
-(a Hugging Face decoder family, e.g. gpt2 llama; default all 13)"""
+(a Hugging Face decoder family, e.g. gpt2 llama; default all 13); linear_cross_entropy M,K,V
+(rows, hidden width, vocabulary; default 8192,768,50304: GPT-2's lm_head at batch 8 x 1024)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1284,6 +1286,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with / without the KV cache and against Hugging Face GPT-2 (gptfast.bench_generate), "
                         "'overhead' for the host time per op call against PyTorch's (gptfast.bench_overhead), "
                         "'drop_in' for HF decoders' training step patched vs unpatched (gptfast.bench_drop_in), "
+                        "'linear_cross_entropy' for the fused lm_head + loss: time and peak memory against "
+                        "eager and torch.compile (gptfast.bench_lce), "
                         "or 'ceilings' for the device's copy GB/s and matmul TFLOP/s")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -1462,6 +1466,9 @@ def run(args, command: str) -> int:
     if args.op == "drop_in":
         from .bench_drop_in import run_drop_in
         return run_drop_in(args, command)
+    if args.op == "linear_cross_entropy":
+        from .bench_lce import run_linear_cross_entropy
+        return run_linear_cross_entropy(args, command)
     device, dtype, cases, backends, phases = plan(args)
     out = Path(args.out) if args.out else None
     if args.dry_run:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nn import MLP, CausalSelfAttention, LayerNorm
+from .ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["GPTConfig", "GPT", "PRESETS", "Segments", "document_segments"]
 
@@ -153,8 +154,14 @@ class GPT(nn.Module):
         return 6.0 * self.num_params() + 12.0 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * t
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None):
-        """idx (B, T) int64 token ids -> logits (B, T, vocab), loss (cross-entropy, -1 ignored) or None.
+                doc_ids: torch.Tensor | None = None, *, return_logits: bool | None = None):
+        """idx (B, T) int64 token ids -> (logits (B, T, vocab) or None, loss or None).
+
+        With ``targets`` (B, T) (-1: ignored) the loss is gptfast.linear_cross_entropy of the final
+        hidden states and the lm_head weight: the (B*T, vocab) logits are never materialised and
+        ``logits`` is None, unless ``return_logits=True`` asks for them (then they are computed and
+        the loss is F.cross_entropy of them, the unfused path). Without targets the logits are
+        always returned (``return_logits=False`` is then an error: nothing would be returned).
 
         ``doc_ids`` (B, T) integers packs documents: a token attends only to earlier tokens of its
         own document (consecutive equal ids in a row; gptfast.attention_varlen) and its position
@@ -181,7 +188,12 @@ class GPT(nn.Module):
         residual = None  # the residual stream is x + residual (gptfast.model.Block.forward)
         for block in self.transformer.h:
             x, residual = block(x, segments, residual)
-        logits = self.lm_head(self.transformer.ln_f(x, residual))  # (B, T, vocab)
+        h = self.transformer.ln_f(x, residual)  # (B, T, C)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
+        if return_logits is False:
+            raise ValueError("GPT: return_logits=False without targets returns nothing; pass targets")
+        logits = self.lm_head(h)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),

@@ -265,6 +265,38 @@ def gelu_ffn_magnitudes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | No
     return out + [None if g is None else root_n * _max(g) for g in grads]
 
 
+def linear_cross_entropy_magnitudes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                    targets: torch.Tensor, dloss: torch.Tensor | None, *, ignore_index: int = -100,
+                                    reduction: str = "mean", label_smoothing: float = 0.0) -> list[float | None]:
+    """Magnitudes ``[loss, dx, dweight, dbias]`` of the fused linear cross-entropy's terms (x (M, K),
+    weight (V, K), targets (M,), ``dloss`` the loss's incoming gradient: a scalar or (M,)), each
+    the max over its tensor times sqrt of the longest reduction (K, V; M too for the gradients).
+
+    The logits' terms Z = |x| |w|^T + |b| bound their absolute error in eps; the loss (lse, z_y and
+    the mean of z are each 1-Lipschitz in the logits) has terms 2 max Z, scaled by the row's
+    weight (1 / rows for "mean"). The logits' gradient dz = s (p - target distribution) has terms
+    Dz = |s| (p + q) (1 + Z) (p the softmax, q the smoothed one-hot; p's relative error is Z's
+    absolute one); dx: Dz |w|, dweight: Dz^T |x|, dbias: sum Dz.
+    """
+    x, weight, bias = _f64(x, weight, bias)
+    x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    valid = t != ignore_index
+    n = max(int(valid.sum()), 1)
+    big_z = x2.abs() @ weight.abs().t() + (bias.abs() if bias is not None else 0.0)
+    row = valid.double() / (n if reduction == "mean" else 1)
+    loss = math.sqrt(max(x2.shape[1], weight.shape[0])) * 2 * _max(big_z * (row[:, None] if reduction != "none" else 1))
+    if dloss is None:
+        return [loss, None, None, None]
+    s = valid.double() * dloss.double().abs().reshape(-1) if reduction == "none" else row * float(dloss.abs())
+    p = torch.softmax(F.linear(x2, weight, bias), -1)
+    q = torch.zeros_like(p).scatter_(1, torch.where(valid, t, 0)[:, None], 1.0) * (1 - label_smoothing)
+    q += label_smoothing / weight.shape[0]
+    big_dz = s[:, None] * (p + q) * (1 + big_z)
+    root_n = math.sqrt(max(x2.shape[0], x2.shape[1], weight.shape[0]))
+    grads = (big_dz @ weight.abs(), big_dz.t() @ x2.abs(), big_dz.sum(0) if bias is not None else None)
+    return [loss] + [None if g is None else root_n * _max(g) for g in grads]
+
+
 def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, *, magnitude: float,
                              factor: float = 2.0, name: str = "tensor") -> None:
     """DESIGN.md's rule for a result of ``out.dtype``: ``max|out - ref| <= factor * max|pt - ref|

@@ -331,3 +331,25 @@ def test_gpu_suite_python_parts_dry_run_on_cpu(tmp_path):
     assert "x768 +residual" in out  # layer_norm --residual planned
     assert "nanogpt gpt2 8x1024" in out  # train --model nanogpt
     assert "2x8192x32x64" in out and "16384" not in out.split("gptfast bench attention")[1].split("gptfast bench")[0]
+
+
+def test_linear_cross_entropy_reports_time_and_peak_memory_against_eager(tmp_path, capsys):
+    from gptfast import bench_lce
+    out = tmp_path / "lce"
+    main(["bench", "linear_cross_entropy", "--device", "cpu", "--sizes", "256,32,3000", "--backends",
+          "eager,reference" + (",cpu" if "cpu" in gptfast.available_backends("linear_cross_entropy", "cpu") else ""),
+          "--repeats", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "256x32x3000" in text and "peak MiB" in text
+    rows = {r["backend"]: r for r in json.loads((out / "linear_cross_entropy.json").read_text())["rows"]}
+    assert (out / "linear_cross_entropy.txt").read_text().startswith("gptfast bench linear_cross_entropy")
+    for name, r in rows.items():
+        assert r["status"] == "OK" and r["ms"] > 0 and len(r["times_ms"]) == 2, r
+        assert r["checked_at"] == "96x48x1000" and r["tflops"] == pytest.approx(6 * 256 * 32 * 3000 / r["ms"] / 1e9)
+        assert r["x_eager_time"] == pytest.approx(r["ms"] / rows["eager"]["ms"])
+    # the check catches a wrong loss and a wrong gradient
+    with pytest.raises(AssertionError):
+        bench_lce.check(lambda x, w, t: bench_lce._eager(x, w, t) * 1.01, torch.device("cpu"), torch.float32, True)
+    with pytest.raises(AssertionError, match=r"grad\[1\]"):  # the loss right, dweight off by 1e-3
+        bench_lce.check(lambda x, w, t: bench_lce._eager(x, w, t) + 1e-3 * (w - w.detach()).sum(),
+                        torch.device("cpu"), torch.float32, True)

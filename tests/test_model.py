@@ -91,7 +91,8 @@ def test_trains_under_cpu_autocast(seed):
     model = GPT(TINY)
     idx = torch.randint(0, 32, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, idx)
+        logits, loss = model(idx, idx, return_logits=True)
+        assert model(idx, idx)[0] is None  # the fused loss: no logits
     assert logits.dtype == torch.bfloat16
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
