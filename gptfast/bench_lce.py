@@ -89,7 +89,7 @@ def check(fn, device, dtype, backward: bool) -> str:
 
 
 def _parse_sizes(specs) -> list[tuple[int, int, int]]:
-    from .bench import BenchError, _ints
+    from .bench import _ints
     if not specs:
         return [DEFAULT_SIZE]
     items = [s for spec in specs for s in spec.replace(";", " ").split()]
