@@ -39,7 +39,7 @@ from .ops import attention
 from .ops.attention import MAX_HEADDIM
 from .ops.varlen import attention_varlen, pad_input, unpad_input
 
-__all__ = ["NAME", "register", "attention_forward", "attention_mask", "fallbacks"]
+__all__ = ["NAME", "register", "attention_forward", "attention_mask", "fallbacks", "causal_lm_loss"]
 
 NAME = "gptfast"
 fallbacks: dict[str, int] = {}   # reason -> eager calls that fell back to sdpa/eager
@@ -218,3 +218,51 @@ def _dense_mask(keep, b: int, tq: int, tk: int, causal: bool, sliding_window, de
         pad = keep[:, None, None, :]
         return pad if allowed is None else allowed[None, None] & pad
     return None if allowed is None else allowed[None, None].expand(b, 1, tq, tk)
+
+
+# ------------------------------------------------------------------ the fused loss (opt-in)
+
+# config attributes that change the logits between the decoder's last hidden state and the
+# loss in ways causal_lm_loss does not reproduce (Cohere's logit_scale, Granite's logits_scaling, ...)
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "mup_width_multiplier")
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                   ignore_index: int = -100, backend: str | None = None, **kwargs) -> torch.Tensor:
+    """The causal-LM loss of a Hugging Face ``*ForCausalLM`` model through
+    :func:`gptfast.linear_cross_entropy`: the same value and gradients as
+    ``model(input_ids, labels=labels, **kwargs).loss`` without the (tokens, vocab) logits.
+
+    A model's own forward (``gptfast.patch`` leaves it alone) builds all logits, then the loss;
+    this runs the model's decoder (``model.base_model``) for the last hidden states and fuses the
+    lm_head (``model.get_output_embeddings()``, tied or not, its bias if any) with the shifted
+    cross-entropy, chunk by chunk. Gemma-2's ``final_logit_softcapping`` is applied inside the op.
+    A model whose logits are rescaled between the decoder and the loss (``logit_scale``, ...) raises
+    NotImplementedError naming the attribute.
+
+    Args:
+        input_ids: (B, T) token ids; ``labels``: (B, T), shifted inside as transformers does
+            (position t predicts labels[t + 1]); default: ``input_ids``. ``ignore_index`` labels
+            (-100, transformers' convention) do not count.
+        kwargs: passed to the decoder (``attention_mask``, ``position_ids``, ...).
+
+    Returns:
+        The mean loss over the counted tokens (fp32), a 0-d tensor.
+    """
+    from .ops.linear_cross_entropy import linear_cross_entropy
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        raise TypeError(f"gptfast.hf.causal_lm_loss: {type(model).__name__} is not a transformers *ForCausalLM "
+                        "model with a base_model and a Linear lm_head (get_output_embeddings())")
+    cfg = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(f"gptfast.hf.causal_lm_loss: {type(model).__name__} rescales its logits "
+                                      f"(config.{name}={value!r}); use the model's own loss")
+    labels = input_ids if labels is None else labels
+    hidden = base(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, C)
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    return linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], head.bias, ignore_index=ignore_index,
+                                softcap=softcap, backend=backend)

@@ -267,3 +267,40 @@ def test_interface_reads_query_key_value_as_views_without_copies(monkeypatch):
     for got, given in ((gq, q), (gk, k), (gv, v)):
         assert got.data_ptr() == given.data_ptr() and got.shape == given.transpose(1, 2).shape
     assert gk.shape[2] == 2  # GQA: the two kv heads, not repeated to four
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_lm_loss_is_the_models_loss_without_the_logits(family):
+    """gptfast.hf.causal_lm_loss (the opt-in fused lm_head + loss) against the model's own
+    ``labels=`` loss: value and every gradient, with ignored labels (no padding mask: several of
+    these models give NaN rows for left padding in float64 eager mode themselves); on an
+    unpatched and a patched model alike (Gemma-2: the final logit softcap inside the op). The
+    model runs in float64 but transformers' loss casts the logits to float32: fp32 tolerances."""
+    model = make(family).double()
+    idx = batch()
+    labels = idx.clone()
+    labels[0, :3] = -100
+    labels[1, 5] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = model(idx, labels=labels).loss
+    want_g = torch.autograd.grad(want, params, allow_unused=True)
+    for patched in (False, True):
+        if patched:
+            gptfast.patch(model)
+        got = gptfast.hf.causal_lm_loss(model, idx, labels)
+        torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=1e-6)
+        got_g = torch.autograd.grad(got, params, allow_unused=True)
+        for (name, _), a, b in zip(model.named_parameters(), got_g, want_g):
+            if b is None:
+                assert a is None or not a.any(), name
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_causal_lm_loss_refuses_rescaled_logits():
+    model = make("llama")
+    model.config.logit_scale = 0.5
+    with pytest.raises(NotImplementedError, match="logit_scale=0.5"):
+        gptfast.hf.causal_lm_loss(model, batch())
+    with pytest.raises(TypeError, match="not a transformers"):
+        gptfast.hf.causal_lm_loss(model.model, batch())
