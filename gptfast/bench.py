@@ -1446,6 +1446,20 @@ def run_ceilings(args, command: str) -> int:
     return 0
 
 
+def print_and_write(out_dir: str | None, name: str, header: str, table: str, payload: dict) -> None:
+    """Print a benchmark's header and table; with ``out_dir``, also write them to NAME.txt and
+    ``payload`` (command, machine, rows, ...) to NAME.json there. (The commands with their own
+    tables: overhead, drop_in, linear_cross_entropy.)"""
+    print(header)
+    print(table)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.txt").write_text(header + "\n" + table + "\n")
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+        print(f"wrote {out / (name + '.txt')}, {name}.json")
+
+
 class _Interrupted(BaseException):
     """SIGTERM (a stage's time limit): not an Exception, so the per-run error handling lets it through."""
 

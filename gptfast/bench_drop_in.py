@@ -13,12 +13,10 @@ bf16`` both run under CPU/CUDA autocast. The table also says what gptfast runs i
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
@@ -156,7 +154,7 @@ def format_table(rows: list[dict]) -> str:
 def run_drop_in(args, command: str) -> int:
     from tqdm import tqdm
 
-    from .bench import DTYPE_NAMES, BenchError, _resolve, machine_info
+    from .bench import DTYPE_NAMES, BenchError, _resolve, machine_info, print_and_write
     device, dtype = _resolve(args)
     families = [s for item in (args.sizes or FAMILIES) for s in item.replace(";", " ").replace(",", " ").split()]
     bad = [f for f in families if f not in FAMILIES]
@@ -186,15 +184,7 @@ def run_drop_in(args, command: str) -> int:
               f"{info['date']}\nHF decoders (hidden 256, 4 layers, 4 heads, FFN 1024, vocab 2048; random weights), "
               f"training step (forward + loss, backward, AdamW) on a (4, 256) batch; medians of {repeats} "
               "alternating steps; x unpatched = unpatched / patched time (> 1: patched is faster)")
-    table = format_table(rows)
-    print(header)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "drop_in.txt").write_text(header + "\n" + table + "\n")
-        (out / "drop_in.json").write_text(json.dumps({"command": command, "machine": info,
-                                                      "dtype": DTYPE_NAMES[dtype], "repeats": repeats,
-                                                      "backend": backend, "rows": rows}, indent=1, default=str))
-        print(f"wrote {out / 'drop_in.txt'}, drop_in.json")
+    print_and_write(args.out, "drop_in", header, format_table(rows),
+                    {"command": command, "machine": info, "dtype": DTYPE_NAMES[dtype], "repeats": repeats,
+                     "backend": backend, "rows": rows})
     return 1 if any(r["status"] != "ok" for r in rows) else 0

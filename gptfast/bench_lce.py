@@ -16,11 +16,9 @@ a shared machine's load drifts across all of them alike; the median of the round
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +95,8 @@ def _parse_sizes(specs) -> list[tuple[int, int, int]]:
 
 
 def run_linear_cross_entropy(args, command: str) -> int:
-    from .bench import DTYPE_NAMES, _resolve, _short, _sync, gptfast_backends, machine_info, peak_mib
+    from .bench import (DTYPE_NAMES, _resolve, _short, _sync, gptfast_backends, machine_info, peak_mib,
+                        print_and_write)
     device, dtype = _resolve(args)
     sizes = _parse_sizes(args.sizes)
     names = ([b.strip() for b in args.backends.split(",") if b.strip()] if args.backends
@@ -176,17 +175,9 @@ def run_linear_cross_entropy(args, command: str) -> int:
               f"{repeats} interleaved rounds; peak = memory one call needs above its inputs "
               f"({'CUDA max_memory_allocated' if device.type == 'cuda' else 'resident-set high-water mark'}); "
               "x eager = ratio to eager's in this run")
-    table = format_table(rows)
-    print(header)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "linear_cross_entropy.txt").write_text(header + "\n" + table + "\n")
-        (out / "linear_cross_entropy.json").write_text(json.dumps(
-            {"command": command, "machine": info, "dtype": DTYPE_NAMES[dtype], "repeats": repeats, "rows": rows},
-            indent=1, default=str))
-        print(f"wrote {out / 'linear_cross_entropy.txt'}, linear_cross_entropy.json")
+    print_and_write(args.out, "linear_cross_entropy", header, format_table(rows),
+                    {"command": command, "machine": info, "dtype": DTYPE_NAMES[dtype], "repeats": repeats,
+                     "rows": rows})
     return 1 if any(r["status"] in ("WRONG", "ERROR") for r in rows) else 0
 
 

@@ -27,11 +27,9 @@ and its wake-ups would be noise on both sides).
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +136,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_overhead(args, command: str) -> int:
-    from .bench import DTYPE_NAMES, BenchError, _resolve, machine_info
+    from .bench import DTYPE_NAMES, BenchError, _resolve, machine_info, print_and_write
     device, dtype = _resolve(args)
     ops = [s for item in (args.sizes or OVERHEAD_OPS) for s in item.replace(";", " ").replace(",", " ").split()]
     bad = [o for o in ops if o not in OVERHEAD_OPS]
@@ -169,15 +167,7 @@ def run_overhead(args, command: str) -> int:
               "host time per call on tiny inputs ((2, 8) tokens, width 64; train_step: the tiny preset's "
               "GPT vs bench/nanogpt.py's model, its loss (fwd) and loss + backward (fwd+bwd)); medians of "
               f"{repeats} alternating blocks; ratio = gptfast / PyTorch")
-    table = format_table(rows)
-    print(header)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "overhead.txt").write_text(header + "\n" + table + "\n")
-        (out / "overhead.json").write_text(json.dumps({"command": command, "machine": info,
-                                                       "dtype": DTYPE_NAMES[dtype], "backend": backend,
-                                                       "repeats": repeats, "rows": rows}, indent=1, default=str))
-        print(f"wrote {out / 'overhead.txt'}, overhead.json")
+    print_and_write(args.out, "overhead", header, format_table(rows),
+                    {"command": command, "machine": info, "dtype": DTYPE_NAMES[dtype], "backend": backend,
+                     "repeats": repeats, "rows": rows})
     return 0
