@@ -37,6 +37,7 @@ from gptfast.kernels import attention as _att  # noqa: E402
 from gptfast.kernels import gelu_ffn as _ffn  # noqa: E402
 from gptfast.kernels import _reduce  # noqa: E402
 from gptfast.kernels import layer_norm as _ln  # noqa: E402
+from gptfast.kernels import linear_cross_entropy as _lce  # noqa: E402
 from gptfast.kernels import rms_norm as _rms  # noqa: E402
 
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}
@@ -195,6 +196,23 @@ def _rms_norm_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def _lce_jobs(arch: int) -> list[Job]:
+    # the logits epilogue at GPT-2's and Llama-3's vocabularies (both tiled at MAX_BLOCK_V) and a
+    # one-tile one; loss only, gradient, and gradient with softcap and smoothing (Gemma-2)
+    jobs = []
+    fn = _jit(_lce._ce_logits_kernel)
+    for v, scale, softcap, smooth in ((50304, False, False, False), (50304, True, False, False),
+                                      (128256, True, True, True), (1000, True, False, True)):
+        block, warps = _lce.settings(v)
+        ce = dict(HAS_SCALE=scale, HAS_SOFTCAP=softcap, HAS_SMOOTHING=smooth, BLOCK_V=block)
+        types = dict(Z="*fp32", T="*i64", Scale="*fp32", Loss="*fp32", stride_z="i32", V="i32", ignore_index="i32",
+                     eps="fp32", softcap="fp32")
+        tag = ("+grad" if scale else "loss") + (" softcap" if softcap else "") + (" smooth" if smooth else "")
+        jobs.append(Job("lce_logits", fn, _sig(fn, types, ce), ce, warps, 1, f"fp32 V={v} w{warps} {tag}", False,
+                        ["Z", "T", "Scale", "Loss", "stride_z"]))
+    return jobs
+
+
 def _ffn_jobs(arch: int) -> list[Job]:
     jobs = []
     fn = _jit(_ffn._ffn_matmul_kernel)
@@ -262,7 +280,8 @@ def run(archs: list[int], only: str | None = None) -> int:
     print("-" * len(header))
     t_all = time.time()
     for arch in archs:
-        jobs = _attention_jobs(arch) + _layer_norm_jobs(arch) + _rms_norm_jobs(arch) + _ffn_jobs(arch)
+        jobs = (_attention_jobs(arch) + _layer_norm_jobs(arch) + _rms_norm_jobs(arch) + _lce_jobs(arch)
+                + _ffn_jobs(arch))
         if only:
             jobs = [j for j in jobs if only in j.kernel]
         for job in jobs:

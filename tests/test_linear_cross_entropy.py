@@ -1,9 +1,10 @@
-"""gptfast.linear_cross_entropy on the reference and cpu backends against F.cross_entropy of the
+"""gptfast.linear_cross_entropy on the reference, cpu and triton (interpreter) backends against F.cross_entropy of the
 full logits: every reduction, ignore_index, label smoothing, softcap, bias, chunk sizes that do
-and do not divide the rows, float64 (exact up to rounding) and fp32 / bf16 by DESIGN.md's rule;
+and do not divide the rows, float64 (exact up to rounding; reference and cpu) and fp32 / bf16 / fp16 by DESIGN.md's rule;
 the logits epilogue of the cpu extension against the reference epilogue; bad input; the custom
 op under torch.compile(fullgraph=True); GPT.forward's fused loss against its unfused one.
-(The Triton and CUDA epilogues: tests/test_triton_linear_cross_entropy.py, tests/cuda_emu.)"""
+(The Triton epilogue against the reference one: tests/test_triton_linear_cross_entropy.py;
+the CUDA one: tests/test_cuda_emulated.py.)"""
 from __future__ import annotations
 
 import math
@@ -19,6 +20,10 @@ from gptfast.testing import assert_results_match, linear_cross_entropy_magnitude
 
 HAVE_CPU = "cpu" in gptfast.available_backends("linear_cross_entropy", device="cpu")
 BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not HAVE_CPU, reason="cpu extension unavailable"))]
+# triton's logits are float32 (no float64 kernels): every test but the float64 one
+HAVE_TRITON = "triton" in gptfast.available_backends("linear_cross_entropy", device="cpu")
+KERNEL_BACKENDS = BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
+    not HAVE_TRITON, reason="triton unavailable (needs TRITON_INTERPRET=1 on the CPU)"))]
 
 
 def _inputs(m, k, v, dtype=torch.float64, bias=False, ignore_every=5):
@@ -51,7 +56,7 @@ def test_float64_matches_cross_entropy_of_the_full_logits(backend, reduction, sm
                                rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("smoothing, softcap", [(0.0, None), (0.1, 20.0)])
@@ -134,7 +139,7 @@ def test_cpu_epilogue_rejects_bad_input():
         ce(z, t, None, -100, 1.5, 0.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_shapes_empty_and_all_ignored(backend, seed):
     x, w = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
     t = torch.randint(0, 11, (2, 3))
@@ -179,7 +184,7 @@ def test_bad_input_names_the_argument():
         linear_cross_entropy(x, w, t, backend="nope")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_autocast_runs_the_gemms_in_the_autocast_dtype(backend, seed):
     x, w, _, t = _inputs(40, 32, 300, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -193,7 +198,7 @@ def test_autocast_runs_the_gemms_in_the_autocast_dtype(backend, seed):
     torch.testing.assert_close(gw, pw, rtol=5e-2, atol=5e-3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_compiles_fullgraph(backend, seed):
     x, w, b, t = _inputs(24, 16, 40, dtype=torch.float32, bias=True)
 

@@ -1,6 +1,7 @@
 """Triton-only GPU tests (the grid shared with the cuda backend is in test_kernels_gpu.py):
 float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, and the
-LayerNorm's and RMSNorm's fused residual add in bf16 and at GPU sizes.
+LayerNorm's and RMSNorm's fused residual add in bf16 and at GPU sizes, the linear cross-entropy's
+logits epilogue at real vocabularies.
 
 Skipped without a GPU. Run by bench/gpu_suite.sh.
 """
@@ -14,6 +15,7 @@ pytest.importorskip("triton")
 from test_triton_attention import check_attention  # noqa: E402
 from test_triton_gelu_ffn import check_gelu_ffn  # noqa: E402
 from test_triton_layer_norm import check_layer_norm_residual  # noqa: E402
+from test_triton_linear_cross_entropy import check_epilogue  # noqa: E402
 from test_triton_rms_norm import check_rms_norm, check_rms_norm_launchers  # noqa: E402
 
 pytestmark = [
@@ -62,3 +64,9 @@ def test_rms_norm_launchers(M, N, dtype, has_weight, offset, residual):
 @pytest.mark.parametrize("rows,N,offset", [(512, 4096, 0.0), (300, 1000, 1.0)])
 def test_rms_norm_op_bf16(rows, N, offset):
     check_rms_norm(rows, N, torch.bfloat16, offset=offset)
+
+
+@pytest.mark.parametrize("v,smoothing,softcap,scaled", [(50304, 0.0, 0.0, True), (50304, 0.0, 0.0, False),
+                                                       (128256, 0.1, 30.0, True), (256000, 0.0, 30.0, True)])
+def test_linear_cross_entropy_epilogue(v, smoothing, softcap, scaled):
+    check_epilogue(64, v, smoothing, softcap, scaled)
