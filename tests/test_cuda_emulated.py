@@ -138,11 +138,12 @@ def _build_root(tmp_path_factory):
     return tmp_path_factory.mktemp("cuda_emu")
 
 
-def build_library(lib, out_dir, mutate=None):
+def build_library(lib, out_dir, mutate=None, mutate_file=None):
     """Rewrites csrc/cuda for `lib` and starts compiling it into out_dir; _done(result) is the .so.
 
     Cached: a library built from the same inputs (their hash is in its name) is returned as is.
-    mutate: optional function (source text of the .cu) -> mutated text, applied before rewriting.
+    mutate: optional function (source text of the .cu, or of `mutate_file`, another of the library's
+    csrc/cuda inputs) -> mutated text, applied before rewriting.
     Skips the test when g++ is unusable; fails it when the build fails.
     """
     cxx, version = _compiler()
@@ -152,7 +153,7 @@ def build_library(lib, out_dir, mutate=None):
     for f in _inputs(lib):
         h.update(f.name.encode() + f.read_bytes())
     if mutate is not None:
-        cu = rewrite.SOURCES[lib][0]
+        cu = mutate_file or rewrite.SOURCES[lib][0]
         text = (CSRC / cu).read_text()
         mutated = mutate(text)
         assert mutated != text, "the mutation changed nothing"
@@ -1173,15 +1174,16 @@ def test_gelu_emulated_empty(libs):
 # --- the emulator catches what it claims to -----------------------------------------------------
 
 def test_emulator_detects_missing_syncthreads(libs, build_root):
-    """layer_norm.cu's block_sum without its leading barrier: back-to-back calls race on `red`."""
+    """common.cuh's block_sum (LayerNorm's statistics) without its leading barrier: back-to-back
+    calls race on `red`."""
     def drop_leading_barrier(src):
-        head = re.search(r"float block_sum\(float v, float\* red\) \{.*?\n\}", src, re.S)
+        head = re.search(r"float block_sum\(float v, Red& red\) \{.*?\n\}", src, re.S)
         assert head, "block_sum not found: update this test"
         body = head.group(0).replace("v = warp_sum(v);\n  __syncthreads();\n", "v = warp_sum(v);\n", 1)
         assert body != head.group(0)
         return src.replace(head.group(0), body)
 
-    mutant = Lib(_done(build_library("layer_norm", build_root, mutate=drop_leading_barrier)))
+    mutant = Lib(_done(build_library("layer_norm", build_root, mutate=drop_leading_barrier, mutate_file="common.cuh")))
     with pytest.raises(AssertionError, match="RACE write-after-read"):
         run_layer_norm(mutant, 4, 2048, FP32, True, True)  # 4 warps share `red`
 
