@@ -72,15 +72,6 @@ __device__ __forceinline__ float pack_sq_dev(const Pack<T, V> a, float mean) {
   return s;
 }
 
-// s = a + b for V columns, summed in fp32 and rounded once.
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> add_packs(const Pack<T, V> a, const Pack<T, V> b) {
-  Pack<T, V> out;
-#pragma unroll
-  for (int e = 0; e < V; ++e) out.v[e] = from_float<T>(to_float(a.v[e]) + to_float(b.v[e]));
-  return out;
-}
-
 // y for the V columns of vector i; w, b may be null (uniform branches).
 template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V> xv, int i, float mean, float rstd,

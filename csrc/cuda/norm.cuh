@@ -55,6 +55,15 @@ struct alignas(V * 4 > 16 ? 16 : V * 4) FloatPack {
   float v[V];
 };
 
+// The fused residual add: s = a + b for V columns, summed in fp32 and rounded once.
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> add_packs(const Pack<T, V> a, const Pack<T, V> b) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) out.v[e] = from_float<T>(to_float(a.v[e]) + to_float(b.v[e]));
+  return out;
+}
+
 // The backward's per-block partial rows: out[k][c] = sum_b partial[k][b * cols + c] for the
 // outputs k < gridDim.y (dweight, then dbias for LayerNorm), rounded once to the dtype.
 struct PartialSums {
