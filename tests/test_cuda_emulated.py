@@ -1,5 +1,6 @@
-"""Numerics of the CUDA kernels (csrc/cuda/attention.cu, csrc/cuda/layer_norm.cu, and the element-wise
-and column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
+"""Numerics of the CUDA kernels (csrc/cuda/attention.cu, csrc/cuda/layer_norm.cu, csrc/cuda/rms_norm.cu,
+linear_cross_entropy's logits epilogue csrc/cuda/linear_cross_entropy.cu, and the element-wise and
+column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
 (cuBLASLt, csrc/cuda/gelu_ffn.cpp) are not emulated: only gelu_ffn.cu's own gelu_forward,
 gelu_backward (dh in place, GELU(h) recomputed, db1 partials) and column_sum (db2) launches.
 
@@ -41,11 +42,14 @@ and softmax; F.layer_norm), every 16-bit-or-fp32 output must satisfy
 atol = gptfast.testing.rounding_atol of the magnitude of the summed terms for attention and
 LayerNorm (gptfast.testing.*_magnitudes: the floor for outputs that PyTorch happens to get exactly
 right, e.g. dQ = 0 at T = 1, scaled by what was summed rather than by the result). fp32 statistics
-(attention's logsumexp, LayerNorm's mean and rstd) must match float64 to 1e-5 (relative to
+(attention's logsumexp, LayerNorm's mean and rstd, RMSNorm's rstd) must match float64 to 1e-5 (relative to
 max(1, |ref|)). GELU: `pt` is F.gelu and aten.gelu_backward in the dtype (db1/db2: their .sum(0)),
 the reference PyTorch's formulas in float64; atol = 1e-5 * max(1, max|ref|) for 16-bit and
 1e-7 * max(1, max|ref|) for fp32. db1 must also be the column sum of the kernel's own rounded dh
 (the header's contract), and a NaN in h must give NaN in exactly that a/dh element and db1 column.
+RMSNorm: `pt` is F.rms_norm in the dtype, atol from gptfast.testing.rms_norm_magnitudes. The
+cross-entropy epilogue (fp32 logits): `pt` is cross_entropy_logits_reference in fp32, the truth the
+same in float64, atol from the magnitudes of the loss's and dz's terms (run_ce_logits).
 
 Checked by hand with mutated builds of attention.cu (tests/cuda_emu/README.md): removing the
 forward's `__syncthreads()` after the QK^T loop is reported as a race, `cp_async_wait<2>` for
