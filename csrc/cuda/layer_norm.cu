@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
 
   const int64_t row = blockIdx.x;
   const int nvec = p.cols / V;
-  const int tid = threadIdx.x, nthr = blockDim.x;
+  const int tid = threadIdx.x;
   const P* x = static_cast<const P*>(p.x) + row * nvec;
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
@@ -149,54 +149,18 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
 
   // Zero-initialised: left undefined where i >= nvec, ptxas moved the array to local memory.
   P cache[kSlots] = {};
-  float sum = 0.f;
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) {
-      if constexpr (kResidual) {
-        cache[k] = add_packs(x[i], r[i]);
-        s[i] = cache[k];
-      } else {
-        cache[k] = x[i];
-      }
-      sum += pack_sum(cache[k]);
-    }
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
-    if constexpr (kResidual) {
-      const P v = add_packs(x[i], r[i]);
-      s[i] = v;
-      sum += pack_sum(v);
-    } else {
-      sum += pack_sum(x[i]);
-    }
-  }
+  const float sum = load_row<kResidual>(x, r, s, nvec, cache, [](const P v) { return pack_sum(v); });
   const float mean = block_sum(sum, red) / static_cast<float>(p.cols);
 
   float sq = 0.f;
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    if (tid + k * nthr < nvec) sq += pack_sq_dev(cache[k], mean);
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sq += pack_sq_dev(src[i], mean);
+  for_row(cache, src, nvec, [&](const P v, int) { sq += pack_sq_dev(v, mean); });
   const float var = block_sum(sq, red) / static_cast<float>(p.cols);
   const float rstd = 1.f / sqrtf(var + p.eps);
   if (tid == 0) {
     p.mean[row] = mean;
     p.rstd[row] = rstd;
   }
-
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) y[i] = normalize(cache[k], i, mean, rstd, w, b);
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr)
-    y[i] = normalize(src[i], i, mean, rstd, w, b);
+  for_row(cache, src, nvec, [&](const P v, int i) { y[i] = normalize(v, i, mean, rstd, w, b); });
 }
 
 // Grid: num_blocks (<= rows) blocks, block b taking rows b, b + gridDim.x, ... Block:

@@ -64,6 +64,54 @@ __device__ __forceinline__ Pack<T, V> add_packs(const Pack<T, V> a, const Pack<T
   return out;
 }
 
+// Pass 1 of both forwards (one block per row; thread t owns vectors t, t + blockDim.x, ...): the
+// thread's first kSlots vectors of the row into `cache` (registers), with kResidual s = x + r
+// computed and stored to s first; returns the thread's sum of stat(vector) over all its vectors
+// (those beyond the slots are read and, with kResidual, stored, but not kept).
+template <bool kResidual, int kSlots, typename P, typename Stat>
+__device__ __forceinline__ float load_row(const P* x, const P* r, P* s, int nvec, P (&cache)[kSlots], Stat stat) {
+  const int tid = threadIdx.x, nthr = blockDim.x;
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int i = tid + k * nthr;
+    if (i < nvec) {
+      if constexpr (kResidual) {
+        cache[k] = add_packs(x[i], r[i]);
+        s[i] = cache[k];
+      } else {
+        cache[k] = x[i];
+      }
+      acc += stat(cache[k]);
+    }
+  }
+#pragma unroll 1
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
+    if constexpr (kResidual) {
+      const P v = add_packs(x[i], r[i]);
+      s[i] = v;
+      acc += stat(v);
+    } else {
+      acc += stat(x[i]);
+    }
+  }
+  return acc;
+}
+
+// A later pass of the forwards over the row load_row read: f(vector, i) for each of the thread's
+// vectors i, from `cache` for the slots, else re-read from src (x, or s as this thread stored it).
+template <int kSlots, typename P, typename F>
+__device__ __forceinline__ void for_row(const P (&cache)[kSlots], const P* src, int nvec, F f) {
+  const int tid = threadIdx.x, nthr = blockDim.x;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int i = tid + k * nthr;
+    if (i < nvec) f(cache[k], i);
+  }
+#pragma unroll 1
+  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) f(src[i], i);
+}
+
 // The backward's per-block partial rows: out[k][c] = sum_b partial[k][b * cols + c] for the
 // outputs k < gridDim.y (dweight, then dbias for LayerNorm), rounded once to the dtype.
 struct PartialSums {

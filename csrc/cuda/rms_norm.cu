@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
 
   const int64_t row = blockIdx.x;
   const int nvec = p.cols / V;
-  const int tid = threadIdx.x, nthr = blockDim.x;
+  const int tid = threadIdx.x;
   const P* x = static_cast<const P*>(p.x) + row * nvec;
   const P* w = static_cast<const P*>(p.weight);
   P* y = static_cast<P*>(p.y) + row * nvec;
@@ -117,40 +117,10 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
   const P* src = kResidual ? s : x;
 
   P cache[kSlots] = {};  // zero-initialised: see layer_norm_fwd_kernel
-  float sq = 0.f;
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) {
-      if constexpr (kResidual) {
-        cache[k] = add_packs(x[i], r[i]);
-        s[i] = cache[k];
-      } else {
-        cache[k] = x[i];
-      }
-      sq += pack_sq(cache[k]);
-    }
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
-    if constexpr (kResidual) {
-      const P v = add_packs(x[i], r[i]);
-      s[i] = v;
-      sq += pack_sq(v);
-    } else {
-      sq += pack_sq(x[i]);
-    }
-  }
+  const float sq = load_row<kResidual>(x, r, s, nvec, cache, [](const P v) { return pack_sq(v); });
   const float rstd = 1.f / sqrtf(block_sum(sq, red) / static_cast<float>(p.cols) + p.eps);
   if (tid == 0) p.rstd[row] = rstd;
-
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) y[i] = scale_row(cache[k], i, rstd, w, p.offset);
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) y[i] = scale_row(src[i], i, rstd, w, p.offset);
+  for_row(cache, src, nvec, [&](const P v, int i) { y[i] = scale_row(v, i, rstd, w, p.offset); });
 }
 
 // Grid: num_blocks (<= rows) blocks, block b taking rows b, b + gridDim.x, ... Block:
