@@ -2,7 +2,8 @@
 seqlens, head dims incl. padded ones, bf16, large logits, 20-run determinism, races, LayerNorm and
 GELU-FFN sizes -- is in test_kernels_gpu.py. Here: the build itself, float32 refusal, NaN
 propagation, agreement of the atomic and deterministic dQ paths, torch's deterministic flag, the
-packed varlen layout, dropout under CUDA-graph capture, and auto's choice. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
+packed varlen layout, dropout under CUDA-graph capture, auto's choice, and RMSNorm and
+linear_cross_entropy's logits epilogue (sizes, bf16, the fused residual add, determinism). Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
 argument checks tested (tests/test_cuda_backend.py) and its kernels emulated
 (tests/test_cuda_emulated.py).
 """
