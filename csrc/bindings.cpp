@@ -42,7 +42,6 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor&, const at:
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>>
 gelu_ffn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, bool, bool, const std::string&);
-#ifndef GPTFAST_CUDA
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
     const at::Tensor&, const std::optional<at::Tensor>&, double, double, const std::optional<at::Tensor>&);
 std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
@@ -50,6 +49,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
     const std::optional<at::Tensor>&);
 at::Tensor cross_entropy_logits_(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
                                  double, double);
+#ifndef GPTFAST_CUDA
 namespace cpu {  // csrc/cpu/kvcache.cpp (no cuda kernel: the cuda build binds no kvcache_forward)
 std::tuple<at::Tensor, at::Tensor> kvcache_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&,
@@ -111,6 +111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap"), py::arg("alibi_slopes"), py::arg("num_splits"),
         "Split-K KV-cache decoding: (out (B,Tq,H,D), lse (B,H,Tq) fp32); the cache read in place "
         "(contiguous rows or block_table pages), keys key_start[b] .. key_end[b] - 1 of sequence b");
+#endif
   // As layer_norm_forward: a 2-tuple without a residual, a 3-tuple with one.
   m.def(
       "rms_norm_forward",
@@ -130,6 +131,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_scale"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
         "linear_cross_entropy's logits epilogue: the row losses (C,); z (C, V) becomes the gradient of "
         "sum(row_scale * losses) in place when row_scale is given");
+#ifndef GPTFAST_CUDA
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");
 #endif

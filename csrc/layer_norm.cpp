@@ -93,7 +93,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
   return {shaped(dx, x), dw, db};
 }
 
-#ifndef GPTFAST_CUDA  // RMSNorm: cpu kernels only so far (the cuda build does not compile this part)
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,
     const std::optional<at::Tensor>& residual) {
@@ -129,6 +128,5 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
   auto [dx, dw] = backend::rms_norm_backward(rows(dy), rows(x), weight, rstd, offset, rows(dresidual));
   return {shaped(dx, x), dw};
 }
-#endif
 
 }  // namespace gptfast

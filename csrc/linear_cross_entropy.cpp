@@ -6,7 +6,6 @@
 
 namespace gptfast {
 
-#ifndef GPTFAST_CUDA  // cpu kernel only so far (the cuda build does not compile this part)
 namespace {
 constexpr const char* kOp = "gptfast.linear_cross_entropy";
 }  // namespace
@@ -48,6 +47,5 @@ at::Tensor cross_entropy_logits_(at::Tensor& z, const at::Tensor& targets,
   }
   return backend::cross_entropy_logits_(z, targets, row_scale, ignore_index, label_smoothing, softcap);
 }
-#endif
 
 }  // namespace gptfast

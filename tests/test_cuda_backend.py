@@ -15,7 +15,7 @@ import gptfast
 from gptfast import _build
 from gptfast.ops import _backend
 
-OPS = ("attention", "layer_norm", "gelu_ffn")
+OPS = ("attention", "layer_norm", "gelu_ffn", "rms_norm", "linear_cross_entropy")
 
 
 # --- registry: no build needed ----------------------------------------------------------------
@@ -106,7 +106,9 @@ def test_extension_builds_for_both_archs(ext):
         assert archs == {"sm_80", "sm_90"}
     for op, prefix in (("attention", "attention_fwd_kernel"), ("attention", "attention_bwd_dkdv_kernel"),
                        ("attention", "attention_bwd_dq_kernel"), ("layer_norm", "layer_norm"),
-                       ("gelu_ffn", "gelu")):
+                       ("gelu_ffn", "gelu"), ("rms_norm", "rms_norm_fwd_kernel"), ("rms_norm", "rms_norm_bwd_kernel"),
+                       ("rms_norm", "reduce_partials_kernel"),
+                       ("linear_cross_entropy", "cross_entropy_logits_kernel")):
         found = {r["arch"] for r in rows if prefix in r["kernel"]}
         assert found == archs, f"{op}: no {prefix}* kernel for {archs - found}"
     # three head-dim instantiations x two dtypes, per arch, plain and with score modifiers
@@ -128,6 +130,16 @@ def test_attention_kernels_do_not_spill(ext):
 
 
 @needs_build
+def test_norm_and_cross_entropy_kernels_do_not_spill(ext):
+    """rms_norm.cu, norm.cuh's reduction and linear_cross_entropy.cu: no stack or local memory on
+    any arch (the build's gate checks the attention kernels; these are checked here)."""
+    names = ("rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "reduce_partials_kernel", "cross_entropy_logits_kernel")
+    rows = [r for r in _build.resource_usage() if any(n in r["kernel"] for n in names)]
+    assert len({r["kernel"] for r in rows}) == 12 + 12 + 3 + 4
+    assert [r for r in rows if r["stack"] or r["local"]] == []
+
+
+@needs_build
 def test_extension_rejects_cpu_tensors(ext):
     q = torch.randn(1, 4, 2, 16, dtype=torch.float16)
     lse = torch.zeros(1, 2, 4)
@@ -146,6 +158,12 @@ def test_extension_rejects_cpu_tensors(ext):
         ext.gelu_ffn_forward(x, w, None, w, None, "tanh")
     with pytest.raises(ValueError, match="gptfast.gelu_ffn: x " + msg):
         ext.gelu_ffn_backward(x, x, x, w, w, False, False, "none")
+    with pytest.raises(ValueError, match="gptfast.rms_norm: x " + msg):
+        ext.rms_norm_forward(x, None, 1e-6, 0.0)
+    with pytest.raises(ValueError, match="gptfast.rms_norm: x " + msg):
+        ext.rms_norm_backward(x, x, None, torch.ones(4), 0.0)
+    with pytest.raises(ValueError, match="gptfast.linear_cross_entropy: z " + msg):
+        ext.cross_entropy_logits_(x, torch.zeros(4, dtype=torch.int64), None, -100, 0.0, 0.0)
 
 
 @needs_build

@@ -1,5 +1,6 @@
-"""Numerics of the CUDA kernels (csrc/cuda/attention.cu, csrc/cuda/layer_norm.cu, and the element-wise
-and column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
+"""Numerics of the CUDA kernels (csrc/cuda/attention.cu, csrc/cuda/layer_norm.cu, csrc/cuda/rms_norm.cu,
+linear_cross_entropy's logits epilogue csrc/cuda/linear_cross_entropy.cu, and the element-wise and
+column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
 (cuBLASLt, csrc/cuda/gelu_ffn.cpp) are not emulated: only gelu_ffn.cu's own gelu_forward,
 gelu_backward (dh in place, GELU(h) recomputed, db1 partials) and column_sum (db2) launches.
 
@@ -41,11 +42,14 @@ and softmax; F.layer_norm), every 16-bit-or-fp32 output must satisfy
 atol = gptfast.testing.rounding_atol of the magnitude of the summed terms for attention and
 LayerNorm (gptfast.testing.*_magnitudes: the floor for outputs that PyTorch happens to get exactly
 right, e.g. dQ = 0 at T = 1, scaled by what was summed rather than by the result). fp32 statistics
-(attention's logsumexp, LayerNorm's mean and rstd) must match float64 to 1e-5 (relative to
+(attention's logsumexp, LayerNorm's mean and rstd, RMSNorm's rstd) must match float64 to 1e-5 (relative to
 max(1, |ref|)). GELU: `pt` is F.gelu and aten.gelu_backward in the dtype (db1/db2: their .sum(0)),
 the reference PyTorch's formulas in float64; atol = 1e-5 * max(1, max|ref|) for 16-bit and
 1e-7 * max(1, max|ref|) for fp32. db1 must also be the column sum of the kernel's own rounded dh
 (the header's contract), and a NaN in h must give NaN in exactly that a/dh element and db1 column.
+RMSNorm: `pt` is F.rms_norm in the dtype, atol from gptfast.testing.rms_norm_magnitudes. The
+cross-entropy epilogue (fp32 logits): `pt` is cross_entropy_logits_reference in fp32, the truth the
+same in float64, atol from the magnitudes of the loss's and dz's terms (run_ce_logits).
 
 Checked by hand with mutated builds of attention.cu (tests/cuda_emu/README.md): removing the
 forward's `__syncthreads()` after the QK^T loop is reported as a race, `cp_async_wait<2>` for
@@ -84,15 +88,18 @@ from gptfast.ops import _philox
 from gptfast.ops.attention import attention_backward_reference, attention_forward_reference, normalise
 from gptfast.ops.gelu_ffn import gelu, gelu_grad
 from gptfast.ops.layer_norm import layer_norm_backward_reference, layer_norm_forward_reference
+from gptfast.ops.linear_cross_entropy import cross_entropy_logits_reference
+from gptfast.ops.rms_norm import rms_norm_backward_reference, rms_norm_forward_reference
 from gptfast.ops.varlen import attention_varlen_backward_reference, attention_varlen_forward_reference
 from gptfast.testing import (assert_within_pytorch_error, attention_magnitudes, layer_norm_magnitudes, max_abs_diff,
-                             rounding_atol)
+                             rms_norm_magnitudes, rounding_atol)
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "cuda"
 EMU = Path(__file__).resolve().parent / "cuda_emu"
 CXXFLAGS = ["-std=c++20", "-O2", "-pthread", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-API = {"attention": "attention_api.cpp", "layer_norm": "layer_norm_api.cpp", "gelu_ffn": "gelu_ffn_api.cpp"}
+API = {"attention": "attention_api.cpp", "layer_norm": "layer_norm_api.cpp", "gelu_ffn": "gelu_ffn_api.cpp",
+       "rms_norm": "rms_norm_api.cpp", "linear_cross_entropy": "linear_cross_entropy_api.cpp"}
 
 
 def _load_rewrite():
@@ -138,11 +145,12 @@ def _build_root(tmp_path_factory):
     return tmp_path_factory.mktemp("cuda_emu")
 
 
-def build_library(lib, out_dir, mutate=None):
+def build_library(lib, out_dir, mutate=None, mutate_file=None):
     """Rewrites csrc/cuda for `lib` and starts compiling it into out_dir; _done(result) is the .so.
 
     Cached: a library built from the same inputs (their hash is in its name) is returned as is.
-    mutate: optional function (source text of the .cu) -> mutated text, applied before rewriting.
+    mutate: optional function (source text of the .cu, or of `mutate_file`, another of the library's
+    csrc/cuda inputs) -> mutated text, applied before rewriting.
     Skips the test when g++ is unusable; fails it when the build fails.
     """
     cxx, version = _compiler()
@@ -152,7 +160,7 @@ def build_library(lib, out_dir, mutate=None):
     for f in _inputs(lib):
         h.update(f.name.encode() + f.read_bytes())
     if mutate is not None:
-        cu = rewrite.SOURCES[lib][0]
+        cu = mutate_file or rewrite.SOURCES[lib][0]
         text = (CSRC / cu).read_text()
         mutated = mutate(text)
         assert mutated != text, "the mutation changed nothing"
@@ -974,6 +982,227 @@ def test_layer_norm_emulated_residual(libs, case):
     run_layer_norm(libs["layer_norm"], *case, residual=True)
 
 
+# --- RMSNorm ------------------------------------------------------------------------------------
+
+def _rms_signatures(dll):
+    L = ctypes.c_int64
+    dll.emu_rms_forward.argtypes = [P, P, P, P, P, P, L, I, F32, F32, I]
+    dll.emu_rms_backward_num_blocks.argtypes = [P, P, P, P, P, P, P, L, I, F32, I, ctypes.POINTER(I)]
+    dll.emu_rms_backward.argtypes = [P, P, P, P, P, P, P, P, L, I, I, F32, I]
+
+
+def run_rms_norm(lib, M, N, dtype, has_w, offset, misalign=0, residual=False, seed=0):
+    """Forward and backward of one (M, N) RMSNorm; returns the backward's number of blocks.
+
+    Against the float64 reference launchers on the same rounded inputs, PyTorch's F.rms_norm in
+    the dtype (scale offset + w formed in the dtype) as `pt`. With ``residual`` as run_layer_norm:
+    s must be x + r rounded once, bit for bit, and is what is normalised; dx + dresidual is held to
+    PyTorch's unfused dx + dresidual."""
+    _rms_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    lib.dll.emu_set_device(2, 2)  # 2 SMs x 2 blocks: the backward gives each block several rows
+    torch.manual_seed(seed)
+    eps = 1e-6
+    x = (torch.randn(M, N) * 2 + 0.5).to(dtype)
+    w = (0.5 * torch.randn(N)).to(dtype) if has_w else None
+    dy = torch.randn(M, N).to(dtype)
+    r = (torch.randn(M, N) * 3 - 1).to(dtype) if residual else None
+    dres = torch.randn(M, N).to(dtype) if residual else None
+    ptr = lambda buf: buf.ptr() if buf is not None else None  # noqa: E731
+    code = DTYPE_CODE[dtype]
+
+    xb = Buf(lib, (M, N), dtype, x, misalign)
+    wb = Buf(lib, (N,), dtype, w, misalign) if has_w else None
+    rb = Buf(lib, (M, N), dtype, r, misalign) if residual else None
+    sb = Buf(lib, (M, N), dtype, misalign=misalign) if residual else None
+    y = Buf(lib, (M, N), dtype, misalign=misalign)
+    rstd = Buf(lib, (M,), torch.float32)
+    ins = [t for t in (xb, wb, rb) if t is not None]
+    rc = lib.dll.emu_rms_forward(xb.ptr(), ptr(wb), ptr(rb), y.ptr(), ptr(sb), rstd.ptr(), M, N, eps, offset, code)
+    assert rc == 0, f"forward launch returned cudaError {rc}"
+    lib.finish(y, rstd, *ins, *([sb] if residual else []))
+
+    if residual:
+        s_ref = (x.double() + r.double()).to(dtype)
+        bits = _INT_VIEW[dtype][0]
+        assert torch.equal(sb.t.view(bits), s_ref.view(bits)), \
+            f"s is not x + r rounded once: max |s - ref| {max_abs_diff(sb.t, s_ref):.3e}"
+        x, xb = s_ref, sb
+    xd, wd = x.double(), None if w is None else w.double()
+    y_ref, rs = rms_norm_forward_reference(xd, wd, eps, offset)
+    xr = x.detach().requires_grad_()
+    wr = w.detach().requires_grad_() if has_w else None
+    y_pt = F.rms_norm(xr, (N,), None if wr is None else offset + wr, eps)
+    y_pt.backward(dy)
+    mags = rms_norm_magnitudes(x, w, dy, eps, offset)
+    check("y", y.t, y_ref, y_pt.detach(), 2, magnitude=mags[0])
+    check_fp32("rstd", rstd.t, rs)
+
+    dyb = Buf(lib, (M, N), dtype, dy, misalign)
+    drb = Buf(lib, (M, N), dtype, dres, misalign) if residual else None
+    dx = Buf(lib, (M, N), dtype, misalign=misalign)
+    dw = Buf(lib, (N,), dtype) if has_w else None
+    nb = I(0)
+    rc = lib.dll.emu_rms_backward_num_blocks(dyb.ptr(), xb.ptr(), ptr(wb), rstd.ptr(), ptr(drb), dx.ptr(), ptr(dw),
+                                             M, N, offset, code, ctypes.byref(nb))
+    assert rc == 0 and 1 <= nb.value <= M
+    dwp = Buf(lib, (nb.value, N), torch.float32) if has_w else None  # NaN: written before it is read
+    rc = lib.dll.emu_rms_backward(dyb.ptr(), xb.ptr(), ptr(wb), rstd.ptr(), ptr(drb), dx.ptr(), ptr(dw), ptr(dwp),
+                                  M, N, nb.value, offset, code)
+    assert rc == 0, f"backward launch returned cudaError {rc}"
+    lib.finish(dx, dyb, rstd, *ins, *[t for t in (dw, dwp, drb) if t is not None])
+
+    dx_ref, dw_ref = rms_norm_backward_reference(dy.double(), xd, wd, rs, offset)
+    dx_pt, dx_mag = xr.grad, mags[1]
+    if residual:
+        dx_ref, dx_pt = dx_ref + dres.double(), xr.grad + dres
+        dx_mag += dres.abs().max().item()
+    check("dx", dx.t, dx_ref, dx_pt, 3, magnitude=dx_mag)
+    if has_w:
+        check("dw", dw.t, dw_ref, wr.grad, 3, magnitude=mags[2])
+    return nb.value
+
+
+# (M, N, dtype, weight, offset, misalign, residual). Vector path: N a multiple of 16 bytes and
+# aligned pointers; scalar path: N = 1, 123, 8201 or pointers one element off. N = 8200 / 8201
+# exceed the backward's register slots (the partial row is accumulated in memory) and 8201 the
+# scalar forward's; 16400 (fp32) the vector forward's. M = 37 gives 4 backward blocks of 9-10 rows,
+# M = 5 one block of two rows (its second row adds to the partial row in memory).
+RMS_NORM_CASES = [
+    (37, 768, FP32, True, 0.0, 0, False),
+    (37, 768, FP16, True, 1.0, 0, False),
+    (37, 768, BF16, False, 0.0, 0, False),
+    (37, 768, FP16, True, 0.0, 1, True),
+    (37, 123, FP32, True, 1.0, 0, True),
+    (37, 123, FP16, False, 0.0, 0, False),
+    (5, 1, FP32, True, 0.0, 0, False),
+    (3, 1, BF16, False, 1.0, 0, True),
+    (5, 8200, FP16, True, 0.0, 0, False),
+    (5, 8201, FP32, True, 1.0, 0, True),
+    (2, 16400, FP32, False, 0.0, 0, True),
+]
+
+
+def _rms_id(c):
+    M, N, dtype, w, off, mis, res = c
+    flags = f"{'w' if w else 'now'}-off{off:g}{'-misaligned' if mis else ''}{'-residual' if res else ''}"
+    return f"M{M}N{N}-{str(dtype).split('.')[1]}-{flags}"
+
+
+@pytest.mark.parametrize("case", RMS_NORM_CASES, ids=_rms_id)
+def test_rms_norm_emulated(libs, case):
+    *args, residual = case
+    nb = run_rms_norm(libs["rms_norm"], *args, residual=residual)
+    if case[0] == 37:
+        assert nb == 4, "expected 4 backward blocks (9-10 rows each) on the emulated device"
+
+
+def test_rms_norm_emulated_nan_propagates(libs):
+    """A NaN in x: its row's y and rstd are NaN, every other row exact."""
+    lib = libs["rms_norm"]
+    _rms_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    M, N = 4, 768
+    x = torch.randn(M, N, dtype=FP16)
+    x[2, 100] = float("nan")
+    xb, y, rstd = Buf(lib, (M, N), FP16, x), Buf(lib, (M, N), FP16), Buf(lib, (M,), FP32)
+    assert lib.dll.emu_rms_forward(xb.ptr(), None, None, y.ptr(), None, rstd.ptr(), M, N, 1e-6, 0.0, 1) == 0
+    lib.finish(y, rstd, xb)
+    assert torch.isnan(y.t[2]).all() and math.isnan(rstd.t[2])
+    keep = torch.arange(M) != 2
+    assert not torch.isnan(y.t[keep]).any() and not torch.isnan(rstd.t[keep]).any()
+
+
+# --- linear_cross_entropy's logits epilogue -----------------------------------------------------
+
+def _ce_signatures(dll):
+    dll.emu_ce_logits.argtypes = [P, P, P, P, I64, I64, I64, F32, F32]
+
+
+def run_ce_logits(lib, C, V, smoothing, softcap, scaled, misalign=0, seed=0):
+    """One (C, V) fp32 chunk through the kernel against cross_entropy_logits_reference in float64
+    (`pt`: the same reference in fp32). Rows: a dominant logit (exp must not overflow), equal
+    large logits (loss log V), an ignored row (loss 0, gradient row 0), target V - 1."""
+    _ce_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    torch.manual_seed(seed)
+    z = torch.randn(C, V) * 4
+    z[1, 0] = 80.0
+    z[2] = 50.0
+    t = torch.randint(0, V, (C,))
+    t[3] = -100
+    t[4] = V - 1
+    scale = torch.rand(C) + 0.5 if scaled else None
+    zb = Buf(lib, (C, V), FP32, z, misalign)
+    sb = Buf(lib, (C,), FP32, scale) if scaled else None
+    losses = Buf(lib, (C,), FP32)
+    lib.dll.emu_register(t.data_ptr(), t.numel() * 8)
+    rc = lib.dll.emu_ce_logits(zb.ptr(), t.data_ptr(), sb.ptr() if scaled else None, losses.ptr(), C, V, -100,
+                               smoothing, softcap)
+    assert rc == 0, f"launch returned cudaError {rc}"
+    lib.finish(zb, losses, *([sb] if scaled else []))
+
+    z_ref, z_pt = z.double(), z.clone()
+    ref = cross_entropy_logits_reference(z_ref, t, None if scale is None else scale.double(), -100, smoothing, softcap)
+    pt = cross_entropy_logits_reference(z_pt, t, scale, -100, smoothing, softcap)
+    # Magnitudes (gptfast.testing.linear_cross_entropy_magnitudes' reasoning, on the logits): the
+    # loss is lse, z'_y and mean z' (each 1-Lipschitz in z'): 2 max|z'| per term, sqrt(V) terms;
+    # dz = s (p + q) (1 + |z'|) (p's relative error is z''s absolute one).
+    zc = softcap * torch.tanh(z.double() / softcap) if softcap else z.double()
+    root_v = math.sqrt(V)
+    check("loss", losses.t, ref, pt, 2, magnitude=root_v * 2 * zc.abs().max().item())
+    assert losses.t[3] == 0, "an ignored row's loss must be 0"
+    assert abs(losses.t[2].item() - math.log(V)) <= rounding_atol(root_v * 100, FP32), "equal logits: loss log(V)"
+    if not scaled:
+        return
+    p = torch.softmax(zc, -1)
+    q = torch.zeros_like(p).scatter_(1, torch.where(t != -100, t, 0)[:, None], 1.0) * (1 - smoothing) + smoothing / V
+    mag = root_v * (scale.double()[:, None] * (p + q) * (1 + zc.abs())).max().item()
+    check("dz", zb.t, z_ref, z_pt, 3, magnitude=mag)
+    assert (zb.t[3] == 0).all(), "an ignored row's gradient must be 0"
+
+
+# (C, V, label_smoothing, softcap, row_scale). V = 1000, 2052 (> 512 float4s: a thread with two)
+# take the 16-byte path; V = 1 (loss 0, dz 0), 37, 1001 (not multiples of 4) and misaligned z the
+# scalar one.
+CE_CASES = [
+    (9, 1000, 0.0, 0.0, True, 0),
+    (9, 1000, 0.1, 30.0, True, 0),
+    (9, 1001, 0.2, 5.0, True, 0),
+    (9, 37, 0.0, 0.0, True, 0),
+    (9, 2052, 0.0, 7.0, False, 0),
+    (9, 1000, 0.3, 0.0, True, 1),
+    (6, 1, 0.1, 2.0, True, 0),
+]
+
+
+def _ce_id(c):
+    C, V, eps, cap, scaled, mis = c
+    return f"C{C}V{V}-ls{eps:g}-cap{cap:g}{'-grad' if scaled else ''}{'-misaligned' if mis else ''}"
+
+
+@pytest.mark.parametrize("case", CE_CASES, ids=_ce_id)
+def test_cross_entropy_logits_emulated(libs, case):
+    run_ce_logits(libs["linear_cross_entropy"], *case)
+
+
+def test_cross_entropy_logits_emulated_nan_propagates(libs):
+    """A NaN logit makes its row's loss and gradient NaN; the other rows stay finite."""
+    lib = libs["linear_cross_entropy"]
+    _ce_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    C, V = 3, 1000
+    z = torch.randn(C, V)
+    z[1, 321] = float("nan")
+    t = torch.tensor([5, 6, 7])
+    zb, sb, losses = Buf(lib, (C, V), FP32, z), Buf(lib, (C,), FP32, torch.ones(C)), Buf(lib, (C,), FP32)
+    lib.dll.emu_register(t.data_ptr(), t.numel() * 8)
+    assert lib.dll.emu_ce_logits(zb.ptr(), t.data_ptr(), sb.ptr(), losses.ptr(), C, V, -100, 0.0, 0.0) == 0
+    lib.finish(zb, losses, sb)
+    assert math.isnan(losses.t[1]) and torch.isnan(zb.t[1]).all()
+    assert torch.isfinite(losses.t[[0, 2]]).all() and torch.isfinite(zb.t[[0, 2]]).all()
+
+
 # --- GELU feed-forward: gelu_ffn.cu's own kernels (not its cuBLASLt GEMMs) --------------------
 
 L64 = ctypes.c_int64
@@ -1173,15 +1402,16 @@ def test_gelu_emulated_empty(libs):
 # --- the emulator catches what it claims to -----------------------------------------------------
 
 def test_emulator_detects_missing_syncthreads(libs, build_root):
-    """layer_norm.cu's block_sum without its leading barrier: back-to-back calls race on `red`."""
+    """common.cuh's block_sum (LayerNorm's statistics) without its leading barrier: back-to-back
+    calls race on `red`."""
     def drop_leading_barrier(src):
-        head = re.search(r"float block_sum\(float v, float\* red\) \{.*?\n\}", src, re.S)
+        head = re.search(r"float block_sum\(float v, Red& red\) \{.*?\n\}", src, re.S)
         assert head, "block_sum not found: update this test"
         body = head.group(0).replace("v = warp_sum(v);\n  __syncthreads();\n", "v = warp_sum(v);\n", 1)
         assert body != head.group(0)
         return src.replace(head.group(0), body)
 
-    mutant = Lib(_done(build_library("layer_norm", build_root, mutate=drop_leading_barrier)))
+    mutant = Lib(_done(build_library("layer_norm", build_root, mutate=drop_leading_barrier, mutate_file="common.cuh")))
     with pytest.raises(AssertionError, match="RACE write-after-read"):
         run_layer_norm(mutant, 4, 2048, FP32, True, True)  # 4 warps share `red`
 

@@ -26,11 +26,11 @@ KERNEL_BACKENDS = BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
     not HAVE_TRITON, reason="triton unavailable (needs TRITON_INTERPRET=1 on the CPU)"))]
 
 
-def _inputs(m, k, v, dtype=torch.float64, bias=False, ignore_every=5):
-    x = torch.randn(m, k, dtype=torch.float64)
-    w = torch.randn(v, k, dtype=torch.float64) * 0.5
-    b = torch.randn(v, dtype=torch.float64) if bias else None
-    t = torch.randint(0, v, (m,))
+def _inputs(m, k, v, dtype=torch.float64, bias=False, ignore_every=5, device="cpu"):
+    x = torch.randn(m, k, dtype=torch.float64, device=device)
+    w = torch.randn(v, k, dtype=torch.float64, device=device) * 0.5
+    b = torch.randn(v, dtype=torch.float64, device=device) if bias else None
+    t = torch.randint(0, v, (m,), device=device)
     if ignore_every:
         t[::ignore_every] = -100
     cast = [None if a is None else a.to(dtype).requires_grad_() for a in (x, w, b)]
@@ -61,11 +61,15 @@ def test_float64_matches_cross_entropy_of_the_full_logits(backend, reduction, sm
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("smoothing, softcap", [(0.0, None), (0.1, 20.0)])
 def test_low_precision_within_pytorch_error(backend, dtype, reduction, smoothing, softcap, seed):
+    check_low_precision(backend, dtype, reduction, smoothing, softcap)
+
+
+def check_low_precision(backend, dtype, reduction, smoothing, softcap, m=100, k=64, v=1000, device="cpu"):
     """Against the float64 truth, within 2x (loss) / 3x (gradients) PyTorch's own error in this
     dtype (F.linear in the dtype, then F.cross_entropy in fp32, as under autocast) plus the
-    rounding term of the op's magnitudes; V = 1000 over 3 chunks of 37 rows."""
-    m, k, v = 100, 64, 1000
-    x64, w64, _, t = _inputs(m, k, v)
+    rounding term of the op's magnitudes; by default V = 1000 over 3 chunks of 37 rows. Also run
+    on a GPU (tests/gpu/test_cuda_gpu.py)."""
+    x64, w64, _, t = _inputs(m, k, v, device=device)
     x64, w64 = x64.detach().requires_grad_(), w64.detach().requires_grad_()
     xs = [x64.detach().to(dtype).requires_grad_() for _ in range(2)]
     ws = [w64.detach().to(dtype).requires_grad_() for _ in range(2)]
@@ -81,7 +85,7 @@ def test_low_precision_within_pytorch_error(backend, dtype, reduction, smoothing
     pt = pytorch(xs[0], ws[0])
     out = linear_cross_entropy(xs[1], ws[1], t, softcap=softcap, chunk_rows=37, backend=backend, **kw)
     assert out.dtype == torch.float32
-    g = torch.randn(ref.shape, dtype=torch.float64)
+    g = torch.randn(ref.shape, dtype=torch.float64, device=device)
     ref_g = torch.autograd.grad(ref, (x64, w64), g)
     pt_g = torch.autograd.grad(pt, (xs[0], ws[0]), g.float())
     out_g = torch.autograd.grad(out, (xs[1], ws[1]), g.float())

@@ -136,7 +136,8 @@ def test_rms_norm_triton_nan_propagates():
 # Launchers against the reference launchers (the contract in gptfast/ops/_backend.py), with and
 # without the fused residual add
 # ---------------------------------------------------------------------------------------------
-def check_rms_norm_launchers(M, N, dtype, has_weight=True, offset=0.0, residual=True, eps=1e-6, lead=()):
+def check_rms_norm_launchers(M, N, dtype, has_weight=True, offset=0.0, residual=True, eps=1e-6, lead=(),
+                             launchers=None):
     """Forward (with ``residual=`` when ``residual``) and backward (with ``dresidual=``) against
     the reference launchers, on x of shape (*lead, M, N).
 
@@ -146,8 +147,12 @@ def check_rms_norm_launchers(M, N, dtype, has_weight=True, offset=0.0, residual=
     equal the unfused kernel's on s (s is rounded before it is normalised), and dx equals the
     fp32 backward plus ds rounded once (ds is added before the rounding, not after). On a GPU the
     compiler may lay the fused and unfused tiles out differently, so those two are not asserted.
+    ``launchers``: a module with another backend's rms_norm_forward/backward (default: the Triton
+    kernels'), e.g. gptfast.ops._cuda on a GPU.
     """
-    from gptfast.kernels.rms_norm import rms_norm_backward, rms_norm_forward
+    if launchers is None:
+        from gptfast.kernels import rms_norm as launchers
+    rms_norm_forward, rms_norm_backward = launchers.rms_norm_forward, launchers.rms_norm_backward
     from gptfast.ops.rms_norm import rms_norm_backward_reference, rms_norm_forward_reference
 
     torch.manual_seed(1000 * M + N)

@@ -77,7 +77,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
     const std::optional<at::Tensor>& dresidual);
 
-// RMSNorm (cpu only so far): y, rstd and, with residual, s = x + residual; backward dx
+// RMSNorm: y, rstd and, with residual, s = x + residual; backward dx
 // (+ dresidual), dweight (none without a weight).
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,

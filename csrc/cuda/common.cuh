@@ -39,6 +39,31 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// V consecutive elements moved as one access (16 bytes when V * sizeof(T) == 16: the vectorised
+// paths of the row kernels, layer_norm.cu, rms_norm.cu, linear_cross_entropy.cu).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+constexpr int kWarpSize = 32;
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024) of one value per thread. `red` is a
+// __shared__ float[32] (a template parameter so that the CPU emulator's checked arrays pass too).
+// Every warp reduces the per-warp sums itself, so every thread gets the result, bitwise the same
+// in all (the xor butterfly adds the same pairs in every lane). The leading barrier makes
+// back-to-back calls on the same `red` safe.
+template <typename Red>
+__device__ __forceinline__ float block_sum(float v, Red& red) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / kWarpSize) ? static_cast<float>(red[lane]) : 0.f;
+  return warp_sum(v);
+}
+
 // 2^x with the hardware approximation (ex2.approx, ~2 ulp); -inf gives 0 and NaN stays NaN.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

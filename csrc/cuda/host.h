@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <optional>
+
 #include "cuda/types.h"
 
 namespace gptfast {
@@ -20,6 +22,24 @@ inline DType dtype_code(const at::Tensor& t) {
     default: TORCH_CHECK_TYPE(false, "gptfast cuda backend: unsupported dtype ", t.scalar_type());
   }
   return DType::kFloat32;  // unreachable
+}
+
+inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// An optional weight/bias as a contiguous tensor, or an undefined one.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// What the row-normalisation kernels (layer_norm.cu, rms_norm.cu) add to the op's checks of
+// x (M, N): no float64 (the reference backend serves gradcheck), 1 <= N <= max_cols.
+inline void check_norm_limits(const at::Tensor& x, const char* op, int64_t max_cols) {
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, op,
+                   ": the cuda backend does not support float64 (x has dtype ", x.scalar_type(),
+                   "); use float32, float16 or bfloat16, or backend=\"reference\"");
+  const int64_t n = x.size(1);
+  TORCH_CHECK_VALUE(n >= 1 && n <= max_cols, op, ": the cuda backend supports x.shape[-1] from 1 to ",
+                    max_cols, ", got ", n);
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -20,29 +20,12 @@ namespace cuda {
 
 namespace {
 constexpr const char* kOp = "gptfast.layer_norm";
-
-void check_kernel_limits(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, kOp,
-                   ": the cuda backend does not support float64 (x has dtype ", x.scalar_type(),
-                   "); use float32, float16 or bfloat16, or backend=\"reference\"");
-  const int64_t n = x.size(1);
-  TORCH_CHECK_VALUE(n >= 1 && n <= kLayerNormMaxCols, kOp,
-                    ": the cuda backend supports x.shape[-1] from 1 to ", kLayerNormMaxCols,
-                    ", got ", n);
-}
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
-// Optional weight/bias as a contiguous tensor, or an undefined one.
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual) {
-  check_kernel_limits(x);
+  check_norm_limits(x, kOp, kLayerNormMaxCols);
   const int64_t M = x.size(0), N = x.size(1);
   TORCH_CHECK_VALUE(M <= INT_MAX, kOp, ": the cuda backend takes at most ", INT_MAX,
                     " rows (x.shape[0] after flattening the leading dimensions), got ", M);
@@ -78,7 +61,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
     const std::optional<at::Tensor>& dresidual) {
-  check_kernel_limits(x);
+  check_norm_limits(x, kOp, kLayerNormMaxCols);
   const int64_t M = x.size(0), N = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty({M, N}, x.options());

@@ -25,6 +25,9 @@
 // (read-modify-write by the one thread that owns them). A second kernel sums the partials over
 // blocks in a fixed order: dW and dB are deterministic for a given device, with no atomics.
 //
+// The block shapes, register slots, backward grid and partial-sum reduction are shared with
+// rms_norm.cu (norm.cuh).
+//
 // Design choices:
 // - One block per row, sized to the row (32..1024 threads, ~4 vectors per thread), rather than a
 //   warp per row for small N: a GPT row of 768..12288 halves is 96..1536 vectors, which a warp
@@ -41,59 +44,14 @@
 //   uniform runtime branches.
 #include "layer_norm.h"
 
-#include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 
-#include "common.cuh"
+#include "norm.cuh"
 #include "static_switch.h"
 
 namespace gptfast {
 namespace cuda {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kFwdMaxThreads = 1024;
-// 512, not 1024: the backward keeps ~16 elements' x, dy, w, dW and dB per thread in registers,
-// more than the 64 registers a 1024-thread block allows.
-constexpr int kBwdMaxThreads = 512;
-// Forward block size target: enough 16-byte loads in flight per thread to cover DRAM latency
-// without making small rows use few, long-running threads (a guess to tune with bench/).
-constexpr int kFwdVecsPerThread = 4;
-// Each backward block writes and the reduce kernel reads a (cols,) fp32 row per output: with at
-// least this many rows per block that costs <= 1/6 of the row traffic of fp16 inputs.
-constexpr int kBwdMinRowsPerBlock = 16;
-// Reduce kernel tile: 32 columns x 32 partial rows per block.
-constexpr int kReduceTile = 32;
-
-// Register budgets, set from ptxas -v (CUDA 13.0, no spills on sm_80 or sm_90; tune with bench/):
-// forward <= 64 registers per thread (1024-thread blocks), backward <= 128 (512 threads). The
-// kernels declare __launch_bounds__(max threads, 1): without the explicit minimum of one block
-// per SM, ptxas spilled a few bytes in the scalar fp32 forward on sm_90 to raise occupancy.
-template <typename T, bool kVec>
-struct Config {
-  // Elements per access.
-  static constexpr int kVecElems = kVec ? 16 / static_cast<int>(sizeof(T)) : 1;
-  // Forward accesses per thread kept in registers between the passes (about 40 registers in
-  // all): 1024 threads x 4 vectors = rows of up to 32768 halves / 16384 floats; scalar path 8192.
-  static constexpr int kFwdSlots = kVec ? kFwdVecsPerThread : 8;
-  // Backward accesses per thread kept in registers (x, dy, w packed; dW and dB sums in fp32):
-  // 16 elements for vectors (113-128 registers), 8 on the scalar path (70-80). With 512 threads,
-  // rows of up to 8192 (4096) elements never touch the partial buffer until the end.
-  static constexpr int kBwdSlots = kVec ? 16 / kVecElems : 8;
-};
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-// fp32 partial sums of V columns. Aligned to at most 16 bytes (the widest access), so the
-// partial buffers need only 16-byte alignment: V = 8 is accessed as two float4.
-template <int V>
-struct alignas(V * 4 > 16 ? 16 : V * 4) FloatPack {
-  float v[V];
-};
 
 template <typename T, int V>
 __device__ __forceinline__ float pack_sum(const Pack<T, V> a) {
@@ -112,15 +70,6 @@ __device__ __forceinline__ float pack_sq_dev(const Pack<T, V> a, float mean) {
     s += d * d;
   }
   return s;
-}
-
-// s = a + b for V columns, summed in fp32 and rounded once.
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> add_packs(const Pack<T, V> a, const Pack<T, V> b) {
-  Pack<T, V> out;
-#pragma unroll
-  for (int e = 0; e < V; ++e) out.v[e] = from_float<T>(to_float(a.v[e]) + to_float(b.v[e]));
-  return out;
 }
 
 // y for the V columns of vector i; w, b may be null (uniform branches).
@@ -163,20 +112,6 @@ __device__ __forceinline__ Pack<T, V> input_grad(const Pack<T, V> xv, const Pack
   return out;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, <= 1024) of one value per thread. Every warp
-// reduces the per-warp sums itself, so every thread gets the result, bitwise the same in all
-// (the xor butterfly adds the same pairs in every lane). The leading barrier makes back-to-back
-// calls on the same `red` safe.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / kWarpSize) ? red[lane] : 0.f;
-  return warp_sum(v);
-}
-
 __device__ __forceinline__ float2 block_sum2(float a, float b, float2* red) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   a = warp_sum(a);
@@ -194,7 +129,7 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float2* red) {
 template <typename T, bool kVec, bool kResidual>
 __global__ void __launch_bounds__(kFwdMaxThreads, 1)
     layer_norm_fwd_kernel(const LayerNormFwdParams p) {
-  using C = Config<T, kVec>;
+  using C = NormConfig<T, kVec>;
   constexpr int V = C::kVecElems;
   constexpr int kSlots = C::kFwdSlots;
   using P = Pack<T, V>;
@@ -202,7 +137,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
 
   const int64_t row = blockIdx.x;
   const int nvec = p.cols / V;
-  const int tid = threadIdx.x, nthr = blockDim.x;
+  const int tid = threadIdx.x;
   const P* x = static_cast<const P*>(p.x) + row * nvec;
   const P* w = static_cast<const P*>(p.weight);
   const P* b = static_cast<const P*>(p.bias);
@@ -214,54 +149,18 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
 
   // Zero-initialised: left undefined where i >= nvec, ptxas moved the array to local memory.
   P cache[kSlots] = {};
-  float sum = 0.f;
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) {
-      if constexpr (kResidual) {
-        cache[k] = add_packs(x[i], r[i]);
-        s[i] = cache[k];
-      } else {
-        cache[k] = x[i];
-      }
-      sum += pack_sum(cache[k]);
-    }
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) {
-    if constexpr (kResidual) {
-      const P v = add_packs(x[i], r[i]);
-      s[i] = v;
-      sum += pack_sum(v);
-    } else {
-      sum += pack_sum(x[i]);
-    }
-  }
+  const float sum = load_row<kResidual>(x, r, s, nvec, cache, [](const P v) { return pack_sum(v); });
   const float mean = block_sum(sum, red) / static_cast<float>(p.cols);
 
   float sq = 0.f;
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    if (tid + k * nthr < nvec) sq += pack_sq_dev(cache[k], mean);
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr) sq += pack_sq_dev(src[i], mean);
+  for_row(cache, src, nvec, [&](const P v, int) { sq += pack_sq_dev(v, mean); });
   const float var = block_sum(sq, red) / static_cast<float>(p.cols);
   const float rstd = 1.f / sqrtf(var + p.eps);
   if (tid == 0) {
     p.mean[row] = mean;
     p.rstd[row] = rstd;
   }
-
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) y[i] = normalize(cache[k], i, mean, rstd, w, b);
-  }
-#pragma unroll 1
-  for (int i = tid + kSlots * nthr; i < nvec; i += nthr)
-    y[i] = normalize(src[i], i, mean, rstd, w, b);
+  for_row(cache, src, nvec, [&](const P v, int i) { y[i] = normalize(v, i, mean, rstd, w, b); });
 }
 
 // Grid: num_blocks (<= rows) blocks, block b taking rows b, b + gridDim.x, ... Block:
@@ -270,7 +169,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 1)
 template <typename T, bool kVec, bool kDResidual>
 __global__ void __launch_bounds__(kBwdMaxThreads, 1)
     layer_norm_bwd_kernel(const LayerNormBwdParams p) {
-  using C = Config<T, kVec>;
+  using C = NormConfig<T, kVec>;
   constexpr int V = C::kVecElems;
   constexpr int kSlots = C::kBwdSlots;
   using P = Pack<T, V>;
@@ -387,62 +286,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1)
   }
 }
 
-// out[c] = sum_b partial[b][c] for dW (blockIdx.y 0 when wanted) and dB. Block (32, 32): thread
-// (x, y) sums partial rows y, y + 32, ... of column 32 * blockIdx.x + x; then warp y sums the 32
-// per-thread results of column 32 * blockIdx.x + y through a padded shared tile. Fixed order:
-// deterministic.
-template <typename T>
-__global__ void __launch_bounds__(kReduceTile * kReduceTile)
-    layer_norm_bwd_reduce_kernel(const LayerNormBwdParams p) {
-  __shared__ float tile[kReduceTile][kReduceTile + 1];
-  const bool is_db = blockIdx.y == 1 || p.dweight_partial == nullptr;
-  const float* src = is_db ? p.dbias_partial : p.dweight_partial;
-  T* dst = static_cast<T*>(is_db ? p.dbias : p.dweight);
-
-  const int col0 = blockIdx.x * kReduceTile;
-  const int col = col0 + threadIdx.x;
-  float s = 0.f;
-  if (col < p.cols) {
-#pragma unroll 4
-    for (int b = threadIdx.y; b < p.num_blocks; b += kReduceTile)
-      s += src[static_cast<int64_t>(b) * p.cols + col];
-  }
-  tile[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  s = warp_sum(tile[threadIdx.x][threadIdx.y]);
-  const int out_col = col0 + threadIdx.y;
-  if (threadIdx.x == 0 && out_col < p.cols) dst[out_col] = from_float<T>(s);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side.
-
-template <typename T>
-bool use_vec(int cols, std::initializer_list<const void*> ptrs) {
-  if (cols % (16 / static_cast<int>(sizeof(T))) != 0) return false;
-  for (const void* ptr : ptrs)
-    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;  // nullptr passes
-  return true;
-}
-
-// Warp multiple in [32, max_threads] nearest above want.
-int round_threads(int want, int max_threads) {
-  const int t = (want + kWarpSize - 1) / kWarpSize * kWarpSize;
-  return std::min(std::max(t, kWarpSize), max_threads);
-}
-
-template <typename T, bool kVec>
-int fwd_threads(int cols) {
-  return round_threads(ceil_div(cols / Config<T, kVec>::kVecElems, kFwdVecsPerThread),
-                       kFwdMaxThreads);
-}
-
-// As many threads as fill the register slots, so that rows up to 8192 never take the slow path.
-template <typename T, bool kVec>
-int bwd_threads(int cols) {
-  using C = Config<T, kVec>;
-  return round_threads(ceil_div(cols / C::kVecElems, C::kBwdSlots), kBwdMaxThreads);
-}
 
 bool bwd_use_vec(const LayerNormBwdParams& p) {
   return FLOAT_SWITCH(p.dtype, [&] {
@@ -472,31 +317,14 @@ cudaError_t layer_norm_forward_launch(const LayerNormFwdParams& p, cudaStream_t 
 cudaError_t layer_norm_backward_num_blocks(const LayerNormBwdParams& p, int* num_blocks) {
   *num_blocks = 1;
   if (p.rows < 1 || p.cols < 1 || p.cols > kLayerNormMaxCols) return cudaErrorInvalidValue;
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = FLOAT_SWITCH(p.dtype, [&] {
+  return FLOAT_SWITCH(p.dtype, [&] {
     return BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
       return BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, layer_norm_bwd_kernel<elem_t, kVec, kDResidual>,
-            bwd_threads<elem_t, kVec>(p.cols), 0);
+        return backward_grid(layer_norm_bwd_kernel<elem_t, kVec, kDResidual>,
+                             bwd_threads<elem_t, kVec>(p.cols), p.rows, num_blocks);
       });
     });
   });
-  if (err != cudaSuccess) return err;
-  // Every resident block slot busy, unless that leaves fewer than kBwdMinRowsPerBlock rows per
-  // block (the partial rows would then cost more than the extra parallelism gains); even then at
-  // least two blocks per SM where they fit, and never a block without a row.
-  const int64_t resident = static_cast<int64_t>(sms) * std::max(per_sm, 1);
-  const int64_t amortised =
-      std::max<int64_t>(2 * static_cast<int64_t>(sms),
-                        (p.rows + kBwdMinRowsPerBlock - 1) / kBwdMinRowsPerBlock);
-  const int64_t nb = std::max<int64_t>(1, std::min({resident, amortised, p.rows}));
-  *num_blocks = static_cast<int>(nb);
-  return cudaSuccess;
 }
 
 cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& p, cudaStream_t stream) {
@@ -506,23 +334,22 @@ cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& p, cudaStream_t
       p.num_blocks > p.rows || (p.dweight != nullptr) != (p.dweight_partial != nullptr) ||
       (p.dbias != nullptr) != (p.dbias_partial != nullptr))
     return cudaErrorInvalidValue;
-  const int outputs = (p.dweight != nullptr) + (p.dbias != nullptr);
-  cudaError_t err = FLOAT_SWITCH(p.dtype, [&] {
+  // dW (when wanted) first, then dB
+  PartialSums sums{};
+  int outputs = 0;
+  if (p.dweight != nullptr) sums.partial[outputs] = p.dweight_partial, sums.out[outputs++] = p.dweight;
+  if (p.dbias != nullptr) sums.partial[outputs] = p.dbias_partial, sums.out[outputs++] = p.dbias;
+  sums.cols = p.cols, sums.num_blocks = p.num_blocks;
+  return FLOAT_SWITCH(p.dtype, [&] {
     BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
       BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
         layer_norm_bwd_kernel<elem_t, kVec, kDResidual>
             <<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
       });
     });
-    cudaError_t launch_err = cudaGetLastError();
-    if (launch_err == cudaSuccess && outputs > 0) {
-      const dim3 grid(ceil_div(p.cols, kReduceTile), outputs);
-      layer_norm_bwd_reduce_kernel<elem_t><<<grid, dim3(kReduceTile, kReduceTile), 0, stream>>>(p);
-      launch_err = cudaGetLastError();
-    }
-    return launch_err;
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : reduce_partials<elem_t>(sums, outputs, stream);
   });
-  return err;
 }
 
 }  // namespace cuda

@@ -79,8 +79,7 @@ class NativeLaunchers:
     def rms_norm_forward(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
                          residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """y (..., N) in x.dtype, rstd (M,) in fp32 (fp64 for fp64 inputs), M the rows of x; with
-        ``residual`` (x's shape): those of s = x + residual (rounded to x.dtype), and s third. The
-        cuda build has no such kernel yet."""
+        ``residual`` (x's shape): those of s = x + residual (rounded to x.dtype), and s third."""
         return self._rms_norm("rms_norm_forward")(x, weight, float(eps), float(offset), residual)
 
     def rms_norm_backward(self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,

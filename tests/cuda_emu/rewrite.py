@@ -25,7 +25,10 @@ from pathlib import Path
 # Inputs of each emulated library: the .cu file and the headers it includes from csrc/cuda.
 SOURCES = {
     "attention": ["attention.cu", "attention.h", "common.cuh", "static_switch.h", "types.h"],
-    "layer_norm": ["layer_norm.cu", "layer_norm.h", "common.cuh", "static_switch.h", "types.h"],
+    "layer_norm": ["layer_norm.cu", "layer_norm.h", "norm.cuh", "common.cuh", "static_switch.h", "types.h"],
+    "rms_norm": ["rms_norm.cu", "rms_norm.h", "norm.cuh", "common.cuh", "static_switch.h", "types.h"],
+    "linear_cross_entropy": ["linear_cross_entropy.cu", "linear_cross_entropy.h", "common.cuh", "static_switch.h",
+                             "types.h"],
     "gelu_ffn": ["gelu_ffn.cu", "gelu_ffn.h", "common.cuh", "static_switch.h", "types.h"],
 }
 # Helpers that record their call-site line (emu_site) for the emulator's findings.
@@ -145,7 +148,7 @@ def rewrite(src_dir, dst_dir, lib):
         text = rewrite_includes((src_dir / name).read_text())
         if name == "common.cuh":
             text = rewrite_common(text)
-        elif name.endswith(".cu"):
+        elif name.endswith((".cu", ".cuh")):  # norm.cuh: kernels and launches shared by two .cu files
             text = rewrite_cu(text)
         (dst_dir / name).write_text(text)
     return dst_dir / SOURCES[lib][0]

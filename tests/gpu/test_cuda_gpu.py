@@ -2,7 +2,8 @@
 seqlens, head dims incl. padded ones, bf16, large logits, 20-run determinism, races, LayerNorm and
 GELU-FFN sizes -- is in test_kernels_gpu.py. Here: the build itself, float32 refusal, NaN
 propagation, agreement of the atomic and deterministic dQ paths, torch's deterministic flag, the
-packed varlen layout, dropout under CUDA-graph capture, and auto's choice. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
+packed varlen layout, dropout under CUDA-graph capture, auto's choice, and RMSNorm and
+linear_cross_entropy's logits epilogue (sizes, bf16, the fused residual add, determinism). Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
 argument checks tested (tests/test_cuda_backend.py) and its kernels emulated
 (tests/test_cuda_emulated.py).
 """
@@ -211,3 +212,79 @@ def test_auto_prefers_cuda_on_gpu():
     assert _backend.resolve("layer_norm", x.device, x.dtype).backend == "cuda"
     assert _backend.resolve("attention", x.device, torch.float16).backend == "cuda"
     assert _backend.resolve("attention", x.device, torch.float32).backend == "triton"
+
+
+# --- RMSNorm (csrc/cuda/rms_norm.cu) and linear_cross_entropy's logits epilogue
+# (csrc/cuda/linear_cross_entropy.cu); on the CPU: tests/test_cuda_emulated.py -------------------
+
+LOW_AND_FP32 = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", LOW_AND_FP32, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("N", [1, 123, 768, 1000, 4096, 8201, 65536])
+def test_rms_norm_sizes(N, dtype):
+    """The public op (non-contiguous x and dy) against float64 and F.rms_norm in the dtype; odd N
+    with Gemma's offset. 8201: the scalar path beyond the register slots; 65536: the longest row."""
+    from test_triton_rms_norm import check_rms_norm
+    check_rms_norm(4 if N == 65536 else 257, N, dtype, offset=1.0 if N % 2 else 0.0, backend="cuda")
+    check_rms_norm(97, N, dtype, has_weight=False, backend="cuda")
+
+
+@pytest.mark.parametrize("M,N,dtype,has_weight,offset,residual", [
+    (257, 768, torch.bfloat16, True, 0.0, True), (257, 1000, torch.float16, True, 1.0, True),
+    (97, 123, torch.bfloat16, False, 0.0, True), (33, 8200, torch.float32, True, 1.0, True),
+    (20000, 768, torch.bfloat16, True, 0.0, False)])
+def test_rms_norm_launchers(M, N, dtype, has_weight, offset, residual):
+    """The cuda launchers against the reference launchers: the fused residual add (s bitwise
+    x + r rounded once), dx + dresidual, dweight over many backward blocks (20000 rows)."""
+    from test_triton_rms_norm import check_rms_norm_launchers
+
+    from gptfast.ops import _cuda
+    check_rms_norm_launchers(M, N, dtype, has_weight, offset, residual, launchers=_cuda)
+
+
+def test_rms_norm_dweight_is_deterministic():
+    from gptfast.ops import _cuda
+    torch.manual_seed(5)
+    x, dy = (torch.randn(20000, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    _, rstd = _cuda.rms_norm_forward(x, w, 1e-6, 0.0)
+    first = _cuda.rms_norm_backward(dy, x, w, rstd, 0.0)
+    for _ in range(5):
+        again = _cuda.rms_norm_backward(dy, x, w, rstd, 0.0)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("dtype", LOW_AND_FP32, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("smoothing, softcap", [(0.0, None), (0.1, 30.0)])
+@pytest.mark.parametrize("v", [1000, 50257])
+def test_linear_cross_entropy(dtype, reduction, smoothing, softcap, v):
+    """The op on backend="cuda" (torch's GEMMs around the cuda epilogue) against float64 and
+    PyTorch in the dtype (tests/test_linear_cross_entropy.py's check); V = 1000: the 16-byte path,
+    50257 (GPT-2's, odd): the scalar path over many tiles per thread."""
+    from test_linear_cross_entropy import check_low_precision
+    check_low_precision("cuda", dtype, reduction, smoothing, softcap, m=300, k=128, v=v, device="cuda")
+
+
+def test_cross_entropy_logits_matches_the_reference_epilogue():
+    """The epilogue alone against the reference epilogue in float64 (fp32 inputs): a dominant
+    logit, a row of equal logits (loss log V), an ignored row (loss 0, zero gradient row)."""
+    from gptfast.ops import _cuda
+    from gptfast.ops.linear_cross_entropy import cross_entropy_logits_reference
+    from gptfast.testing import assert_close
+    torch.manual_seed(6)
+    for v, smoothing, softcap in ((50304, 0.0, 0.0), (50257, 0.1, 30.0), (17, 0.3, 2.0)):
+        z = torch.randn(9, v, device="cuda") * 4
+        z[1, 0], z[2] = 80.0, 50.0
+        t = torch.randint(0, v, (9,), device="cuda")
+        t[3] = -100
+        scale = torch.rand(9, device="cuda") + 0.5
+        want_z = z.double()
+        want = cross_entropy_logits_reference(want_z, t, scale.double(), -100, smoothing, softcap)
+        got_z = z.clone()
+        got = _cuda._ext.cross_entropy_logits_(got_z, t, scale, -100, smoothing, softcap)
+        # fp32 sums of V terms of size <= 2 * 80: within a few eps_fp32 * sqrt(V) of that
+        assert_close(got, want, atol=160 * v ** 0.5 * 4 * 2**-23, name=f"loss V={v}")
+        assert_close(got_z, want_z, atol=2 * v ** 0.5 * 4 * 2**-23, name=f"dz V={v}")
+        assert got[3] == 0 and (got_z[3] == 0).all()
