@@ -247,6 +247,16 @@ GPTFAST_INLINE void gelu_and_grad<double>(double h, bool tanh_approx, double* ac
   }
 }
 
+// SiLU(g) = g * s and its derivative s * (1 + g * (1 - s)), s = sigmoid(g) = 1 / (1 + exp(-g)),
+// for gated_ffn's SwiGLU. exp_f32 keeps the float loops vectorisable (no libm call); exp(-g)
+// overflows to inf for g < -88, giving s = 0 (SiLU = -0, SiLU' = 0), and NaN propagates.
+template <typename T>
+GPTFAST_INLINE void silu_and_grad(T g, T* act, T* grad) {
+  const T s = T(1) / (T(1) + exp_f(-g));
+  if (act) *act = g * s;
+  if (grad) *grad = s * (T(1) + g * (T(1) - s));
+}
+
 // tanh for attention's softcap (csrc/cpu/attention.cpp, kvcache.cpp), relative error ~1e-7: libm's tanhf made a softcapped fp32 forward 2.5x
 // slower at T = 1024, D = 64. vec::tanh_f32 (exp-based) has an absolute error of ~1 ulp of 1,
 // which softcap * tanh would turn into ~softcap * 6e-8 on small scores, so |x| < 1/4 takes
