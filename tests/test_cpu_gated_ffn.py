@@ -2,7 +2,7 @@
 shared grid.
 
 - the launchers against the float64 truth (DESIGN.md's rule) and the reference launchers at hidden
-  sizes around the vector width (1, 15, 16, 17, 33, 1000) and row counts that split over threads,
+  sizes around the vector width (1, 15, 16, 17, 33, 259) and row counts that split over threads,
   every dtype the kernels take, each activation, each combination of biases;
 - float64: the cpu kernels are the reference's formulas (summation order aside): within 1e-12;
 - bf16/fp16: g and u are the reference's bitwise (the same GEMMs), the element-wise pass within an
@@ -54,7 +54,7 @@ def _truth(x, wg, bg, wu, bu, wd, bd, dout, act):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, k, h, n", [(37, 8, 1, 5), (5, 16, 15, 7), (64, 32, 16, 16), (21, 9, 17, 3),
-                                        (130, 24, 33, 20), (9, 40, 1000, 33)])
+                                        (130, 24, 33, 20), (9, 40, 259, 33)])
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_launchers_match_the_truth_and_the_reference(dtype, m, k, h, n, act, seed):
     has_b = [(True, True, True), (False, False, False), (True, False, True), (False, True, False)][(m + h) % 4]
@@ -83,7 +83,7 @@ def test_launchers_match_the_truth_and_the_reference(dtype, m, k, h, n, act, see
         for name, a, b in zip(["out", "dx", "dw_gate", "db_gate", "dw_up", "db_up", "dw_down", "db_down"],
                               (out, *grads), (r_out, *r_grads)):
             if a is not None:
-                assert_close(a, b, atol=2 * eps * float(b.abs().max()), name=f"{name} vs reference")
+                assert_close(a, b, atol=2 * eps * float(b.detach().abs().max()), name=f"{name} vs reference")
     if dtype == torch.float64:  # the same formulas: summation order aside
         for name, a, b, mag in zip(["out", "dx", "dw_gate", "db_gate", "dw_up", "db_up", "dw_down", "db_down"],
                                    (out, *grads), (r_out, *r_grads), mags):
