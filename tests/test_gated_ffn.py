@@ -71,7 +71,11 @@ def _check_against_truth(backend, x, p, act, dtype, name):
 @pytest.mark.parametrize("shape, h, n, biases", [((4, 9, 64), 96, 40, False), ((7, 123), 200, 123, True),
                                                  ((96,), 40, 17, True), ((3, 1, 5, 33), 59, 16, False)], ids=str)
 def test_matches_the_float64_truth(backend, act, shape, h, n, biases, seed):
-    for dtype in DTYPES:
+    # 16-bit: a = act(g) * u is rounded once (the contract), PyTorch's eager product twice; both are
+    # about an ulp off, and below ~128 outputs PyTorch's max error is too small a sample for the
+    # 2x rule (a reference-backend sweep of M*N < 100 shapes failed 16% of the time, M*N >= 128 never)
+    rows = 1 if len(shape) == 1 else int(torch.tensor(shape[:-1]).prod())
+    for dtype in DTYPES if rows * n >= 128 else [torch.float32]:
         x = torch.randn(shape).to(dtype).requires_grad_()
         p = _params(shape[-1], h, n, dtype, biases)
         _check_against_truth(backend, x, p, act, dtype, f"{backend} {dtype} {act} {shape}")
