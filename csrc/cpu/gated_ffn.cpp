@@ -46,7 +46,8 @@ GPTFAST_INLINE void act_and_grad(T g, T* act, T* grad) {
 // a[j] = act(g[j]) * u[j], evaluated in T = opmath(S), rounded once. Results go through locals
 // (see csrc/cpu/gelu_ffn.cpp: GCC left loops writing through pointers into the outputs scalar).
 template <typename S, int kAct>
-GPTFAST_INLINE void glu_forward_row_impl(const S* g, const S* u, S* a, int64_t n) {
+GPTFAST_INLINE void glu_forward_row_impl(const S* __restrict__ g, const S* __restrict__ u, S* __restrict__ a,
+                                         int64_t n) {
   using T = at::opmath_type<S>;
   for (int64_t j = 0; j < n; ++j) {
     T act;
@@ -58,22 +59,24 @@ GPTFAST_INLINE void glu_forward_row_impl(const S* g, const S* u, S* a, int64_t n
 // On entry d holds dA; on exit d = dg = dA * u * act'(g) and du = dA * act(g), a = act(g) * u,
 // each rounded once to S; pg[j] / pu[j] += the rounded dg / du (the bias gradients sum what the
 // weight gradients see, as the reference does). pg and pu are both null (no bias) or both set
-// (either bias: the loop stays branch-free, the unused sum costs one add).
+// (either bias: the loop stays branch-free, the unused sum costs one add). The rows never overlap
+// (fresh outputs, per-thread partials): __restrict__, without which GCC's alias versioning of the
+// seven pointers exceeded its check budget and left the bias loop scalar in every clone.
 template <typename S, int kAct>
-GPTFAST_INLINE void glu_backward_row_impl(const S* g, const S* u, S* d, S* du, S* a, at::opmath_type<S>* pg,
-                                          at::opmath_type<S>* pu, int64_t n) {
+GPTFAST_INLINE void glu_backward_row_impl(const S* __restrict__ g, const S* __restrict__ u, S* __restrict__ d,
+                                          S* __restrict__ du, S* __restrict__ a, at::opmath_type<S>* __restrict__ pg,
+                                          at::opmath_type<S>* __restrict__ pu, int64_t n) {
   using T = at::opmath_type<S>;
   if (pg) {
     for (int64_t j = 0; j < n; ++j) {
       T act, grad;
       const T uv = static_cast<T>(u[j]), da = static_cast<T>(d[j]);
       act_and_grad<T, kAct>(static_cast<T>(g[j]), &act, &grad);
-      const S dgs = static_cast<S>(da * uv * grad), dus = static_cast<S>(da * act);
       a[j] = static_cast<S>(act * uv);
-      d[j] = dgs;
-      du[j] = dus;
-      pg[j] += static_cast<T>(dgs);
-      pu[j] += static_cast<T>(dus);
+      d[j] = static_cast<S>(da * uv * grad);
+      du[j] = static_cast<S>(da * act);
+      pg[j] += static_cast<T>(d[j]);  // read back: the rounded values (an S local's copy is not
+      pu[j] += static_cast<T>(du[j]); // vectorised by GCC for c10::BFloat16)
     }
   } else {
     for (int64_t j = 0; j < n; ++j) {
