@@ -87,10 +87,11 @@ LDFLAGS = ["-fopenmp"]
 # NaN must propagate and the kernels call the fast exp2 explicitly where they want it.
 CUDA_CFLAGS = ["-O3", "-DGPTFAST_CUDA", "-Xptxas=-v", "--expt-relaxed-constexpr"]
 
-_COMMON = ("bindings.cpp", "attention.cpp", "layer_norm.cpp", "gelu_ffn.cpp", "linear_cross_entropy.cpp")
+_COMMON = ("bindings.cpp", "attention.cpp", "layer_norm.cpp", "gelu_ffn.cpp", "linear_cross_entropy.cpp",
+           "gated_ffn.cpp")
 _SOURCES = {
     "cpu": _COMMON + ("cpu/attention.cpp", "cpu/layer_norm.cpp", "cpu/gelu_ffn.cpp", "cpu/kvcache.cpp",
-            "cpu/linear_cross_entropy.cpp"),
+            "cpu/linear_cross_entropy.cpp", "cpu/gated_ffn.cpp"),
     "cuda": _COMMON + ("cuda/attention.cpp", "cuda/attention.cu", "cuda/layer_norm.cpp",
                        "cuda/layer_norm.cu", "cuda/gelu_ffn.cpp", "cuda/gelu_ffn.cu", "cuda/rms_norm.cpp",
                        "cuda/rms_norm.cu", "cuda/linear_cross_entropy.cpp", "cuda/linear_cross_entropy.cu"),

@@ -14,7 +14,8 @@ One implementation for the CPU and the GPU. For every size of the grid and every
    ``torch.autograd.grad(..., retain_graph=True)`` on graphs built once before timing, so it is
    the backward alone, not fwd+bwd minus fwd; ``fwd-bwd`` is both.
 3. reports time, TFLOP/s (attention: FlashAttention's 4*B*H*T^2*D, /2 causal, x2.5 bwd, x3.5
-   fwd+bwd, T^2 the visible pairs with a window; gelu_ffn: the two GEMMs 2*M*K*H + 2*M*H*N, x2 bwd), GB/s for layer_norm (bytes in the
+   fwd+bwd, T^2 the visible pairs with a window; gelu_ffn: the two GEMMs 2*M*K*H + 2*M*H*N, x2 bwd;
+   gated_ffn: the three GEMMs 2*M*C*H * 3, x2 bwd), GB/s for layer_norm (bytes in the
    table header), peak memory, tokens/s and MFU for ``train``, and the ratio to eager and compile.
 
 Attention options (``--sizes B,T,H,D,HK`` for GQA/MQA, ``--window``, ``--softcap``, ``--alibi``,
@@ -52,11 +53,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops.gated_ffn import ACTIVATIONS as GATED_ACTIVATIONS, gated_ffn_ref
 from .ops.gelu_ffn import gelu_ffn_ref
 from .testing import (assert_close, assert_matches_reference, assert_results_match, assert_within_pytorch_error, attention_magnitudes,
-                      gelu_ffn_magnitudes, layer_norm_magnitudes, rms_norm_magnitudes, sdpa_bthd)
+                      gated_ffn_magnitudes, gelu_ffn_magnitudes, layer_norm_magnitudes, rms_norm_magnitudes, sdpa_bthd)
 
-OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn", "linear_cross_entropy", "train", "generate", "drop_in",
+OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn", "gated_ffn", "linear_cross_entropy", "train", "generate", "drop_in",
        "overhead")
 NORM_OPS = ("layer_norm", "rms_norm")  # timed in GB/s
 PHASES = ("fwd", "bwd", "fwd-bwd")
@@ -101,6 +103,9 @@ def parse_size(op: str, spec: str) -> dict:
     if op == "gelu_ffn":
         v = _ints(spec, 2, 3, "M,C[,H] (rows, model width, FFN width; H defaults to 4C)")
         return dict(M=v[0], C=v[1], Hd=v[2] if len(v) == 3 else 4 * v[1])
+    if op == "gated_ffn":
+        v = _ints(spec, 2, 3, "M,C[,H] (rows, model width, FFN width; H defaults to Llama's 8C/3 rounded up to 256)")
+        return dict(M=v[0], C=v[1], Hd=v[2] if len(v) == 3 else llama_hidden(v[1]))
     parts = spec.split(",")
     from .model import PRESETS
     if parts[0] not in PRESETS or len(parts) not in (2, 3):
@@ -111,6 +116,12 @@ def parse_size(op: str, spec: str) -> dict:
         raise BenchError(f"--sizes: seqlen {seqlen} exceeds the {parts[0]} preset's block size "
                          f"{PRESETS[parts[0]].block_size}")
     return dict(preset=parts[0], batch=batch, seqlen=seqlen)
+
+
+def llama_hidden(c: int) -> int:
+    """Llama's FFN width for model width c: 2/3 of 4c rounded up to a multiple of 256 (Llama's
+    ``multiple_of``): 11008 for 4096 (Llama-2 7B), 5632 for 2048 (TinyLlama)."""
+    return -(-(8 * c // 3) // 256) * 256
 
 
 def default_sizes(op: str, device: str) -> list[dict]:
@@ -131,6 +142,10 @@ def default_sizes(op: str, device: str) -> list[dict]:
         if gpu:
             return [dict(M=8 * 1024, C=c, Hd=4 * c) for c in widths]
         return [dict(M=512, C=c, Hd=4 * c) for c in (256, 384, 512, 768)]
+    if op == "gated_ffn":  # Llama widths: TinyLlama 1.1B, Llama-3.2 3B, Llama-2 7B
+        if gpu:
+            return [dict(M=8 * 1024, C=c, Hd=h) for c, h in ((2048, 5632), (3072, 8192), (4096, 11008))]
+        return [dict(M=512, C=c, Hd=llama_hidden(c)) for c in (256, 384, 512, 768)]
     if gpu:
         return [dict(preset="gpt2", batch=8, seqlen=1024)]
     return [dict(preset="tiny", batch=8, seqlen=128), dict(preset="small", batch=8, seqlen=256)]
@@ -143,6 +158,9 @@ def size_label(op: str, p: dict) -> str:
         return f"{p['M']}x{p['N']}" + (" +residual" if p.get("residual") else "")
     if op == "gelu_ffn":
         return f"{p['M']}x{p['C']}x{p['Hd']}" + (" exact" if p.get("approximate") == "none" else "")
+    if op == "gated_ffn":
+        act = p.get("activation", "silu")
+        return f"{p['M']}x{p['C']}x{p['Hd']}" + ("" if act == "silu" else f" {act}")
     return ("nanogpt " if p.get("model") == "nanogpt" else "") + f"{p['preset']} {p['batch']}x{p['seqlen']}"
 
 
@@ -291,6 +309,8 @@ class Case:
             x, w = rnd(p["M"], p["N"], scale=2.0, shift=1.0), rnd(p["N"])
             return [x, rnd(p["M"], p["N"]), w] if p.get("residual") else [x, w]
         c, h = p["C"], p["Hd"]
+        if self.op == "gated_ffn":  # x, w_gate, w_up, w_down: Llama's, no biases
+            return [rnd(p["M"], c), rnd(h, c, scale=c ** -0.5), rnd(h, c, scale=c ** -0.5), rnd(c, h, scale=h ** -0.5)]
         return [rnd(p["M"], c), rnd(h, c, scale=c ** -0.5), rnd(h, scale=0.1),
                 rnd(c, h, scale=h ** -0.5), rnd(c, scale=0.1)]
 
@@ -307,12 +327,20 @@ class Case:
         if self.op == "gelu_ffn":
             approx = self.approximate
             return lambda x, w1, b1, w2, b2: gelu_ffn_eager(x, w1, b1, w2, b2, approx)
+        if self.op == "gated_ffn":
+            act = self.activation
+            return lambda x, wg, wu, wd: gated_ffn_ref(x, wg, wu, wd, act)  # Linear, Linear, act * up, Linear
         return layer_norm_eager
 
     @property
     def approximate(self) -> str:
         """gelu_ffn's GELU: "tanh" (GPT-2's, the default) or "none" (exact, erf: nanoGPT's)."""
         return self.params.get("approximate", "tanh")
+
+    @property
+    def activation(self) -> str:
+        """gated_ffn's activation: "silu" (SwiGLU, the default), "gelu_tanh" or "gelu" (GeGLU)."""
+        return self.params.get("activation", "silu")
 
     @property
     def options(self) -> dict:
@@ -360,6 +388,8 @@ class Case:
             return [out, dx, dx, dw, float((x.abs() + r.abs()).max())]  # [y, grads..., then s]
         if self.op == "rms_norm":
             return rms_norm_magnitudes(*inputs64, grad64, 1e-6)
+        if self.op == "gated_ffn":  # [out, dx, dw_gate, dw_up, dw_down]: no biases
+            return gated_ffn_magnitudes(*inputs64, self.activation, dout=grad64)[:5]
         return gelu_ffn_magnitudes(*inputs64, grad64, self.approximate)
 
     def gptfast_fn(self, backend: str) -> Callable:
@@ -385,6 +415,9 @@ class Case:
             return lambda x, r, w: gptfast.rms_norm(x, w, 1e-6, backend=backend, residual=r, prenorm=True)
         if self.op == "rms_norm":
             return lambda x, w: gptfast.rms_norm(x, w, 1e-6, backend=backend)
+        if self.op == "gated_ffn":
+            act = self.activation
+            return lambda x, wg, wu, wd: gptfast.gated_ffn(x, wg, wu, wd, act, backend=backend)
         approx = self.approximate
         return lambda x, w1, b1, w2, b2: gptfast.gelu_ffn(x, w1, b1, w2, b2, approx, backend=backend)
 
@@ -403,7 +436,7 @@ class Case:
         return p
 
     def work(self, phase: str, dtype: torch.dtype) -> float:
-        """FLOPs (attention, gelu_ffn) or bytes (layer_norm, rms_norm) of one call of ``phase``."""
+        """FLOPs (attention, gelu_ffn, gated_ffn) or bytes (layer_norm, rms_norm) of one call of ``phase``."""
         p = self.params
         if self.op == "attention":
             if "window" in p:  # the pairs the window lets through, exactly
@@ -414,6 +447,9 @@ class Case:
             return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd-bwd": 3.5}[phase]
         if self.op == "gelu_ffn":
             fwd = 2.0 * p["M"] * p["C"] * p["Hd"] * 2  # x @ w1^T (M,C,H) and a @ w2^T (M,H,C)
+            return fwd * {"fwd": 1.0, "bwd": 2.0, "fwd-bwd": 3.0}[phase]
+        if self.op == "gated_ffn":
+            fwd = 2.0 * p["M"] * p["C"] * p["Hd"] * 3  # x @ w_gate^T, x @ w_up^T (M,C,H) and a @ w_down^T (M,H,C)
             return fwd * {"fwd": 1.0, "bwd": 2.0, "fwd-bwd": 3.0}[phase]
         e = torch.finfo(dtype).bits // 8
         m, n = p["M"], p["N"]
@@ -617,9 +653,21 @@ def default_backends(op: str, device: str) -> list[str]:
     names = gptfast_backends(op, device) + ["eager", "compile"]
     if device == "cuda" and op == "attention" and _importable("flash_attn") is None:
         names.append("flash_attn")
-    if device == "cuda" and op in NORM_OPS and _importable("liger_kernel") is None:
+    if device == "cuda" and op in NORM_OPS + ("gated_ffn",) and _importable("liger_kernel") is None:
         names.append("liger")
     return names
+
+
+def liger_gated_ffn(activation: str) -> Variant:
+    """Liger-Kernel's LlamaMLP: torch GEMMs around its fused act(gate) * up (LigerSiLUMulFunction;
+    LigerGELUMulFunction, tanh GELU, for GeGLU); it has no exact-erf form."""
+    if activation == "gelu":
+        return Variant("liger", None, "Liger-Kernel's GEGLU is the tanh GELU only")
+    if activation == "silu":
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction as Mul
+    else:
+        from liger_kernel.ops.geglu import LigerGELUMulFunction as Mul
+    return Variant("liger", lambda x, wg, wu, wd: F.linear(Mul.apply(F.linear(x, wg), F.linear(x, wu)), wd))
 
 
 def make_variant(case: Case, name: str, device: torch.device, dtype: torch.dtype) -> Variant:
@@ -639,11 +687,14 @@ def make_variant(case: Case, name: str, device: torch.device, dtype: torch.dtype
         kw = case.attention_kwargs(device) if case.options else {}
         return Variant(name, lambda q, k, v: flash_attn_func(q, k, v, causal=causal, **kw))
     if name == "liger":
-        if case.op not in NORM_OPS:
-            return Variant(name, None, "Liger-Kernel has no plain attention / GELU-FFN op; layer_norm and rms_norm only")
+        if case.op not in NORM_OPS + ("gated_ffn",):
+            return Variant(name, None, "Liger-Kernel has no plain attention / GELU-FFN op; layer_norm, rms_norm "
+                                       "and gated_ffn only")
         why = _importable("liger_kernel")
         if why or device.type != "cuda":
             return Variant(name, None, why or "Liger-Kernel needs a CUDA GPU")
+        if case.op == "gated_ffn":
+            return liger_gated_ffn(case.activation)
         if case.op == "rms_norm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
@@ -1115,6 +1166,10 @@ def table_header(op: str, device: torch.device, dtype: torch.dtype, info: dict, 
     elif op == "gelu_ffn":
         lines.append("TFLOP/s = GEMM FLOPs 2*M*C*H + 2*M*H*C (x2 bwd, x3 fwd-bwd) / time; size = M x C x H; "
                      "GELU tanh unless marked exact (--gelu none)")
+    elif op == "gated_ffn":
+        lines.append("TFLOP/s = GEMM FLOPs 3 * 2*M*C*H (gate, up, down; x2 bwd, x3 fwd-bwd) / time; size = M x C x H; "
+                     "SwiGLU (SiLU) unless marked (--activation); eager = Linear, Linear, act(gate) * up, Linear "
+                     "without biases (HF LlamaMLP); liger = the same GEMMs around LigerSiLUMulFunction")
     elif op == "layer_norm":
         lines.append(LAYER_NORM_BYTES)
     elif op == "rms_norm":
@@ -1274,6 +1329,7 @@ SIZES_HELP = """sizes, separated by spaces or ';' (default: the device's grid, s
 attention B,T,H,D[,HK] (batch, seqlen, heads, headdim, kv heads for GQA/MQA; e.g. 4,512,12,64
 or 4,512,32,128,8; options: --window, --softcap, --alibi, --dropout);
 layer_norm, rms_norm M,N (rows, hidden); gelu_ffn M,C[,H] (rows, width, FFN width, default 4C);
+gated_ffn M,C[,H] (rows, width, FFN width, default Llama's 8C/3 rounded up to 256);
 train PRESET,BATCH[,SEQLEN] (e.g. gpt2,8 or tiny,8,128); generate PRESET,BATCH,CTX[,NEW]
 (prompt length CTX, NEW generated tokens, default 32; e.g. small,1,1024); drop_in FAMILY
 (a Hugging Face decoder family, e.g. gpt2 llama; default all 13); linear_cross_entropy M,K,V
@@ -1302,6 +1358,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "residual=, prenorm=True) against the add then the norm")
     p.add_argument("--gelu", choices=("tanh", "none"), default=None,
                    help="gelu_ffn: the GELU, tanh (GPT-2's, default) or none (exact erf GELU: nanoGPT's nn.GELU())")
+    p.add_argument("--activation", choices=GATED_ACTIVATIONS, default=None,
+                   help="gated_ffn: silu (SwiGLU: Llama, default), gelu_tanh (GeGLU: Gemma) or gelu (exact erf)")
     p.add_argument("--model", choices=TRAIN_MODELS, default="gpt",
                    help="train: gptfast's GPT against itself on PyTorch ops (gpt, default) or against a "
                         "model with nanoGPT's structure and the same weights (nanogpt, bench/nanogpt.py: "
@@ -1391,6 +1449,11 @@ def plan(args) -> tuple[torch.device, torch.dtype, list, list[str], list[str]]:
             raise BenchError(f"--gelu is an option of gelu_ffn, not {op}'s")
         for c in cases:
             c.params["approximate"] = args.gelu
+    if getattr(args, "activation", None) is not None:
+        if op != "gated_ffn":
+            raise BenchError(f"--activation is an option of gated_ffn, not {op}'s")
+        for c in cases:
+            c.params["activation"] = args.activation
     model = getattr(args, "model", "gpt") or "gpt"
     if model != "gpt":
         if op != "train":

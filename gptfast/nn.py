@@ -2,7 +2,9 @@
 
 ``LayerNorm`` is a drop-in for ``nn.LayerNorm`` (same parameters and state-dict keys; it *is*
 an ``nn.LayerNorm``), ``RMSNorm`` likewise for ``nn.RMSNorm`` (with Gemma's ``offset``). ``CausalSelfAttention`` and ``MLP`` carry nanoGPT / GPT-2 names
-(``c_attn``, ``c_proj``, ``c_fc``), so GPT-2 checkpoints map onto them mechanically.
+(``c_attn``, ``c_proj``, ``c_fc``), so GPT-2 checkpoints map onto them mechanically;
+``GatedFFN`` carries Hugging Face's Llama / Phi-3 MLP names (``gate_proj``, ``up_proj``,
+``down_proj``, or the fused ``gate_up_proj``).
 """
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import attention, attention_varlen, gelu_ffn, layer_norm, rms_norm
+from .ops import attention, attention_varlen, gated_ffn, gelu_ffn, layer_norm, rms_norm
 
-__all__ = ["LayerNorm", "RMSNorm", "CausalSelfAttention", "MLP"]
+__all__ = ["LayerNorm", "RMSNorm", "CausalSelfAttention", "MLP", "GatedFFN"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -153,3 +155,49 @@ class MLP(nn.Module):
         y = gelu_ffn(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
                      approximate=self.approximate, backend=self.backend)
         return F.dropout(y, self.resid_dropout, self.training) if self.resid_dropout else y
+
+
+class GatedFFN(nn.Module):
+    """The Llama-family gated MLP, ``down_proj(act(gate_proj(x)) * up_proj(x))``, run as one fused
+    op (:func:`gptfast.gated_ffn`): SwiGLU with ``activation="silu"`` (Llama, Mistral, Qwen),
+    GeGLU with ``"gelu_tanh"`` (Gemma) or ``"gelu"`` (exact erf).
+
+    x (..., in_features) -> (..., out_features). The weights are ``nn.Linear`` modules with
+    Hugging Face's names, so a ``LlamaMLP`` state dict loads as is: ``gate_proj``, ``up_proj``
+    (hidden_features x in_features each) and ``down_proj`` (out_features x hidden_features); with
+    ``fused=True`` one ``gate_up_proj`` (2 hidden_features x in_features: gate rows first, then up;
+    Phi-3's layout) replaces the first two. ``out_features`` defaults to ``in_features``; ``bias``
+    gives every projection a bias (Llama has none). ``backend`` pins this module to one backend
+    (default: selection rules).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 activation: str = "silu", bias: bool = False, fused: bool = False, device=None, dtype=None,
+                 backend: str | None = None):
+        super().__init__()
+        from .ops.gated_ffn import ACTIVATIONS
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"gptfast.nn.GatedFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        out_features = in_features if out_features is None else out_features
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        if fused:
+            self.gate_up_proj = nn.Linear(in_features, 2 * hidden_features, **kw)
+        else:
+            self.gate_proj = nn.Linear(in_features, hidden_features, **kw)
+            self.up_proj = nn.Linear(in_features, hidden_features, **kw)
+        self.down_proj = nn.Linear(hidden_features, out_features, **kw)
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.activation, self.fused, self.backend = activation, fused, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+        if self.fused:
+            gu = self.gate_up_proj
+            return gated_ffn(x, gu.weight, None, self.down_proj.weight, self.activation, gu.bias, None,
+                             self.down_proj.bias, backend=self.backend)
+        return gated_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.activation,
+                         self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+                f"out_features={self.out_features}, activation={self.activation!r}"
+                + (", fused=True" if self.fused else ""))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 __all__ = ["assert_close", "assert_within_pytorch_error", "assert_matches_reference", "max_abs_diff",
            "sdpa_bthd", "rounding_atol", "accumulation_eps", "attention_magnitudes",
-           "layer_norm_magnitudes", "rms_norm_magnitudes", "gelu_ffn_magnitudes", "ROUNDING_FACTOR"]
+           "layer_norm_magnitudes", "rms_norm_magnitudes", "gelu_ffn_magnitudes", "gated_ffn_magnitudes",
+           "ROUNDING_FACTOR"]
 
 # How many eps_acc * M a kernel may be off beyond PyTorch's own error. Measured over every test
 # that uses this rule on the CPU (the whole suite, fuzz included; cpu, reference and triton
@@ -263,6 +264,57 @@ def gelu_ffn_magnitudes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | No
     grads = (big_dh @ w1.abs(), big_dh.t() @ x2.abs(), big_dh.sum(0) if b1 is not None else None,
              dy.abs().t() @ big_a, dy.abs().sum(0) if b2 is not None else None)
     return out + [None if g is None else root_n * _max(g) for g in grads]
+
+
+def gated_ffn_magnitudes(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor | None, w_down: torch.Tensor,
+                         activation: str = "silu", b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+                         b_down: torch.Tensor | None = None, dout: torch.Tensor | None = None) -> list[float | None]:
+    """Magnitudes ``[out, dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down]`` of the gated FFN's
+    terms (gptfast.gated_ffn's arguments, in its order; ``w_up=None``: fused gate_up ``w_gate``,
+    whose dw_gate / db_gate then cover both halves and dw_up / db_up are None), each the max over
+    its tensor, times sqrt of the longest reduction (K, H; rows too for the gradients). None for
+    absent parameters, and for every gradient when ``dout`` is None.
+
+    g = x w_gate^T + b_gate, u = x w_up^T + b_up have terms Sg = |x| |w_gate|^T + |b_gate| and Su
+    (their absolute errors in eps); with c = act(g), c' = act'(g) (|act''| <= 1 for SiLU and both
+    GELUs): a = c u: A = |c| |u| + |c'| Sg |u| + |c| Su; out: A |w_down|^T + |b_down|. Backward, with
+    da = dy w_down (terms SdA = |dy| |w_down|): du = da c: Du = SdA |c| + |da| |c'| Sg;
+    dg = da u c': Dg = SdA |u| |c'| + |da| Su |c'| + |da| |u| Sg; dx: Dg |w_gate| + Du |w_up|;
+    dw_gate: Dg^T |x|; dw_up: Du^T |x|; db_gate, db_up: sum Dg, sum Du; dw_down: |dy|^T A;
+    db_down: sum |dy|.
+    """
+    from .ops.gated_ffn import activation as act_fn, activation_grad
+
+    fused = w_up is None
+    x, w_gate, w_up, w_down, b_gate, b_up, b_down, dout = _f64(x, w_gate, w_up, w_down, b_gate, b_up, b_down, dout)
+    if fused:
+        w_gate, w_up = w_gate.chunk(2, 0)
+        if b_gate is not None:
+            b_gate, b_up = b_gate.chunk(2, 0)
+    x2 = x.reshape(-1, x.shape[-1])
+    g, u = F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)
+    big_g = x2.abs() @ w_gate.abs().t() + (b_gate.abs() if b_gate is not None else 0.0)
+    big_u = x2.abs() @ w_up.abs().t() + (b_up.abs() if b_up is not None else 0.0)
+    c, dc = act_fn(g, activation).abs(), activation_grad(g, activation).abs()
+    big_a = c * u.abs() + dc * big_g * u.abs() + c * big_u
+    root_n = math.sqrt(max(x2.shape[1], w_gate.shape[0]))
+    out = [root_n * _max(big_a @ w_down.abs().t() + (b_down.abs() if b_down is not None else 0.0))]
+    if dout is None:
+        return out + [None] * 7
+    root_n = math.sqrt(max(x2.shape[0], x2.shape[1], w_gate.shape[0]))
+    dy = dout.reshape(-1, dout.shape[-1])
+    s_da, da = dy.abs() @ w_down.abs(), (dy @ w_down).abs()
+    big_du = s_da * c + da * dc * big_g
+    big_dg = s_da * u.abs() * dc + da * big_u * dc + da * u.abs() * big_g
+    dwg, dwu = big_dg.t() @ x2.abs(), big_du.t() @ x2.abs()
+    dbg = big_dg.sum(0) if b_gate is not None else None
+    dbu = big_du.sum(0) if b_up is not None else None
+    if fused:
+        dwg, dwu = torch.cat([dwg, dwu]), None
+        dbg, dbu = (None if dbg is None else torch.cat([dbg, dbu])), None
+    grads = (big_dg @ w_gate.abs() + big_du @ w_up.abs(), dwg, dwu, dy.abs().t() @ big_a, dbg, dbu,
+             dy.abs().sum(0) if b_down is not None else None)
+    return out + [None if t is None else root_n * _max(t) for t in grads]
 
 
 def linear_cross_entropy_magnitudes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

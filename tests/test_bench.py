@@ -205,6 +205,32 @@ def test_gelu_ffn_exact_gelu_is_benchmarked_and_checked_against_the_exact_truth(
     bench.check_case(exact, exact.gptfast_fn("reference"), cpu, torch.float32, backward=True)
 
 
+def test_gated_ffn_is_checked_and_timed_in_tflops(tmp_path):
+    # every row checked (here against the GeGLU truth) and timed; TFLOP/s from the three GEMMs
+    out = tmp_path / "gated"
+    backends = [b for b in ("reference", "cpu") if b in gptfast.available_backends("gated_ffn", "cpu")]
+    main(["bench", "gated_ffn", *FAST, "--activation", "gelu_tanh", "--sizes", "64,32,48",
+          "--backends", ",".join(backends + ["eager", "liger"]), "--fwd", "--fwd-bwd", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == set(backends) | {"eager", "liger"}
+    for r in rows:
+        assert r["size"] == "64x32x48 gelu_tanh"
+        if r["backend"] == "liger":  # needs a GPU (and the package)
+            assert r["status"] == "SKIP"
+            continue
+        assert r["status"] == "ok" and r["peak_mib"] is not None
+        flops = 2 * 64 * 32 * 48 * 3 * (1 if r["phase"] == "fwd" else 3)
+        assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e9))
+    case = bench.Case("gated_ffn", dict(M=16, C=8, Hd=24, activation="gelu"))
+    cpu = torch.device("cpu")
+    bench.check_case(case, case.gptfast_fn("reference"), cpu, torch.float32, backward=True)
+    swiglu = bench.Case("gated_ffn", dict(M=16, C=8, Hd=24)).gptfast_fn("reference")
+    with pytest.raises(AssertionError):  # SiLU where the exact GELU is asked for: caught
+        bench.check_case(case, swiglu, cpu, torch.float32, backward=False)
+    assert bench.parse_size("gated_ffn", "8,4096") == dict(M=8, C=4096, Hd=11008)  # Llama-2 7B's width
+    assert bench.parse_size("gated_ffn", "8,2048") == dict(M=8, C=2048, Hd=5632)  # TinyLlama's
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_is_checked_and_timed_in_gb_per_s(tmp_path, residual):
     out = tmp_path / "rms"
@@ -301,6 +327,7 @@ def test_default_grids_and_backends():
     (["train", "--residual"], "--residual is an option of layer_norm and rms_norm"),
     (["layer_norm", "--model", "nanogpt"], "--model is an option of train"),
     (["attention", "--gelu", "none"], "--gelu is an option of gelu_ffn"),
+    (["gelu_ffn", "--activation", "silu"], "--activation is an option of gated_ffn"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -247,6 +247,47 @@ GPTFAST_INLINE void gelu_and_grad<double>(double h, bool tanh_approx, double* ac
   }
 }
 
+// exp_f32 with its clamps and special cases as integer-mask selects (select_f32): the same values
+// bit for bit, but a loop calling it vectorises in the AVX2 and baseline clones too (exp_f32's
+// float ?: became branches there: "control flow in loop", the SiLU pass stayed scalar).
+GPTFAST_INLINE float exp_select_f32(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447504f;
+  float xc = select_f32(x > hi, hi, select_f32(x < lo, lo, x));
+  xc = select_f32(xc == xc, xc, 0.f);
+  float n = xc * 1.44269504088896341f + 12582912.f;
+  n = n - 12582912.f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = static_cast<int32_t>(n) + 127;
+  uint32_t bits = static_cast<uint32_t>(e) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  float res = p * two_n;
+  res = select_f32(x < lo, 0.f, res);
+  res = select_f32(x > hi, std::numeric_limits<float>::infinity(), res);
+  return select_f32(x == x, res, x);  // NaN in, NaN out
+}
+
+GPTFAST_INLINE float exp_silu(float x) { return exp_select_f32(x); }
+GPTFAST_INLINE double exp_silu(double x) { return std::exp(x); }
+
+// SiLU(g) = g * s and its derivative s * (1 + g * (1 - s)), s = sigmoid(g) = 1 / (1 + exp(-g)),
+// for gated_ffn's SwiGLU, without libm calls in float (vectorisable); exp(-g) overflows to inf
+// for g < -88, giving s = 0 (SiLU = -0, SiLU' = 0), and NaN propagates.
+template <typename T>
+GPTFAST_INLINE void silu_and_grad(T g, T* act, T* grad) {
+  const T s = T(1) / (T(1) + exp_silu(-g));
+  if (act) *act = g * s;
+  if (grad) *grad = s * (T(1) + g * (T(1) - s));
+}
+
 // tanh for attention's softcap (csrc/cpu/attention.cpp, kvcache.cpp), relative error ~1e-7: libm's tanhf made a softcapped fp32 forward 2.5x
 // slower at T = 1024, D = 64. vec::tanh_f32 (exp-based) has an absolute error of ~1 ulp of 1,
 // which softcap * tanh would turn into ~softcap * 6e-8 on small scores, so |x| < 1/4 takes

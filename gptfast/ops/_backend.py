@@ -73,6 +73,27 @@ b1: (H,) or None, b2: (N,) or None, contiguous; all of x's dtype; approximate in
 
     GELU(h) is recomputed from h in the backward, never saved.
 
+gated_ffn (x: (M, K) contiguous; w_gate, w_up: (H, K), w_down: (N, H) in nn.Linear layout, any
+strides; b_gate, b_up: (H,) or None, b_down: (N,) or None, contiguous; all of x's dtype;
+activation in {"silu", "gelu_tanh", "gelu"})::
+
+    gated_ffn_forward(x, w_gate, b_gate, w_up, b_up, w_down, b_down, activation: str)
+        -> out (M, N) x.dtype,
+           g (M, H) x.dtype: the gate pre-activation x @ w_gate.T + b_gate,
+           u (M, H) x.dtype: the up projection x @ w_up.T + b_up
+           a = act(g) * u is evaluated in fp32 from g, u as rounded to x.dtype, rounded once to
+           x.dtype, and out = a @ w_down.T + b_down.
+    gated_ffn_backward(dout, x, g, u, w_gate, w_up, w_down, has_b_gate: bool, has_b_up: bool,
+                       has_b_down: bool, activation: str)
+        -> dx, dw_gate, db_gate or None, dw_up, db_up or None, dw_down, db_down or None
+           da = dout @ w_down (fp32 acc), dw_down = dout.T @ a (a recomputed from g, u, rounded to
+           x.dtype as in the forward), dg = da * u * act'(g), du = da * act(g) (fp32, each rounded
+           once to x.dtype), dw_gate = dg.T @ x, dw_up = du.T @ x, dx = dg @ w_gate + du @ w_up,
+           db_* = column sums (fp32 acc) of dg / du / dout.
+
+    act(g) * u is recomputed from g and u in the backward, never saved. (The fused (2H, K)
+    gate_up weight of the public op arrives here as its two row-slice views.)
+
 rms_norm (x: (..., N) contiguous, its M rows the leading dimensions flattened; weight: (N,)
 contiguous or None, dtype of x; offset: float added to the weight (Gemma: 1.0); y, s, dy, dx,
 residual and dresidual have x's shape)::
@@ -103,7 +124,7 @@ shape, stride(-1) == 1; int32 contiguous tensors on q's device)::
     chunks per (sequence, head) a kernel may reduce in parallel (0: its heuristic); the result
     does not depend on it beyond rounding.
 
-``dout``/``dy`` arrive contiguous for layer_norm and gelu_ffn, and laid out like q for attention
+``dout``/``dy`` arrive contiguous for layer_norm, gelu_ffn and gated_ffn, and laid out like q for attention
 (stride(-1) == 1, seqlen stride >= headdim: no broadcast or overlapping rows).
 The backend is resolved when an op runs (the forward and, again, the backward), so a compiled
 model follows the selection rules at run time; every backend honours this same contract, so a
@@ -134,14 +155,14 @@ import torch
 OPS = ("attention", "layer_norm", "gelu_ffn")
 # Training ops of other decoders' blocks (the Llama family's), not used by gptfast's GPT (so
 # `gptfast train --backend` does not require them); registered per backend as their kernels land.
-EXTRA_OPS = ("rms_norm", "linear_cross_entropy")
+EXTRA_OPS = ("rms_norm", "linear_cross_entropy", "gated_ffn")
 # Forward-only inference ops (no backward launcher); not called in training, so `gptfast train
 # --backend` does not require them. cuda has no kvcache kernel: auto routes around it.
 DECODE_OPS = ("kvcache",)
 ALL_OPS = OPS + EXTRA_OPS + DECODE_OPS
 # The ops each kernel backend implements (the reference implements ALL_OPS).
 TRITON_OPS = OPS + ("rms_norm", "linear_cross_entropy") + DECODE_OPS  # kernels/<op>.py
-CPU_OPS = OPS + ("rms_norm", "linear_cross_entropy") + DECODE_OPS  # csrc/cpu/
+CPU_OPS = OPS + ("rms_norm", "linear_cross_entropy", "gated_ffn") + DECODE_OPS  # csrc/cpu/
 CUDA_OPS = OPS + ("rms_norm", "linear_cross_entropy")  # csrc/cuda/
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
