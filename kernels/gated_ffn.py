@@ -37,29 +37,34 @@ from .gelu_ffn import _gelu, _gelu_grad
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
-# The modes with two fp32 accumulators (forward, dw_gate/dw_up) hold twice the registers of
-# gelu_ffn's single-product tiles, so their tiles are half as large (one 64-row wgmma per warp
-# group on sm_90 with 8 warps at 128x128). Single-product modes use gelu_ffn's lists.
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_DUAL_CONFIGS = {
-    90: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
-         (64, 64, 64, 4, 3)],
-    80: [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 4, 3)],
+# Per MODE and target: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen from the AOT
+# check's stack column (`python -m gptfast.kernels.check --only gffn`; every entry 0 B there).
+# The two-accumulator modes (1: forward, 4: dw_gate/dw_up) hold twice gelu_ffn's accumulator
+# registers; da's epilogue (2) holds acc, g, u, dg and du at once: with gelu_ffn's 128x128/4-warp
+# tiles it spilled 2-5 KB (sm_80) and 288 B even at 128x128/8 warps (sm_90), so at most 32 fp32
+# values per thread per tile. On sm_80 the 128x128/4-warp and 128x256 tiles spilled 120-200 B in
+# the forward and dw_down; fp32 dw_down spilled ~430 B at 64x64 (act on the loaded B tile).
+_DUAL_90 = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)]
+_DUAL_80 = [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
+_SAFE_80 = [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 3)]
+_DUAL_FP32 = [(32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2)]
+_CONFIGS = {  # MODE -> {90: sm_90+ 16-bit, 80: sm_80 16-bit, 4: fp32 (ieee dots on FMA units)}
+    0: {90: _ffn._CONFIGS[90], 80: _SAFE_80 + [(128, 128, 64, 8, 3)], 4: _DUAL_FP32},
+    1: {90: _DUAL_90, 80: _SAFE_80, 4: _DUAL_FP32},
+    2: {90: [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3)],
+        80: [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (64, 64, 32, 4, 3)], 4: _ffn._FP32_CONFIGS},
+    3: {90: _ffn._CONFIGS[90], 80: _ffn._CONFIGS[80], 4: _ffn._FP32_CONFIGS},
+    4: {90: _DUAL_90, 80: _DUAL_80, 4: _DUAL_FP32},
 }
-_DUAL_FP32_CONFIGS = [(32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2)]
-# MODE -> (A tiles, B tiles) loaded per K slice, and whether it keeps two accumulators
+# MODE -> (A tiles, B tiles) in shared memory per pipeline stage
 _TILES = {0: (1, 2), 1: (1, 2), 2: (1, 1), 3: (2, 2), 4: (2, 1)}
-_DUAL = {1, 4}
-MIN_BLOCK_M = min(r[0] for r in _DUAL_CONFIGS[90] + _DUAL_CONFIGS[80] + _DUAL_FP32_CONFIGS
-                  + _ffn._CONFIGS[90] + _ffn._CONFIGS[80] + _ffn._FP32_CONFIGS + [_ffn._INTERPRET_CONFIG])
+_ROWS = [r for lists in _CONFIGS.values() for rows in lists.values() for r in rows]
+MIN_BLOCK_M = min(r[0] for r in _ROWS + [_ffn._INTERPRET_CONFIG])  # sizes the db partial buffers
 
 
 def matmul_configs(arch: int, esize: int, mode: int) -> list[triton.Config]:
     """The configs the autotuner may select on ``arch`` for an element size and a MODE."""
-    if mode in _DUAL:
-        rows = _DUAL_FP32_CONFIGS if esize == 4 else _DUAL_CONFIGS[90 if arch >= 90 else 80]
-    else:
-        rows = _ffn._FP32_CONFIGS if esize == 4 else _ffn._CONFIGS[90 if arch >= 90 else 80]
+    rows = _CONFIGS[mode][4 if esize == 4 else (90 if arch >= 90 else 80)]
     n_a, n_b = _TILES[mode]
     limit = _ffn.SMEM_LIMIT.get(arch, 99 * 1024)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -74,8 +79,7 @@ def _all_configs() -> list[triton.Config]:
     if _INTERPRET:
         rows = [_ffn._INTERPRET_CONFIG]
     else:
-        rows = list(dict.fromkeys(_DUAL_CONFIGS[90] + _DUAL_CONFIGS[80] + _DUAL_FP32_CONFIGS + _ffn._CONFIGS[90]
-                                  + _ffn._CONFIGS[80] + _ffn._FP32_CONFIGS))
+        rows = list(dict.fromkeys(_ROWS))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in rows]
 
