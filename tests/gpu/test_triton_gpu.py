@@ -1,6 +1,7 @@
 """Triton-only GPU tests (the grid shared with the cuda backend is in test_kernels_gpu.py):
-float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, and the
-LayerNorm's and RMSNorm's fused residual add in bf16 and at GPU sizes.
+float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, the
+LayerNorm's and RMSNorm's fused residual add in bf16 and at GPU sizes, and the gated FFN's
+launchers in bf16/fp16/fp32 at GPU sizes (autotuned once, for its db partial buffers).
 
 Skipped without a GPU. Run by bench/gpu_suite.sh.
 """
@@ -12,6 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_triton_attention import check_attention  # noqa: E402
+from test_triton_gated_ffn import check_gated_ffn_launchers  # noqa: E402
 from test_triton_gelu_ffn import check_gelu_ffn  # noqa: E402
 from test_triton_layer_norm import check_layer_norm_residual  # noqa: E402
 from test_triton_rms_norm import check_rms_norm, check_rms_norm_launchers  # noqa: E402
@@ -62,3 +64,19 @@ def test_rms_norm_launchers(M, N, dtype, has_weight, offset, residual):
 @pytest.mark.parametrize("rows,N,offset", [(512, 4096, 0.0), (300, 1000, 1.0)])
 def test_rms_norm_op_bf16(rows, N, offset):
     check_rms_norm(rows, N, torch.bfloat16, offset=offset)
+
+
+@pytest.mark.parametrize("M,K,H,N,dtype,activation,biases,weights", [
+    (300, 256, 1000, 256, torch.bfloat16, "silu", (False, False, False), "fused"),  # Llama: no biases
+    (257, 192, 768, 200, torch.bfloat16, "gelu_tanh", (True, True, True), "transposed"),  # Gemma GeGLU
+    (130, 128, 384, 96, torch.float16, "gelu", (True, False, True), "separate"),
+    (97, 96, 200, 72, torch.float32, "silu", (True, True, True), "transposed"),
+])
+def test_gated_ffn_launchers(M, K, H, N, dtype, activation, biases, weights):
+    check_gated_ffn_launchers(M, K, H, N, dtype, activation, biases, weights)
+
+
+def test_gated_ffn_autotuned_bias_grads():
+    # As gelu_ffn's: configs of different BLOCK_M write different numbers of db_gate/db_up partial
+    # rows into one buffer; the chosen config's sums must not include a loser's rows.
+    check_gated_ffn_launchers(600, 256, 1024, 256, torch.bfloat16, "silu", seed=3)
