@@ -21,6 +21,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import gptfast  # noqa: E402
+import gptfast.testing  # noqa: E402
 from gptfast.ops.gelu_ffn import gelu, gelu_grad  # noqa: E402
 from gptfast.testing import assert_matches_reference, assert_results_match  # noqa: E402
 
@@ -69,10 +70,25 @@ def contract_backward(dout, x, g, u, w_gate, w_up, w_down, has_b_gate, has_b_up,
             dout.t() @ a, colsum(dout, has_b_down))
 
 
-def gated_ffn_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation):
-    """Magnitudes ``[out, g, u, dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down]`` of the terms
-    each result sums (gptfast.testing's rule), each the max over its tensor times sqrt of the
-    longest reduction.
+def launcher_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation):
+    """Magnitudes ``[out, g, u, dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down]`` (the
+    launchers' order) of the terms each result sums: gptfast.testing.gated_ffn_magnitudes (landed
+    with the op) where present, else :func:`_local_magnitudes`; g, u: sqrt(K) max of their terms."""
+    shared = getattr(gptfast.testing, "gated_ffn_magnitudes", None)
+    if shared is None:
+        return _local_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation)
+    out, dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down = shared(
+        x, w_gate, w_up, w_down, activation, b_gate, b_up, b_down, dout)
+    terms = lambda w, b: x.double().abs() @ w.double().abs().t() + (0.0 if b is None else b.double().abs())  # noqa: E731
+    root = math.sqrt(x.shape[1])
+    return [out, root * float(terms(w_gate, b_gate).max()), root * float(terms(w_up, b_up).max()),
+            dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down]
+
+
+def _local_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation):
+    """:func:`launcher_magnitudes` for a tree without gptfast.testing.gated_ffn_magnitudes (this
+    branch before the op's merge; delete it then). Each the max over its tensor times sqrt of
+    the longest reduction.
 
     g, u have terms Sg = |x| |w_gate|^T + |b_gate|, Su likewise; a = act(g) u: A = |a| + |act'(g)|
     |u| Sg + |act(g)| Su; out: A |w_down|^T + |b_down|. Backward, da = dout w_down with terms
@@ -137,7 +153,7 @@ def check_gated_ffn_launchers(M, K, H, N, dtype, activation="silu", biases=(True
     f64 = [None if t is None else t.double() for t in inputs]
     dout = torch.randn(M, N, device=DEVICE).to(dtype)
     name = f"M={M} K={K} H={H} N={N} {dtype} {activation} biases={biases} {weights}"
-    mags = gated_ffn_magnitudes(*inputs, dout, activation)
+    mags = launcher_magnitudes(*inputs, dout, activation)
 
     out, g, u = gated_ffn_forward(*inputs, activation)
     ref = contract_forward(*f64, activation)
@@ -240,22 +256,14 @@ def check_gated_ffn_op(B, T, K, H, N, dtype, activation="silu", fused=True, back
     for y, d in ((ref, dout.double()), (pt, dout), (out, dout)):
         y.backward(d)
     grads = lambda ts: [None if t is None else t.grad for t in ts]  # noqa: E731
-    # magnitudes in launcher order, summed over the fused halves (the larger of the two)
-    hh = H
-    split = lambda t: (None, None) if t is None else (t[:hh], t[hh:])  # noqa: E731
-    if fused:
-        (wg, wu), (bg, bu) = split(x64[1]), split(x64[4])
-    else:
-        wg, wu, bg, bu = x64[1], x64[2], x64[4], x64[5]
-    m = gated_ffn_magnitudes(x64[0].reshape(-1, K), wg, bg, wu, bu, x64[3], x64[6], dout.reshape(-1, N), activation)
-    top = lambda *v: max(e for e in v if e is not None)  # noqa: E731
-    mags = [m[0], m[3], top(m[4], m[6]) if fused else m[4], None if fused else m[6], m[8],
-            top(m[5], m[7]) if fused else m[5], None if fused else m[7], m[9]]
+    mags = gptfast.testing.gated_ffn_magnitudes(x64[0], x64[1], x64[2], x64[3], activation, *x64[4:],
+                                                dout=dout.double())
     assert_results_match(out, ref, pt, grads(xtr), grads(x64), grads(xpt), magnitudes=mags,
                          name=f"B={B} T={T} K={K} H={H} N={N} {dtype} {activation} fused={fused}")
 
 
-@pytest.mark.skipif(not hasattr(gptfast, "gated_ffn"), reason="gptfast.gated_ffn (the op) is not in this tree")
+@pytest.mark.skipif(not hasattr(gptfast, "gated_ffn") or not hasattr(gptfast.testing, "gated_ffn_magnitudes"),
+                    reason="gptfast.gated_ffn (the op) is not in this tree")
 @pytest.mark.parametrize("dtype,activation,fused", [(torch.float32, "silu", True), (torch.float16, "gelu_tanh", False),
                                                     (torch.float16, "gelu", True)])
 def test_gated_ffn_triton_op_matches_float64(dtype, activation, fused):
