@@ -230,6 +230,22 @@ def test_gated_ffn_triton_large_activations_stay_finite(activation):
         assert torch.isfinite(t).all()
 
 
+def test_gated_ffn_triton_nan_propagates_to_its_rows():
+    # a NaN in row 1 of x reaches exactly row 1 of out, g, u and dx (the wrapped row indices of
+    # the tiles duplicate rows only into masked-off lanes), and every weight/bias gradient
+    from gptfast.kernels.gated_ffn import gated_ffn_backward, gated_ffn_forward
+    x, w_gate, b_gate, w_up, b_up, w_down, b_down = make_inputs(37, 45, 70, 29, torch.float32)
+    x[1, 3] = float("nan")
+    out, g, u = gated_ffn_forward(x, w_gate, b_gate, w_up, b_up, w_down, b_down, "silu")
+    grads = gated_ffn_backward(torch.randn(37, 29, device=DEVICE), x, g, u, w_gate, w_up, w_down,
+                               True, True, True, "silu")
+    for name, t in (("out", out), ("g", g), ("u", u), ("dx", grads[0])):
+        assert torch.isnan(t[1]).all() and not torch.isnan(t[torch.arange(37) != 1]).any(), name
+    for t in grads[1:6]:
+        assert torch.isnan(t).all()
+    assert not torch.isnan(grads[6]).any()  # db_down = column sums of dout
+
+
 # ---------------------------------------------------------------------------------------------
 # The public op (gptfast/ops/gated_ffn.py, landed separately): backend="triton" against float64
 # ---------------------------------------------------------------------------------------------
