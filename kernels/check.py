@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from gptfast.kernels import attention as _att  # noqa: E402
+from gptfast.kernels import gated_ffn as _gffn  # noqa: E402
 from gptfast.kernels import gelu_ffn as _ffn  # noqa: E402
 from gptfast.kernels import _reduce  # noqa: E402
 from gptfast.kernels import layer_norm as _ln  # noqa: E402
@@ -246,6 +247,43 @@ def _ffn_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def _gated_ffn_jobs(arch: int) -> list[Job]:
+    jobs = []
+    fn = _jit(_gffn._gated_ffn_matmul_kernel)
+    strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_b2k", "stride_b2n", "stride_cm",
+               "stride_cn", "stride_xm", "stride_xn", "stride_x2m", "stride_x2n")
+    # (display, mode, activation, unit strides): the forward (x, w_gate.T, w_up.T: unit K strides),
+    # da with the dgate epilogue (dout, w_down: unit N stride; g, u aux), dw_down (dout.T: unit M
+    # stride; g, u B tiles with act(g) * u), dw_gate/dw_up (dg.T, du.T against x) and dx (dg, du
+    # against w_gate, w_up). Unused pointers are the output, so their strides are C's.
+    modes = [
+        ("fwd", 1, 0, ("stride_ak", "stride_bk", "stride_b2k", "stride_cn", "stride_xn", "stride_x2n")),
+        ("bwd_da", 2, 1, ("stride_ak", "stride_bn", "stride_b2n", "stride_cn", "stride_xn", "stride_x2n")),
+        ("bwd_dwd", 0, 2, ("stride_am", "stride_bn", "stride_b2n", "stride_cn", "stride_xn", "stride_x2n")),
+        ("bwd_dwgu", 4, 0, ("stride_am", "stride_bn", "stride_b2n", "stride_cn", "stride_xn", "stride_x2n")),
+        ("bwd_dx", 3, 0, ("stride_ak", "stride_bn", "stride_b2n", "stride_cn", "stride_xn", "stride_x2n")),
+    ]
+    # fp16 and fp32: every config of every mode; bf16: the forward's first
+    variants = [(m, dt, True) for dt in ("fp16", "fp32") for m in modes]
+    variants += [(modes[0], "bf16", False)]
+    for (name, mode, act, units), dt, every in variants:
+        cfgs = _gffn.matmul_configs(arch, DT[dt], mode)
+        for c in (cfgs if every else cfgs[:1]):
+            ce = dict(MODE=mode, HAS_BIAS=mode == 1, HAS_BIAS2=mode == 1, COLSUM=mode == 2, COLSUM2=mode == 2,
+                      ACT=act, DOT_PREC="ieee" if dt == "fp32" else "tf32", EVEN_K=True, **c.kwargs)
+            ce.update({u: 1 for u in units})
+            types = {n: f"*{dt}" for n in ("A", "A2", "B", "B2", "C", "C2", "C3", "Bias", "Bias2", "Aux", "Aux2")}
+            types.update(ColSum="*fp32", ColSum2="*fp32", M="i32", N="i32", K="i32")
+            types.update({s: "i32" for s in strides})
+            aligned = [n for n in types if n[0].isupper() and n not in ("M", "N", "K")] + ["M", "N", "K"]
+            aligned += [s for s in strides if s not in units]
+            kw = c.kwargs
+            jobs.append(Job(f"gffn_{name}", fn, _sig(fn, types, ce), ce, c.num_warps, c.num_stages,
+                            f"{dt} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}",
+                            dt != "fp32", aligned))
+    return jobs
+
+
 def _resources(cubin: bytes) -> tuple[str, str]:
     tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
                                                      "bin", "cuobjdump")
@@ -281,7 +319,7 @@ def run(archs: list[int], only: str | None = None) -> int:
     t_all = time.time()
     for arch in archs:
         jobs = (_attention_jobs(arch) + _layer_norm_jobs(arch) + _rms_norm_jobs(arch) + _lce_jobs(arch)
-                + _ffn_jobs(arch))
+                + _ffn_jobs(arch) + _gated_ffn_jobs(arch))
         if only:
             jobs = [j for j in jobs if only in j.kernel]
         for job in jobs:

@@ -35,10 +35,11 @@ def test_aot_compile_sm80_sm90():
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("sm_")]
     kernels90 = {r[1] for r in rows if r[0] == "sm_90"}
     for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "ffn_mm_fwd_gelu", "ffn_mm_bwd_dh",
-                 "ffn_mm_bwd_dw2", "ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "lce_logits"):
+                 "ffn_mm_bwd_dw2", "ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "lce_logits", "gffn_fwd",
+                 "gffn_bwd_da", "gffn_bwd_dwd", "gffn_bwd_dwgu", "gffn_bwd_dx"):
         assert name in kernels90, f"{name} missing from the AOT table"
     # every fp16/bf16 attention/matmul row on sm_90 shows wgmma, on sm_80 mma
     for r in rows:
-        if (r[1].startswith("attn_") and r[1] != "attn_bwd_pre" or r[1].startswith("ffn_mm")) \
+        if (r[1].startswith("attn_") and r[1] != "attn_bwd_pre" or r[1].startswith(("ffn_mm", "gffn_"))) \
                 and r[2] in ("fp16", "bf16"):
             assert ("wgmma" if r[0] == "sm_90" else "mma") in r, " ".join(r)

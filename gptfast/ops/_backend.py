@@ -161,7 +161,7 @@ EXTRA_OPS = ("rms_norm", "linear_cross_entropy", "gated_ffn")
 DECODE_OPS = ("kvcache",)
 ALL_OPS = OPS + EXTRA_OPS + DECODE_OPS
 # The ops each kernel backend implements (the reference implements ALL_OPS).
-TRITON_OPS = OPS + ("rms_norm", "linear_cross_entropy") + DECODE_OPS  # kernels/<op>.py
+TRITON_OPS = OPS + ("rms_norm", "linear_cross_entropy", "gated_ffn") + DECODE_OPS  # kernels/<op>.py
 CPU_OPS = OPS + ("rms_norm", "linear_cross_entropy", "gated_ffn") + DECODE_OPS  # csrc/cpu/
 CUDA_OPS = OPS + ("rms_norm", "linear_cross_entropy")  # csrc/cuda/
 BACKENDS = ("reference", "triton", "cuda", "cpu")

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the CPU test mod
 
 # Tests that let the Triton kernels autotune; every other test uses each config list's first entry.
 TRITON_AUTOTUNED = {"test_attention_deterministic_backward_20_runs", "test_attention_race_large_batch",
-                    "test_gelu_ffn_autotuned_bias_grad"}
+                    "test_gelu_ffn_autotuned_bias_grad", "test_gated_ffn_autotuned_bias_grads"}
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """Triton-only GPU tests (the grid shared with the cuda backend is in test_kernels_gpu.py):
-float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, and the
+float32 attention (ieee dots), the autotuner's handling of the db1 partial buffer, the
 LayerNorm's and RMSNorm's fused residual add in bf16 and at GPU sizes, the linear cross-entropy's
-logits epilogue at real vocabularies.
+logits epilogue at real vocabularies, and the gated FFN's launchers in bf16/fp16/fp32 at GPU sizes
+(autotuned once, for its db partial buffers).
 
 Skipped without a GPU. Run by bench/gpu_suite.sh.
 """
@@ -13,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_triton_attention import check_attention  # noqa: E402
+from test_triton_gated_ffn import check_gated_ffn_launchers  # noqa: E402
 from test_triton_gelu_ffn import check_gelu_ffn  # noqa: E402
 from test_triton_layer_norm import check_layer_norm_residual  # noqa: E402
 from test_triton_linear_cross_entropy import check_epilogue  # noqa: E402
@@ -70,3 +72,19 @@ def test_rms_norm_op_bf16(rows, N, offset):
                                                        (128256, 0.1, 30.0, True), (256000, 0.0, 30.0, True)])
 def test_linear_cross_entropy_epilogue(v, smoothing, softcap, scaled):
     check_epilogue(64, v, smoothing, softcap, scaled)
+
+
+@pytest.mark.parametrize("M,K,H,N,dtype,activation,biases,weights", [
+    (300, 256, 1000, 256, torch.bfloat16, "silu", (False, False, False), "fused"),  # Llama: no biases
+    (257, 192, 768, 200, torch.bfloat16, "gelu_tanh", (True, True, True), "transposed"),  # Gemma GeGLU
+    (130, 128, 384, 96, torch.float16, "gelu", (True, False, True), "separate"),
+    (97, 96, 200, 72, torch.float32, "silu", (True, True, True), "transposed"),
+])
+def test_gated_ffn_launchers(M, K, H, N, dtype, activation, biases, weights):
+    check_gated_ffn_launchers(M, K, H, N, dtype, activation, biases, weights)
+
+
+def test_gated_ffn_autotuned_bias_grads():
+    # As gelu_ffn's: configs of different BLOCK_M write different numbers of db_gate/db_up partial
+    # rows into one buffer; the chosen config's sums must not include a loser's rows.
+    check_gated_ffn_launchers(600, 256, 1024, 256, torch.bfloat16, "silu", seed=3)
