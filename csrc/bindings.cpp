@@ -57,6 +57,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_forward(const at::Tensor&, const at::
                                                    const at::Tensor&, double, int64_t, int64_t, double,
                                                    const std::optional<at::Tensor>&, int64_t);
 }  // namespace cpu
+#else
+namespace cuda::checks {  // csrc/cuda/gated_ffn.cpp: the cuda side's gated_ffn argument checks
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_forward(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, const std::string&);
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>, at::Tensor,
+           std::optional<at::Tensor>>
+gated_ffn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const at::Tensor&, bool, bool, bool, const std::string&);
+}  // namespace cuda::checks
 #endif
 }  // namespace gptfast
 
@@ -104,6 +114,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_smem_bytes", &gptfast::cuda::attention_smem_bytes, py::arg("head_dim"),
         py::arg("kernel"), "Dynamic shared memory (bytes) for a head dim of kernel 0 (forward), "
         "1 (dK/dV) or 2 (deterministic dQ)");
+  m.def("gated_ffn_forward", &gptfast::cuda::checks::gated_ffn_forward, py::arg("x"), py::arg("w_gate"),
+        py::arg("b_gate"), py::arg("w_up"), py::arg("b_up"), py::arg("w_down"), py::arg("b_down"),
+        py::arg("activation"), "Gated FFN (SwiGLU / GeGLU) forward: (out, g, u)");
+  m.def("gated_ffn_backward", &gptfast::cuda::checks::gated_ffn_backward, py::arg("dout"), py::arg("x"),
+        py::arg("g"), py::arg("u"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down"), py::arg("has_b_gate"),
+        py::arg("has_b_up"), py::arg("has_b_down"), py::arg("activation"),
+        "Gated FFN backward: (dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down)");
 #else
   m.def("kvcache_forward", &gptfast::cpu::kvcache_forward, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_table"), py::arg("cache_batch_idx"), py::arg("key_start"),

@@ -92,7 +92,8 @@ _SOURCES = {
     "cpu": _COMMON + ("cpu/attention.cpp", "cpu/layer_norm.cpp", "cpu/gelu_ffn.cpp", "cpu/kvcache.cpp",
             "cpu/linear_cross_entropy.cpp"),
     "cuda": _COMMON + ("cuda/attention.cpp", "cuda/attention.cu", "cuda/layer_norm.cpp",
-                       "cuda/layer_norm.cu", "cuda/gelu_ffn.cpp", "cuda/gelu_ffn.cu"),
+                       "cuda/layer_norm.cu", "cuda/gelu_ffn.cpp", "cuda/gelu_ffn.cu", "cuda/gated_ffn.cpp",
+                       "cuda/gated_ffn.cu"),
 }
 # Files of csrc/ that can reach a binary (the key hashes all of them, headers included).
 _SOURCE_SUFFIXES = (".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp", ".inl")

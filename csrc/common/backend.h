@@ -94,6 +94,19 @@ at::Tensor cross_entropy_logits_(at::Tensor& z, const at::Tensor& targets,
                                  const std::optional<at::Tensor>& row_scale, int64_t ignore_index,
                                  double label_smoothing, double softcap);
 
+// The gated FFN (SwiGLU / GeGLU; cuda only in this branch): out, g = x w_gate^T + b_gate, u = x w_up^T + b_up;
+// activation 0 SiLU, 1 GELU tanh, 2 GELU erf. Backward: dx, dw_gate, db_gate, dw_up, db_up, dw_down,
+// db_down (the biases' none when absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_forward(
+    const at::Tensor& x, const at::Tensor& w_gate, const std::optional<at::Tensor>& b_gate,
+    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_down, int64_t activation);
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>, at::Tensor,
+           std::optional<at::Tensor>>
+gated_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
+                   const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, bool has_b_gate,
+                   bool has_b_up, bool has_b_down, int64_t activation);
+
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
                                                     const std::optional<at::Tensor>& b1,
                                                     const at::Tensor& w2,

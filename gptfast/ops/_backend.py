@@ -134,7 +134,7 @@ import torch
 OPS = ("attention", "layer_norm", "gelu_ffn")
 # Training ops of other decoders' blocks (the Llama family's), not used by gptfast's GPT (so
 # `gptfast train --backend` does not require them); registered per backend as their kernels land.
-EXTRA_OPS = ("rms_norm", "linear_cross_entropy")
+EXTRA_OPS = ("rms_norm", "linear_cross_entropy", "gated_ffn")
 # Forward-only inference ops (no backward launcher); not called in training, so `gptfast train
 # --backend` does not require them. cuda has no kvcache kernel: auto routes around it.
 DECODE_OPS = ("kvcache",)
@@ -142,7 +142,7 @@ ALL_OPS = OPS + EXTRA_OPS + DECODE_OPS
 # The ops each kernel backend implements (the reference implements ALL_OPS).
 TRITON_OPS = OPS + ("rms_norm",) + DECODE_OPS  # kernels/<op>.py
 CPU_OPS = OPS + ("rms_norm", "linear_cross_entropy") + DECODE_OPS  # csrc/cpu/
-CUDA_OPS = OPS  # csrc/cuda/
+CUDA_OPS = OPS + ("gated_ffn",)  # csrc/cuda/
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Fastest first. Triton is never auto-selected on the CPU: there it runs in the interpreter,

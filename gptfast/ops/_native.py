@@ -16,7 +16,8 @@ from .linear_cross_entropy import chunked_linear_cross_entropy
 
 LAUNCHERS = ("attention_forward", "attention_backward", "layer_norm_forward", "layer_norm_backward",
              "gelu_ffn_forward", "gelu_ffn_backward", "kvcache_forward", "rms_norm_forward",
-             "rms_norm_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward")
+             "rms_norm_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward",
+             "gated_ffn_forward", "gated_ffn_backward")
 
 
 class NativeLaunchers:
@@ -112,6 +113,21 @@ class NativeLaunchers:
     def gelu_ffn_forward(self, x, w1, b1, w2, b2, approximate: str):
         """out (M, N), h (M, H) = x @ w1.T + b1, both in x.dtype."""
         return self.ext.gelu_ffn_forward(x, w1, b1, w2, b2, approximate)
+
+    def _gated_ffn(self, name: str):
+        if not hasattr(self.ext, name):
+            raise NotImplementedError(f"gptfast.gated_ffn: the {self.backend!r} backend has no gated_ffn kernel yet")
+        return getattr(self.ext, name)
+
+    def gated_ffn_forward(self, x, w_gate, b_gate, w_up, b_up, w_down, b_down, activation: str):
+        """out (M, N), g (M, H) = x @ w_gate.T + b_gate, u (M, H) = x @ w_up.T + b_up, all in x.dtype."""
+        return self._gated_ffn("gated_ffn_forward")(x, w_gate, b_gate, w_up, b_up, w_down, b_down, activation)
+
+    def gated_ffn_backward(self, dout, x, g, u, w_gate, w_up, w_down, has_b_gate: bool, has_b_up: bool,
+                           has_b_down: bool, activation: str):
+        """dx, dw_gate, db_gate or None, dw_up, db_up or None, dw_down, db_down or None."""
+        return self._gated_ffn("gated_ffn_backward")(dout, x, g, u, w_gate, w_up, w_down, bool(has_b_gate),
+                                                     bool(has_b_up), bool(has_b_down), activation)
 
     def kvcache_forward(self, q, k_cache, v_cache, block_table, cache_batch_idx, key_start, key_end,
                         softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes,
