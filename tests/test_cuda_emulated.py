@@ -2,6 +2,12 @@
 and column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
 (cuBLASLt, csrc/cuda/gelu_ffn.cpp) are not emulated: only gelu_ffn.cu's own gelu_forward,
 gelu_backward (dh in place, GELU(h) recomputed, db1 partials) and column_sum (db2) launches.
+The gated FFN (csrc/cuda/gated_ffn.*) runs whole: its host code's plan (gated_ffn.h, the function
+gated_ffn.cpp calls: every GEMM's operands, transpositions, leading dimensions, offsets into the
+(M, 2H) [dg du] buffer, the fused [w_gate; w_up] dx GEMM and the accumulating second one) with its
+GEMMs on a CPU loop of cuBLASLt's semantics (bounds-checked against the registered buffers) and its
+kernels emulated, forward and backward, against the float64 formula of the launcher contract, in
+fp32/fp16/bf16, the three activations, each bias on or off, odd sizes, every weight layout.
 
 tests/cuda_emu/ emulates the CUDA features these kernels use (see its README.md): rewrite.py copies
 the current csrc/cuda sources, replacing inline PTX, launches and shared-memory declarations with

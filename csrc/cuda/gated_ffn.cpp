@@ -224,6 +224,14 @@ void check_dtype_and_device(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
 }
 
+// cuBLASLt's bias epilogue takes a packed vector, and its alignment cannot be declared as the
+// operands' is: a 16-byte-aligned copy of a bias that is not (b_up split off a fused (2H,) bias
+// of odd H), H elements.
+at::Tensor bias_of(const at::Tensor& b) {
+  at::Tensor c = b.contiguous();
+  return alignment_of(c.const_data_ptr()) >= 16 ? c : c.clone();
+}
+
 const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 
 }  // namespace
@@ -244,11 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_forward(
   if (M == 0) return {out, g, u};
   const at::Tensor xc = x.contiguous();
   const Weight wg = weight_of(w_gate), wu = weight_of(w_up), wd = weight_of(w_down);
-  // cuBLASLt wants packed bias vectors.
   std::optional<at::Tensor> bg, bu, bd;
-  if (b_gate) bg = b_gate->contiguous();
-  if (b_up) bu = b_up->contiguous();
-  if (b_down) bd = b_down->contiguous();
+  if (b_gate) bg = bias_of(*b_gate);
+  if (b_up) bu = bias_of(*b_up);
+  if (b_down) bd = bias_of(*b_down);
   at::Tensor a = at::empty({M, H}, opts);  // act(g) * u, dropped after the down GEMM
   const GatedForwardPlan plan =
       gated_forward_plan(xc.const_data_ptr(), M, K, wg.s, ptr_or_null(bg), wu.s, ptr_or_null(bu), wd.s,

@@ -8,7 +8,7 @@
 //
 // act: SiLU g * sigmoid(g) (SiLU' = s (1 + g (1 - s))), GELU tanh / erf with PyTorch's formulas,
 // all in fp32 with the precise expf/tanhf/erff (never .approx: NaN propagates, fp32 stays
-// fp32-accurate). 16-byte loads/stores (8 x 16-bit or 4 x fp32) where pointers are 16-byte aligned
+// fp32-accurate; the sigmoid's one division is __fdividef, see activation()). 16-byte loads/stores (8 x 16-bit or 4 x fp32) where pointers are 16-byte aligned
 // (and, for the 2-D kernel, H is a multiple of 8 or 4); scalar otherwise. One instantiation per
 // dtype x activation.
 //
@@ -39,7 +39,9 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 template <int kAct, bool kGrad>
 __device__ __forceinline__ float activation(float x, float* grad) {
   if constexpr (kAct == static_cast<int>(GatedActivation::kSilu)) {
-    const float s = 1.f / (1.f + expf(-x));
+    // __fdividef (2 ulp; 0 once expf(-x) > 2^126, where sigmoid < 2^-126 anyway; NaN stays NaN):
+    // the precise '/' adds a slow-path subroutine that spills in the fp32 kernels on sm_80.
+    const float s = __fdividef(1.f, 1.f + expf(-x));
     if constexpr (kGrad) *grad = s * (1.f + x * (1.f - s));
     return x * s;
   } else if constexpr (kAct == static_cast<int>(GatedActivation::kGeluTanh)) {
