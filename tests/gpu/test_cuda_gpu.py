@@ -284,6 +284,12 @@ def test_gated_ffn_cuda_refuses_float64_and_empty_batch():
         _cuda.gated_ffn_forward(x.double(), wg.double(), None, wu.double(), None, wd.double(), None, "silu")
     with pytest.raises(ValueError, match="activation"):
         _cuda.gated_ffn_forward(x, wg, bg, wu, bu, wd, bd, "relu")
+    with pytest.raises(ValueError, match="gptfast.gated_ffn: w_up must have w_gate's shape"):
+        _cuda.gated_ffn_forward(x, wg, bg, wu[:5], bu, wd, bd, "silu")
+    with pytest.raises(ValueError, match=r"gptfast.gated_ffn: b_up must be a contiguous \(48,\) vector"):
+        _cuda.gated_ffn_forward(x, wg, bg, wu, bu[:7], wd, bd, "silu")
+    with pytest.raises(ValueError, match=r"gptfast.gated_ffn: g must have shape"):
+        _cuda.gated_ffn_backward(torch.zeros_like(x[:, :16]), x, x, x, wg, wu, wd, True, True, True, "silu")
     x0 = x[:0]
     out, g, u = _cuda.gated_ffn_forward(x0, wg, bg, wu, bu, wd, bd, "silu")
     assert out.shape == (0, 16) and g.shape == u.shape == (0, 48)
