@@ -49,7 +49,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward(
     const std::optional<at::Tensor>&);
 at::Tensor cross_entropy_logits_(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
                                  double, double);
-#ifndef GPTFAST_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_forward(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
     const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, const std::string&);
@@ -57,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::o
            std::optional<at::Tensor>>
 gated_ffn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, const at::Tensor&, bool, bool, bool, const std::string&);
+#ifndef GPTFAST_CUDA
 namespace cpu {  // csrc/cpu/kvcache.cpp (no cuda kernel: the cuda build binds no kvcache_forward)
 std::tuple<at::Tensor, at::Tensor> kvcache_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&,
@@ -138,7 +138,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_scale"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
         "linear_cross_entropy's logits epilogue: the row losses (C,); z (C, V) becomes the gradient of "
         "sum(row_scale * losses) in place when row_scale is given");
-#ifndef GPTFAST_CUDA
   m.def("gated_ffn_forward", &gptfast::gated_ffn_forward, py::arg("x"), py::arg("w_gate"), py::arg("b_gate"),
         py::arg("w_up"), py::arg("b_up"), py::arg("w_down"), py::arg("b_down"), py::arg("activation"),
         "Gated FFN (SwiGLU / GeGLU) forward: (out, g, u)");
@@ -146,6 +145,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down"), py::arg("has_b_gate"),
         py::arg("has_b_up"), py::arg("has_b_down"), py::arg("activation"),
         "Gated FFN backward: (dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down)");
+#ifndef GPTFAST_CUDA
   m.def("blas_source", [] { return gptfast::blas::get().source; },
         "Where the attention tiles' GEMMs come from (BLAS symbol or built-in loops)");
 #endif

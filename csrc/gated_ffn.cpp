@@ -7,7 +7,6 @@
 
 namespace gptfast {
 
-#ifndef GPTFAST_CUDA  // cpu kernel only so far (the cuda build does not compile this part)
 namespace {
 constexpr const char* kOp = "gptfast.gated_ffn";
 
@@ -83,6 +82,5 @@ gated_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   CHECK_CONTIGUOUS(dout);
   return backend::gated_ffn_backward(dout, x, g, u, w_gate, w_up, w_down, has_b_gate, has_b_up, has_b_down, act);
 }
-#endif
 
 }  // namespace gptfast

@@ -94,7 +94,8 @@ _SOURCES = {
             "cpu/linear_cross_entropy.cpp", "cpu/gated_ffn.cpp"),
     "cuda": _COMMON + ("cuda/attention.cpp", "cuda/attention.cu", "cuda/layer_norm.cpp",
                        "cuda/layer_norm.cu", "cuda/gelu_ffn.cpp", "cuda/gelu_ffn.cu", "cuda/rms_norm.cpp",
-                       "cuda/rms_norm.cu", "cuda/linear_cross_entropy.cpp", "cuda/linear_cross_entropy.cu"),
+                       "cuda/rms_norm.cu", "cuda/linear_cross_entropy.cpp", "cuda/linear_cross_entropy.cu",
+                       "cuda/gated_ffn.cpp", "cuda/gated_ffn.cu"),
 }
 # Files of csrc/ that can reach a binary (the key hashes all of them, headers included).
 _SOURCE_SUFFIXES = (".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp", ".inl")

@@ -15,7 +15,7 @@ import gptfast
 from gptfast import _build
 from gptfast.ops import _backend
 
-OPS = ("attention", "layer_norm", "gelu_ffn", "rms_norm", "linear_cross_entropy")
+OPS = ("attention", "layer_norm", "gelu_ffn", "rms_norm", "linear_cross_entropy", "gated_ffn")
 
 
 # --- registry: no build needed ----------------------------------------------------------------
@@ -27,6 +27,20 @@ def test_cuda_backend_registered_for_cuda_tensors(op):
     assert _backend.AUTO_ORDER["cuda"][0] == "cuda"  # auto on a CUDA tensor tries it first
     expected = (torch.float16, torch.bfloat16) + (() if op == "attention" else (torch.float32,))
     assert set(impl.dtypes) == set(expected)
+
+
+def test_native_launchers_name_gated_ffn_when_the_extension_lacks_it():
+    import types
+
+    from gptfast.ops._native import NativeLaunchers
+
+    launchers = NativeLaunchers.__new__(NativeLaunchers)  # no build: an extension without the symbols
+    launchers.backend, launchers.ext = "cuda", types.SimpleNamespace()
+    x = torch.randn(2, 4)
+    with pytest.raises(NotImplementedError, match="gptfast.gated_ffn: the 'cuda' backend has no gated_ffn kernel"):
+        launchers.gated_ffn_forward(x, x, None, x, None, x, None, "silu")
+    with pytest.raises(NotImplementedError, match="gptfast.gated_ffn"):
+        launchers.gated_ffn_backward(x, x, x, x, x, x, x, False, False, False, "silu")
 
 
 def test_cuda_declares_every_attention_option():
@@ -108,7 +122,8 @@ def test_extension_builds_for_both_archs(ext):
                        ("attention", "attention_bwd_dq_kernel"), ("layer_norm", "layer_norm"),
                        ("gelu_ffn", "gelu"), ("rms_norm", "rms_norm_fwd_kernel"), ("rms_norm", "rms_norm_bwd_kernel"),
                        ("rms_norm", "reduce_partials_kernel"),
-                       ("linear_cross_entropy", "cross_entropy_logits_kernel")):
+                       ("linear_cross_entropy", "cross_entropy_logits_kernel"), ("gated_ffn", "gated_forward_kernel"),
+                       ("gated_ffn", "gated_backward_kernel")):
         found = {r["arch"] for r in rows if prefix in r["kernel"]}
         assert found == archs, f"{op}: no {prefix}* kernel for {archs - found}"
     # three head-dim instantiations x two dtypes, per arch, plain and with score modifiers
@@ -164,6 +179,10 @@ def test_extension_rejects_cpu_tensors(ext):
         ext.rms_norm_backward(x, x, None, torch.ones(4), 0.0)
     with pytest.raises(ValueError, match="gptfast.linear_cross_entropy: z " + msg):
         ext.cross_entropy_logits_(x, torch.zeros(4, dtype=torch.int64), None, -100, 0.0, 0.0)
+    with pytest.raises(ValueError, match="gptfast.gated_ffn: x " + msg):
+        ext.gated_ffn_forward(x, w, None, w, None, w, None, "silu")
+    with pytest.raises(ValueError, match="gptfast.gated_ffn: x " + msg):
+        ext.gated_ffn_backward(x, x, x, x, w, w, w, False, False, False, "gelu")
 
 
 @needs_build
@@ -175,3 +194,5 @@ def test_extension_checks_shapes_and_options_before_launching(ext):
     w = torch.randn(8, 8)
     with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none', got 'erf'"):
         ext.gelu_ffn_forward(torch.randn(4, 8), w, None, w, None, "erf")
+    with pytest.raises(ValueError, match="activation must be 'silu', 'gelu_tanh' or 'gelu', got 'relu'"):
+        ext.gated_ffn_forward(torch.randn(4, 8), w, None, w, None, w, None, "relu")

@@ -3,6 +3,12 @@ linear_cross_entropy's logits epilogue csrc/cuda/linear_cross_entropy.cu, and th
 column-sum kernels of csrc/cuda/gelu_ffn.cu) on a CPU. The GELU feed-forward block's GEMMs
 (cuBLASLt, csrc/cuda/gelu_ffn.cpp) are not emulated: only gelu_ffn.cu's own gelu_forward,
 gelu_backward (dh in place, GELU(h) recomputed, db1 partials) and column_sum (db2) launches.
+The gated FFN (csrc/cuda/gated_ffn.*) runs whole: its host code's plan (gated_ffn.h, the function
+gated_ffn.cpp calls: every GEMM's operands, transpositions, leading dimensions, offsets into the
+(M, 2H) [dg du] buffer, the fused [w_gate; w_up] dx GEMM and the accumulating second one) with its
+GEMMs on a CPU loop of cuBLASLt's semantics (bounds-checked against the registered buffers) and its
+kernels emulated, forward and backward, against the float64 formula of the launcher contract, in
+fp32/fp16/bf16, the three activations, each bias on or off, odd sizes, every weight layout.
 
 tests/cuda_emu/ emulates the CUDA features these kernels use (see its README.md): rewrite.py copies
 the current csrc/cuda sources, replacing inline PTX, launches and shared-memory declarations with
@@ -99,7 +105,8 @@ CSRC = ROOT / "csrc" / "cuda"
 EMU = Path(__file__).resolve().parent / "cuda_emu"
 CXXFLAGS = ["-std=c++20", "-O2", "-pthread", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
 API = {"attention": "attention_api.cpp", "layer_norm": "layer_norm_api.cpp", "gelu_ffn": "gelu_ffn_api.cpp",
-       "rms_norm": "rms_norm_api.cpp", "linear_cross_entropy": "linear_cross_entropy_api.cpp"}
+       "rms_norm": "rms_norm_api.cpp", "linear_cross_entropy": "linear_cross_entropy_api.cpp",
+       "gated_ffn": "gated_ffn_api.cpp"}
 
 
 def _load_rewrite():
@@ -1397,6 +1404,275 @@ def test_gelu_emulated_empty(libs):
         assert lib.dll.emu_gelu_forward(None, a.ptr(), 0, DTYPE_CODE[dtype], 0) == 0
         lib.finish(db, out, a)
         assert (db.t == 0).all() and (out.t == 0).all() and torch.isnan(a.t).all()
+
+
+# --- gated feed-forward: gated_ffn.cu's kernels and the host code's GEMM plan ------------------
+
+GATED_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def _gated_signatures(dll):
+    dll.emu_gated_forward.argtypes = [P, P, P, L64, I, I]
+    dll.emu_gated_backward.argtypes = [P, P, P, P, P, P, L64, L64, I, I]
+    dll.emu_gated_chunks.argtypes = [L64, ctypes.POINTER(L64), ctypes.POINTER(L64)]
+    dll.emu_gated_ffn_forward.argtypes = [P, L64, L64, L64, L64, P, L64, L64, P, P, L64, L64, P, P, L64, L64, P,
+                                          P, P, P, P, I, I]
+    dll.emu_gated_ffn_backward.argtypes = [P, P, P, P, L64, L64, L64, L64, P, L64, L64, P, L64, L64, P, L64, L64,
+                                           P, P, P, P, P, P, P, P, I, I, ctypes.POINTER(I)]
+
+
+def gated_act(g, activation):
+    """act(g) and act'(g) in g's dtype: the contract's SiLU, gelu_ffn.py's gelu / gelu_grad."""
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        return g * s, s * (1 + g * (1 - s))
+    approx = "tanh" if activation == "gelu_tanh" else "none"
+    return gelu(g, approx), gelu_grad(g, approx)
+
+
+def gated_pytorch(x, wg, bg, wu, bu, wd, bd, dout, activation):
+    """PyTorch in the inputs' dtype (F.linear, F.silu / F.gelu, autograd): the `pt` of the rule."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, wg, bg, wu, bu, wd, bd)]
+    x_, wg_, bg_, wu_, bu_, wd_, bd_ = leaves
+    g = F.linear(x_, wg_, bg_)
+    act = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+    out = F.linear(act * F.linear(x_, wu_, bu_), wd_, bd_)
+    out.backward(dout)
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def gated_reference(x, wg, bg, wu, bu, wd, bd, dout, activation):
+    """float64 ground truth of the contract on the same (rounded) inputs, and the magnitudes of the
+    terms each result sums (the atol of the rule: |terms| propagated as gelu_ffn_magnitudes does,
+    |act''| <= 1), times sqrt of the longest reduction."""
+    x, wg, bg, wu, bu, wd, bd, dy = [None if t is None else t.double() for t in (x, wg, bg, wu, bu, wd, bd, dout)]
+    g, u = F.linear(x, wg, bg), F.linear(x, wu, bu)
+    act, dact = gated_act(g, activation)
+    a = act * u
+    out = F.linear(a, wd, bd)
+    da = dy @ wd
+    dg, du = da * u * dact, da * act
+    ref = {"out": out, "g": g, "u": u, "dx": dg @ wg + du @ wu, "dw_gate": dg.t() @ x, "dw_up": du.t() @ x,
+           "dw_down": dy.t() @ a, "db_gate": dg.sum(0), "db_up": du.sum(0), "db_down": dy.sum(0)}
+    ab = lambda t: 0.0 if t is None else t.abs()  # noqa: E731
+    big_g, big_u = x.abs() @ wg.abs().t() + ab(bg), x.abs() @ wu.abs().t() + ab(bu)
+    big_a = (act * u).abs() + dact.abs() * u.abs() * big_g + act.abs() * big_u
+    s_da = dy.abs() @ wd.abs()
+    big_dg = s_da * u.abs() * dact.abs() + da.abs() * (big_u * dact.abs() + u.abs() * big_g)
+    big_du = s_da * act.abs() + da.abs() * dact.abs() * big_g
+    M, K = x.shape
+    H, N = wg.shape[0], wd.shape[0]
+    fwd, bwd = math.sqrt(max(K, H)), math.sqrt(max(M, K, H, N))
+    mx = lambda t: float(t.max()) if t.numel() else 0.0  # noqa: E731
+    mag = {"g": fwd * mx(big_g), "u": fwd * mx(big_u), "out": fwd * mx(big_a @ wd.abs().t() + ab(bd)),
+           "dx": bwd * mx(big_dg @ wg.abs() + big_du @ wu.abs()), "dw_gate": bwd * mx(big_dg.t() @ x.abs()),
+           "dw_up": bwd * mx(big_du.t() @ x.abs()), "dw_down": bwd * mx(dy.abs().t() @ big_a),
+           "db_gate": bwd * mx(big_dg.sum(0)), "db_up": bwd * mx(big_du.sum(0)), "db_down": bwd * mx(dy.abs().sum(0))}
+    return ref, mag
+
+
+@dataclass(frozen=True)
+class GatedCase:
+    M: int
+    K: int
+    H: int
+    N: int
+    dtype: torch.dtype
+    activation: str
+    biases: str = "gud"      # which of b_gate (g), b_up (u), b_down (d) are given
+    weights: str = "fused"   # fused: row slices of one (2H, K); fused_t: of a transposed (K, 2H) view;
+                             # separate: two tensors; separate_t: two transposed views
+    misalign: int = 0        # elements off 16-byte alignment for x, g, u, dout and the outputs
+
+
+def _gated_weights(lib, case, wg, wu):
+    """Registered buffers holding w_gate and w_up in the case's layout; returns (views, buffers)."""
+    H, K, dt = case.H, case.K, case.dtype
+    if case.weights == "fused":
+        buf = Buf(lib, (2 * H, K), dt, torch.cat([wg, wu]))
+        return (buf.t[:H], buf.t[H:]), [buf]
+    if case.weights == "fused_t":
+        buf = Buf(lib, (K, 2 * H), dt, torch.cat([wg, wu]).t())
+        w = buf.t.t()
+        return (w[:H], w[H:]), [buf]
+    bufs = []
+    for w in (wg, wu):
+        bufs.append(Buf(lib, (K, H), dt, w.t()) if case.weights == "separate_t" else Buf(lib, (H, K), dt, w))
+    return tuple(b.t.t() if case.weights == "separate_t" else b.t for b in bufs), bufs
+
+
+def run_gated(lib, case, seed=0):
+    """The block through the plan (forward, then backward) against the float64 contract."""
+    _gated_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    M, K, H, N, dt, mis = case.M, case.K, case.H, case.N, case.dtype, case.misalign
+    code, act = DTYPE_CODE[dt], GATED_ACTS[case.activation]
+    torch.manual_seed(seed)
+    x = torch.randn(M, K).to(dt)
+    wg, wu = (torch.randn(H, K) / math.sqrt(K)).to(dt), (torch.randn(H, K) / math.sqrt(K)).to(dt)
+    wd = (torch.randn(N, H) / math.sqrt(H)).to(dt)
+    bg = (torch.randn(H) * 0.5).to(dt) if "g" in case.biases else None
+    bu = (torch.randn(H) * 0.5).to(dt) if "u" in case.biases else None
+    bd = (torch.randn(N) * 0.5).to(dt) if "d" in case.biases else None
+    dout = torch.randn(M, N).to(dt)
+
+    xb = Buf(lib, (M, K), dt, x, mis)
+    (wgv, wuv), wbufs = _gated_weights(lib, case, wg, wu)
+    wdb = Buf(lib, (N, H), dt, wd)
+    bias_bufs = {n: (Buf(lib, t.shape, dt, t) if t is not None else None) for n, t in (("g", bg), ("u", bu), ("d", bd))}
+    bp = {n: (b.ptr() if b is not None else None) for n, b in bias_bufs.items()}
+    g, u, a = Buf(lib, (M, H), dt, misalign=mis), Buf(lib, (M, H), dt, misalign=mis), Buf(lib, (M, H), dt, misalign=mis)
+    out = Buf(lib, (M, N), dt, misalign=mis)
+    wd_v = wdb.t
+    rc = lib.dll.emu_gated_ffn_forward(xb.ptr(), M, K, H, N, wgv.data_ptr(), *wgv.stride(), bp["g"], wuv.data_ptr(),
+                                       *wuv.stride(), bp["u"], wd_v.data_ptr(), *wd_v.stride(), bp["d"], g.ptr(),
+                                       u.ptr(), a.ptr(), out.ptr(), code, act)
+    inputs = [xb, wdb, *wbufs, *[b for b in bias_bufs.values() if b is not None]]
+    assert rc == 0, f"gated forward returned {rc}: {lib.report()}"
+    lib.finish(g, u, a, out, *inputs)
+
+    ref, mag = gated_reference(x, wg, bg, wu, bu, wd, bd, dout, case.activation)
+    pt_out, pt_grads = gated_pytorch(x, wg, bg, wu, bu, wd, bd, dout, case.activation)
+    g_pt, u_pt = F.linear(x, wg, bg), F.linear(x, wu, bu)
+    check("g", g.t, ref["g"], g_pt, 2, magnitude=mag["g"])
+    check("u", u.t, ref["u"], u_pt, 2, magnitude=mag["u"])
+    check("out", out.t, ref["out"], pt_out, 2, magnitude=mag["out"])
+    # The contract's a: act(g) * u from the kernel's own rounded g, u in fp32 math, rounded once.
+    act_own = gated_act(g.t.double(), case.activation)[0] * u.t.double()
+    a_err = (a.t.double() - act_own).abs()
+    assert (a_err <= torch.finfo(dt).eps * act_own.abs() + 1e-6 * (1 + act_own.abs())).all(), \
+        f"a is not act(g) * u rounded once: max error {a_err.max().item():.3g}"
+
+    # Backward, on the forward's own g and u (as autograd saves them).
+    doutb = Buf(lib, (M, N), dt, dout, mis)
+    dgu = Buf(lib, (M, 2 * H), dt, misalign=mis)  # NaN: da must be written before the kernel reads it
+    a2 = Buf(lib, (M, H), dt, misalign=mis)
+    with_db = bg is not None or bu is not None
+    rpc, nchunks = L64(0), L64(0)
+    lib.dll.emu_gated_chunks(M, ctypes.byref(rpc), ctypes.byref(nchunks))
+    ws = Buf(lib, (nchunks.value, 2 * H), torch.float32) if with_db else None
+    dbgu = Buf(lib, (2 * H,), dt, misalign=mis) if with_db else None
+    dwgu, dwd = Buf(lib, (2 * H, K), dt, misalign=mis), Buf(lib, (N, H), dt, misalign=mis)
+    dbd = Buf(lib, (N,), dt, misalign=mis) if bd is not None else None
+    dx = Buf(lib, (M, K), dt, misalign=mis)
+    fused = I(-1)
+    rc = lib.dll.emu_gated_ffn_backward(doutb.ptr(), xb.ptr(), g.ptr(), u.ptr(), M, K, H, N, wgv.data_ptr(),
+                                        *wgv.stride(), wuv.data_ptr(), *wuv.stride(), wd_v.data_ptr(), *wd_v.stride(),
+                                        dgu.ptr(), a2.ptr(), dwgu.ptr(), dbgu.ptr() if dbgu else None,
+                                        ws.ptr() if ws else None, dwd.ptr(), dbd.ptr() if dbd else None, dx.ptr(),
+                                        code, act, ctypes.byref(fused))
+    assert rc == 0, f"gated backward returned {rc}: {lib.report()}"
+    lib.finish(doutb, dgu, a2, dwgu, dwd, dx, g, u, *inputs, *[b for b in (ws, dbgu, dbd) if b is not None])
+    assert fused.value == int(case.weights.startswith("fused")), "the plan's fused-dx choice"
+    dx_pt, dwg_pt, dbg_pt, dwu_pt, dbu_pt, dwd_pt, dbd_pt = pt_grads
+    check("dx", dx.t, ref["dx"], dx_pt, 3, magnitude=mag["dx"])
+    check("dw_gate", dwgu.t[:H], ref["dw_gate"], dwg_pt, 3, magnitude=mag["dw_gate"])
+    check("dw_up", dwgu.t[H:], ref["dw_up"], dwu_pt, 3, magnitude=mag["dw_up"])
+    check("dw_down", dwd.t, ref["dw_down"], dwd_pt, 3, magnitude=mag["dw_down"])
+    assert torch.equal(a2.t, a.t), "the backward's recomputed a differs from the forward's"
+    if with_db:
+        if bg is not None:
+            check("db_gate", dbgu.t[:H], ref["db_gate"], dbg_pt, 3, magnitude=mag["db_gate"])
+        if bu is not None:
+            check("db_up", dbgu.t[H:], ref["db_up"], dbu_pt, 3, magnitude=mag["db_up"])
+        # The header's contract: the column sums of the kernel's own rounded [dg du], in fp32.
+        own = dgu.t.double().sum(0)
+        slack = torch.finfo(dt).eps * own.abs() + 1e-6 * dgu.t.double().abs().sum(0)
+        assert ((dbgu.t.double() - own).abs() <= slack).all(), "db_gate/db_up are not the column sums of [dg du]"
+    if bd is not None:
+        check("db_down", dbd.t, ref["db_down"], dbd_pt, 3, magnitude=mag["db_down"])
+    return nchunks.value
+
+
+# Vector path: H a multiple of 8 (16-bit) / 4 (fp32) with aligned buffers; scalar otherwise (odd H,
+# or misaligned). M = 70: 3 column-sum chunks; M = 1: one row. The weights in every layout the plan
+# distinguishes: fused row slices (one dx GEMM over 2H, w_up only element-aligned when H K is odd),
+# fused slices of a transposed view, separate row-major and separate transposed (two dx GEMMs, the
+# second accumulating).
+GATED_CASES = [
+    GatedCase(37, 40, 48, 24, FP16, "silu"),
+    GatedCase(70, 33, 40, 17, BF16, "gelu_tanh", biases="", weights="separate"),
+    GatedCase(37, 40, 48, 24, FP32, "gelu", weights="separate_t"),
+    GatedCase(5, 7, 13, 9, FP16, "gelu", biases="gd"),
+    GatedCase(70, 24, 64, 32, FP32, "silu", biases="ud", weights="fused_t"),
+    GatedCase(40, 16, 21, 11, BF16, "silu", biases="u", weights="fused_t"),
+    GatedCase(1, 16, 24, 8, FP16, "gelu_tanh", biases="gu", weights="separate"),
+    GatedCase(33, 24, 32, 16, BF16, "gelu", misalign=1),
+    GatedCase(20, 12, 36, 10, FP32, "gelu_tanh", biases="gud", weights="separate", misalign=1),
+]
+
+
+def _gated_id(c):
+    return (f"M{c.M}K{c.K}H{c.H}N{c.N}-{_dt(c.dtype)}-{c.activation}-b{c.biases or 'none'}-{c.weights}"
+            f"{'-misaligned' if c.misalign else ''}")
+
+
+@pytest.mark.parametrize("case", GATED_CASES, ids=_gated_id)
+def test_gated_ffn_emulated(libs, case):
+    nchunks = run_gated(libs["gated_ffn"], case)
+    assert nchunks == {1: 1, 5: 1, 20: 1, 33: 2, 37: 2, 40: 2, 70: 3}[case.M]
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gated_ffn_emulated_nan_propagates(libs, activation):
+    """A NaN in g reaches exactly that element of a, dg, du and its db_gate / db_up columns."""
+    lib = libs["gated_ffn"]
+    _gated_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    M, H, dt = 40, 24, FP16
+    torch.manual_seed(3)
+    gt, ut, da = torch.randn(M, H).to(dt), torch.randn(M, H).to(dt), torch.randn(M, H).to(dt)
+    gt[17, 5] = float("nan")
+    bad = torch.zeros(M, H, dtype=torch.bool)
+    bad[17, 5] = True
+    g, u = Buf(lib, (M, H), dt, gt), Buf(lib, (M, H), dt, ut)
+    a = Buf(lib, (M, H), dt)
+    assert lib.dll.emu_gated_forward(g.ptr(), u.ptr(), a.ptr(), M * H, DTYPE_CODE[dt], GATED_ACTS[activation]) == 0
+    dgu = Buf(lib, (M, 2 * H), dt, torch.cat([da, torch.zeros(M, H, dtype=dt)], 1))
+    a2 = Buf(lib, (M, H), dt)
+    rpc, nchunks = L64(0), L64(0)
+    lib.dll.emu_gated_chunks(M, ctypes.byref(rpc), ctypes.byref(nchunks))
+    ws, db = Buf(lib, (nchunks.value, 2 * H), torch.float32), Buf(lib, (2 * H,), dt)
+    assert lib.dll.emu_gated_backward(g.ptr(), u.ptr(), dgu.ptr(), a2.ptr(), db.ptr(), ws.ptr(), M, H,
+                                      DTYPE_CODE[dt], GATED_ACTS[activation]) == 0
+    lib.finish(g, u, a, dgu, a2, ws, db)
+    assert torch.equal(torch.isnan(a.t), bad) and torch.equal(torch.isnan(a2.t), bad)
+    assert torch.equal(torch.isnan(dgu.t), torch.cat([bad, bad], 1)), "dg / du: NaN lost or spread"
+    col = torch.zeros(2 * H, dtype=torch.bool)
+    col[5] = col[H + 5] = True
+    assert torch.equal(torch.isnan(db.t), col)
+    # Elsewhere the kernels' values: act(g) * u, dg, du of the contract on the stored inputs.
+    act, dact = gated_act(gt.double(), activation)
+    keep = ~bad
+    check("a", a.t[keep], (act * ut.double())[keep], (act.to(dt).float() * ut.float()).to(dt)[keep], 2, 1e-5)
+    check("dg", dgu.t[:, :H][keep], (da.double() * ut.double() * dact)[keep],
+          (da.float() * ut.float() * dact.float()).to(dt)[keep], 3, 1e-5)
+
+
+def test_gated_ffn_emulated_empty(libs):
+    """rows = 0: db_gate / db_up are zero (cudaMemsetAsync), nothing else is touched."""
+    lib = libs["gated_ffn"]
+    _gated_signatures(lib.dll)
+    lib.dll.emu_clear_registry()
+    for dtype in (FP32, BF16):
+        db, a = Buf(lib, (2 * 40,), dtype), Buf(lib, (8,), dtype)
+        assert lib.dll.emu_gated_backward(None, None, None, None, db.ptr(), None, 0, 40, DTYPE_CODE[dtype], 0) == 0
+        assert lib.dll.emu_gated_forward(None, None, a.ptr(), 0, DTYPE_CODE[dtype], 1) == 0
+        lib.finish(db, a)
+        assert (db.t == 0).all() and torch.isnan(a.t).all()
+
+
+def test_emulator_detects_gated_plan_error(libs, build_root):
+    """A plan whose du GEMM reads dg's half of [dg du] (the du operand without its H offset) fails
+    dx on separate weights by far more than the bound: the plan itself is what these tests check."""
+    def drop_offset(src):
+        old = "gemm_operand({dgu_bytes + H * esize, M, H, 2 * H, 1})"
+        assert old in src, "the du operand not found: update this test"
+        return src.replace(old, "gemm_operand({dgu_bytes, M, H, 2 * H, 1})", 1)
+
+    mutant = Lib(_done(build_library("gated_ffn", build_root, mutate=drop_offset, mutate_file="gated_ffn.h")))
+    with pytest.raises(AssertionError, match=r"dx: max \|out - ref\|"):
+        run_gated(mutant, GatedCase(37, 40, 48, 24, FP32, "silu", weights="separate"))
 
 
 # --- the emulator catches what it claims to -----------------------------------------------------

@@ -72,52 +72,14 @@ def contract_backward(dout, x, g, u, w_gate, w_up, w_down, has_b_gate, has_b_up,
 
 def launcher_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation):
     """Magnitudes ``[out, g, u, dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down]`` (the
-    launchers' order) of the terms each result sums: gptfast.testing.gated_ffn_magnitudes (landed
-    with the op) where present, else :func:`_local_magnitudes`; g, u: sqrt(K) max of their terms."""
-    shared = getattr(gptfast.testing, "gated_ffn_magnitudes", None)
-    if shared is None:
-        return _local_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation)
-    out, dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down = shared(
+    launchers' order) of the terms each result sums: gptfast.testing.gated_ffn_magnitudes; g, u:
+    sqrt(K) max of their terms."""
+    out, dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down = gptfast.testing.gated_ffn_magnitudes(
         x, w_gate, w_up, w_down, activation, b_gate, b_up, b_down, dout)
     terms = lambda w, b: x.double().abs() @ w.double().abs().t() + (0.0 if b is None else b.double().abs())  # noqa: E731
     root = math.sqrt(x.shape[1])
     return [out, root * float(terms(w_gate, b_gate).max()), root * float(terms(w_up, b_up).max()),
             dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down]
-
-
-def _local_magnitudes(x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout, activation):
-    """:func:`launcher_magnitudes` for a tree without gptfast.testing.gated_ffn_magnitudes (this
-    branch before the op's merge; delete it then). Each the max over its tensor times sqrt of
-    the longest reduction.
-
-    g, u have terms Sg = |x| |w_gate|^T + |b_gate|, Su likewise; a = act(g) u: A = |a| + |act'(g)|
-    |u| Sg + |act(g)| Su; out: A |w_down|^T + |b_down|. Backward, da = dout w_down with terms
-    Sda = |dout| |w_down|: dg = da u act'(g): Dg = Sda |u act'(g)| + |da| (|act'(g)| Su + |u| Sg)
-    (|act''| <= 1 for all three); du = da act(g): Du = Sda |act(g)| + |da| |act'(g)| Sg;
-    dx: Dg |w_gate| + Du |w_up|; dw_gate: Dg^T |x|; dw_up: Du^T |x|; dw_down: |dout|^T A;
-    the biases: column sums of Dg, Du, |dout|. None for absent biases.
-    """
-    x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout = (
-        None if t is None else t.detach().double() for t in (x, w_gate, b_gate, w_up, b_up, w_down, b_down, dout))
-    bias = lambda b: 0.0 if b is None else b.abs()  # noqa: E731
-    top = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731
-    g, u = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
-    sg = x.abs() @ w_gate.abs().t() + bias(b_gate)
-    su = x.abs() @ w_up.abs().t() + bias(b_up)
-    ag, dag = act(g, activation).abs(), act_grad(g, activation).abs()
-    big_a = ag * u.abs() + dag * u.abs() * sg + ag * su
-    root = math.sqrt(max(x.shape[1], w_gate.shape[0]))
-    fwd = [root * top(big_a @ w_down.abs().t() + bias(b_down)), root * top(sg), root * top(su)]
-    root = math.sqrt(max(x.shape[0], x.shape[1], w_gate.shape[0], w_down.shape[0]))
-    s_da = dout.abs() @ w_down.abs()
-    da = (dout @ w_down).abs()
-    big_dg = s_da * u.abs() * dag + da * (dag * su + u.abs() * sg)
-    big_du = s_da * ag + da * dag * sg
-    grads = (big_dg @ w_gate.abs() + big_du @ w_up.abs(), big_dg.t() @ x.abs(),
-             big_dg.sum(0) if b_gate is not None else None, big_du.t() @ x.abs(),
-             big_du.sum(0) if b_up is not None else None, dout.abs().t() @ big_a,
-             dout.abs().sum(0) if b_down is not None else None)
-    return fwd + [None if t is None else root * top(t) for t in grads]
 
 
 def make_inputs(M, K, H, N, dtype, biases=(True, True, True), weights="fused", seed=0):

@@ -94,9 +94,9 @@ at::Tensor cross_entropy_logits_(at::Tensor& z, const at::Tensor& targets,
                                  const std::optional<at::Tensor>& row_scale, int64_t ignore_index,
                                  double label_smoothing, double softcap);
 
-// The gated FFN (SwiGLU / GeGLU; cpu only so far): out, g = x w_gate^T + b_gate, u = x w_up^T + b_up;
-// activation 0 SiLU, 1 GELU tanh, 2 GELU erf (parsed by csrc/gated_ffn.cpp). Backward: dx, dw_gate,
-// db_gate, dw_up, db_up, dw_down, db_down (the biases' none when absent).
+// The gated FFN (SwiGLU / GeGLU): out, g = x w_gate^T + b_gate, u = x w_up^T + b_up; activation
+// 0 SiLU, 1 GELU tanh, 2 GELU erf (parsed by csrc/gated_ffn.cpp). Backward: dx, dw_gate, db_gate,
+// dw_up, db_up, dw_down, db_down (the biases' none when absent).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_forward(
     const at::Tensor& x, const at::Tensor& w_gate, const std::optional<at::Tensor>& b_gate,
     const at::Tensor& w_up, const std::optional<at::Tensor>& b_up, const at::Tensor& w_down,

@@ -163,7 +163,7 @@ ALL_OPS = OPS + EXTRA_OPS + DECODE_OPS
 # The ops each kernel backend implements (the reference implements ALL_OPS).
 TRITON_OPS = OPS + ("rms_norm", "linear_cross_entropy", "gated_ffn") + DECODE_OPS  # kernels/<op>.py
 CPU_OPS = OPS + ("rms_norm", "linear_cross_entropy", "gated_ffn") + DECODE_OPS  # csrc/cpu/
-CUDA_OPS = OPS + ("rms_norm", "linear_cross_entropy")  # csrc/cuda/
+CUDA_OPS = OPS + ("rms_norm", "linear_cross_entropy", "gated_ffn")  # csrc/cuda/
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Fastest first. Triton is never auto-selected on the CPU: there it runs in the interpreter,

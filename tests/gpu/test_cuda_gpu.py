@@ -2,8 +2,10 @@
 seqlens, head dims incl. padded ones, bf16, large logits, 20-run determinism, races, LayerNorm and
 GELU-FFN sizes -- is in test_kernels_gpu.py. Here: the build itself, float32 refusal, NaN
 propagation, agreement of the atomic and deterministic dQ paths, torch's deterministic flag, the
-packed varlen layout, dropout under CUDA-graph capture, auto's choice, and RMSNorm and
-linear_cross_entropy's logits epilogue (sizes, bf16, the fused residual add, determinism). Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
+packed varlen layout, dropout under CUDA-graph capture, auto's choice, RMSNorm and
+linear_cross_entropy's logits epilogue (sizes, bf16, the fused residual add, determinism), and the
+gated_ffn launchers (every weight layout the host plan distinguishes, three activations,
+fp16/bf16/fp32) against the float64 formula of their contract. Skipped without a GPU: on a CPU machine the cuda backend is compiled (CI), its
 argument checks tested (tests/test_cuda_backend.py) and its kernels emulated
 (tests/test_cuda_emulated.py).
 """
@@ -288,3 +290,85 @@ def test_cross_entropy_logits_matches_the_reference_epilogue():
         assert_close(got, want, atol=160 * v ** 0.5 * 4 * 2**-23, name=f"loss V={v}")
         assert_close(got_z, want_z, atol=2 * v ** 0.5 * 4 * 2**-23, name=f"dz V={v}")
         assert got[3] == 0 and (got_z[3] == 0).all()
+
+
+# --- gated_ffn (csrc/cuda/gated_ffn.*): the launchers against the float64 contract -------------------
+
+def _gated_inputs(M, K, H, N, dtype, layout, biases, device="cuda"):
+    g = torch.Generator(device="cpu").manual_seed(M * 7 + H)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    x = rnd(M, K)
+    if layout == "fused":  # row slices of one (2H, K) gate_up weight: one dx GEMM over 2H
+        w = rnd(2 * H, K, scale=K ** -0.5)
+        wg, wu = w[:H], w[H:]
+    elif layout == "fused_t":  # slices of a transposed (K, 2H) storage (Conv1D style)
+        w = rnd(K, 2 * H, scale=K ** -0.5).t()
+        wg, wu = w[:H], w[H:]
+    else:  # separate (H, K) tensors, the second one a transposed view
+        wg, wu = rnd(H, K, scale=K ** -0.5), rnd(K, H, scale=K ** -0.5).t()
+    wd = rnd(N, H, scale=H ** -0.5)
+    bg = rnd(H, scale=0.5) if "g" in biases else None
+    bu = rnd(H, scale=0.5) if "u" in biases else None
+    bd = rnd(N, scale=0.5) if "d" in biases else None
+    return x, wg, bg, wu, bu, wd, bd, rnd(M, N)
+
+
+@pytest.mark.parametrize("layout", ["fused", "fused_t", "separate"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("size", [(300, 256, 688, 256, "gud"), (37, 100, 333, 77, "u"), (1, 64, 128, 64, "gd")],
+                         ids=["vector", "odd", "one-row"])
+def test_gated_ffn_launchers(size, dtype, activation, layout):
+    """cuda's gated_ffn_forward / _backward (cuBLASLt GEMMs, our kernels) within the tolerance rule of
+    the float64 formula of the contract on the same inputs; PyTorch's error in the dtype the yardstick."""
+    from test_cuda_emulated import gated_pytorch, gated_reference
+
+    from gptfast.ops import _cuda
+    from gptfast.testing import assert_within_pytorch_error, rounding_atol
+
+    M, K, H, N, biases = size
+    x, wg, bg, wu, bu, wd, bd, dout = _gated_inputs(M, K, H, N, dtype, layout, biases)
+    out, g, u = _cuda.gated_ffn_forward(x, wg, bg, wu, bu, wd, bd, activation)
+    for t, shape in ((out, (M, N)), (g, (M, H)), (u, (M, H))):
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+    grads = _cuda.gated_ffn_backward(dout, x, g, u, wg, wu, wd, bg is not None, bu is not None, bd is not None,
+                                     activation)
+    ref, mag = gated_reference(x, wg, bg, wu, bu, wd, bd, dout, activation)
+    pt_out, pt_grads = gated_pytorch(x, wg, bg, wu, bu, wd, bd, dout, activation)
+
+    def check(name, got, pt, factor):
+        assert not torch.isnan(got).any(), f"{name}: NaN"
+        assert_within_pytorch_error(got, ref[name], pt, factor=factor, atol=rounding_atol(mag[name], dtype),
+                                    name=name)
+
+    check("g", g, torch.nn.functional.linear(x, wg, bg), 2)
+    check("u", u, torch.nn.functional.linear(x, wu, bu), 2)
+    check("out", out, pt_out, 2)
+    names = ("dx", "dw_gate", "db_gate", "dw_up", "db_up", "dw_down", "db_down")
+    pt_by_name = dict(zip(names, pt_grads))  # the leaves' order: x, w_gate, b_gate, w_up, b_up, w_down, b_down
+    for name, got in zip(names, grads):
+        if name.startswith("db") and pt_by_name[name] is None:
+            assert got is None, f"{name}: given for an absent bias"
+            continue
+        check(name, got, pt_by_name[name], 3)
+
+
+def test_gated_ffn_cuda_refuses_float64_and_empty_batch():
+    from gptfast.ops import _cuda
+
+    x, wg, bg, wu, bu, wd, bd, _ = _gated_inputs(4, 32, 48, 16, torch.float32, "fused", "gud")
+    with pytest.raises(TypeError, match="float64"):
+        _cuda.gated_ffn_forward(x.double(), wg.double(), None, wu.double(), None, wd.double(), None, "silu")
+    with pytest.raises(ValueError, match="activation"):
+        _cuda.gated_ffn_forward(x, wg, bg, wu, bu, wd, bd, "relu")
+    with pytest.raises(ValueError, match="gptfast.gated_ffn: w_up must have w_gate's shape"):
+        _cuda.gated_ffn_forward(x, wg, bg, wu[:5], bu, wd, bd, "silu")
+    with pytest.raises(ValueError, match=r"gptfast.gated_ffn: b_up must be a contiguous \(48,\) vector"):
+        _cuda.gated_ffn_forward(x, wg, bg, wu, bu[:7], wd, bd, "silu")
+    with pytest.raises(ValueError, match=r"gptfast.gated_ffn: g must have shape"):
+        _cuda.gated_ffn_backward(torch.zeros_like(x[:, :16]), x, x, x, wg, wu, wd, True, True, True, "silu")
+    x0 = x[:0]
+    out, g, u = _cuda.gated_ffn_forward(x0, wg, bg, wu, bu, wd, bd, "silu")
+    assert out.shape == (0, 16) and g.shape == u.shape == (0, 48)
+    dx, dwg, dbg, dwu, dbu, dwd, dbd = _cuda.gated_ffn_backward(out, x0, g, u, wg, wu, wd, True, True, True, "silu")
+    assert dx.shape == (0, 32) and all(bool((t == 0).all()) for t in (dwg, dbg, dwu, dbu, dwd, dbd))

@@ -77,6 +77,8 @@ inline long max(long a, long b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 // tanhf, erff, expf are the host's (glibc, <= 1 ulp); CUDA's are within 2 ulp.
+// CUDA's fast division (2 ulp for |b| in [2^-126, 2^126], 0 beyond): exact here (gated_ffn.cu's SiLU).
+inline float __fdividef(float a, float b) { return std::fabs(b) > 0x1p126f ? a * 0.f : a / b; }
 // The upper 32 bits of the 64-bit product of two uint32 (the attention dropout's Philox rounds).
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);

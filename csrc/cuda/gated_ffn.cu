@@ -1,0 +1,279 @@
+// Element-wise kernels of the CUDA gated feed-forward block (csrc/cuda/gated_ffn.h):
+//   gated_forward_kernel   a = act(g) * u over contiguous (M, H): the step between the gate/up
+//                          GEMMs and the down GEMM (no cuBLASLt epilogue multiplies two GEMMs).
+//   gated_backward_kernel  dg = da * u * act'(g) in place, du = da * act(g), a = act(g) * u
+//                          (recomputed for dw_down) and the per-chunk column partial sums of dg and
+//                          du (db_gate, db_up) in one pass over (M, H); then
+//   column_finalize_kernel sums the partial rows in a fixed order (deterministic, no atomics).
+//
+// act: SiLU g * sigmoid(g) (SiLU' = s (1 + g (1 - s))), GELU tanh / erf with PyTorch's formulas,
+// all in fp32 with the precise expf/tanhf/erff (never .approx: NaN propagates, fp32 stays
+// fp32-accurate; the sigmoid's one division is __fdividef, see activation()). 16-byte loads/stores (8 x 16-bit or 4 x fp32) where pointers are 16-byte aligned
+// (and, for the 2-D kernel, H is a multiple of 8 or 4); scalar otherwise. One instantiation per
+// dtype x activation.
+//
+// No torch headers here: nvcc's host pass over them costs ~40 s per file.
+#include "cuda/gated_ffn.h"
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/static_switch.h"
+
+namespace gptfast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block, every kernel
+constexpr int kTileX = 32;     // 2-D kernels: threads across columns (one warp)...
+constexpr int kTileY = 8;      // ...times threads across rows
+constexpr int64_t kMaxBlocks1D = 65536;  // grid-stride beyond this
+
+// sqrt(2/pi), 0.044715, 1/sqrt(2), 1/sqrt(2*pi) as PyTorch spells them (fp32-rounded).
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kKappa = 0.044715f;
+constexpr float kInvSqrt2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+
+// act(x), and act'(x) in *grad when kGrad.
+template <int kAct, bool kGrad>
+__device__ __forceinline__ float activation(float x, float* grad) {
+  if constexpr (kAct == static_cast<int>(GatedActivation::kSilu)) {
+    // __fdividef (2 ulp; 0 once expf(-x) > 2^126, where sigmoid < 2^-126 anyway; NaN stays NaN):
+    // the precise '/' adds a slow-path subroutine that spills in the fp32 kernels on sm_80.
+    const float s = __fdividef(1.f, 1.f + expf(-x));
+    if constexpr (kGrad) *grad = s * (1.f + x * (1.f - s));
+    return x * s;
+  } else if constexpr (kAct == static_cast<int>(GatedActivation::kGeluTanh)) {
+    const float x_sq = x * x;
+    const float t = tanhf(kSqrt2OverPi * (x + kKappa * x_sq * x));
+    const float left = 0.5f * x, right = 1.f + t;
+    if constexpr (kGrad) {
+      const float right_derivative = (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kKappa * x_sq);
+      *grad = 0.5f * right + left * right_derivative;
+    }
+    return left * right;
+  } else {
+    const float cdf = 0.5f * (1.f + erff(x * kInvSqrt2));
+    if constexpr (kGrad) *grad = cdf + x * expf(-0.5f * x * x) * kInvSqrt2Pi;
+    return x * cdf;
+  }
+}
+
+// The three activations as a compile-time int (one kernel instantiation each).
+#define ACT_SWITCH(ACT, CONST_NAME, ...)                                          \
+  [&] {                                                                           \
+    if ((ACT) == GatedActivation::kSilu) {                                        \
+      constexpr static int CONST_NAME = static_cast<int>(GatedActivation::kSilu); \
+      return __VA_ARGS__();                                                       \
+    } else if ((ACT) == GatedActivation::kGeluTanh) {                             \
+      constexpr static int CONST_NAME = static_cast<int>(GatedActivation::kGeluTanh); \
+      return __VA_ARGS__();                                                       \
+    } else {                                                                      \
+      constexpr static int CONST_NAME = static_cast<int>(GatedActivation::kGelu); \
+      return __VA_ARGS__();                                                       \
+    }                                                                             \
+  }()
+
+template <typename T>
+struct Vec {
+  static constexpr int kN = 16 / sizeof(T);  // elements per 16-byte access
+};
+
+// kN elements at p: one 16-byte access when `full` (p 16-byte aligned), else element by element
+// for the first `valid`, zero beyond.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, bool full, int64_t valid, T (&out)[Vec<T>::kN]) {
+  if (full) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    memcpy(out, &raw, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
+  } else {
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kN; ++j) out[j] = j < valid ? p[j] : from_float<T>(0.f);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, bool full, int64_t valid, const T (&in)[Vec<T>::kN]) {
+  if (full) {
+    uint4 raw;
+    memcpy(&raw, in, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kN; ++j)
+      if (j < valid) p[j] = in[j];
+  }
+}
+
+// Block (kTileX, kTileY) of the 2-D kernel: columns [blockIdx.x * kTileX * kN, + kTileX * kN),
+// the rows of chunk blockIdx.y; thread (x, y) owns columns [col0, col0 + kN), rows y, y + kTileY...
+// Sums the threads' per-column totals over threadIdx.y (fixed order) into the partial row
+// segment. Called by all threads of the block; starts and ends with a barrier, so back-to-back
+// calls may share the tile.
+template <int kN>
+__device__ __forceinline__ void write_column_partials(const float (&acc)[kN], float* __restrict__ partial_row,
+                                                      int64_t cols) {
+  __shared__ float tile[kTileY][kTileX * kN];
+  __syncthreads();  // a previous call's readers are done with the tile
+#pragma unroll
+  for (int j = 0; j < kN; ++j) tile[threadIdx.y][threadIdx.x * kN + j] = acc[j];
+  __syncthreads();
+  const int t = threadIdx.y * kTileX + threadIdx.x;
+  if (t < kTileX * kN) {
+    float s = 0.f;
+#pragma unroll
+    for (int y = 0; y < kTileY; ++y) s += tile[y][t];
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * (kTileX * kN) + t;
+    if (col < cols) partial_row[col] = s;
+  }
+}
+
+template <typename T, int kAct>
+__global__ void __launch_bounds__(kThreads)
+gated_forward_kernel(const T* __restrict__ g,  // (numel,)
+                     const T* __restrict__ u,  // (numel,)
+                     T* __restrict__ a,        // (numel,) act(g) * u
+                     int64_t numel,
+                     bool vectorized) {        // g, u, a 16-byte aligned
+  constexpr int kN = Vec<T>::kN;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (vectorized) {
+    const int64_t nvec = numel / kN;
+    for (int64_t v = tid; v < nvec; v += stride) {
+      T gv[kN], uv[kN], av[kN];
+      load_vec<T>(g + v * kN, true, kN, gv);
+      load_vec<T>(u + v * kN, true, kN, uv);
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+        av[j] = from_float<T>(activation<kAct, false>(to_float<T>(gv[j]), nullptr) * to_float<T>(uv[j]));
+      store_vec<T>(a + v * kN, true, kN, av);
+    }
+    tail = nvec * kN;
+  }
+  for (int64_t i = tail + tid; i < numel; i += stride)
+    a[i] = from_float<T>(activation<kAct, false>(to_float<T>(g[i]), nullptr) * to_float<T>(u[i]));
+}
+
+template <typename T, int kAct>
+__global__ void __launch_bounds__(kThreads)
+gated_backward_kernel(const T* __restrict__ g,        // (rows, cols)
+                      const T* __restrict__ u,        // (rows, cols)
+                      T* __restrict__ dgu,            // (rows, 2 cols): [da | -] in, [dg | du] out
+                      T* __restrict__ a,              // (rows, cols) act(g) * u
+                      float* __restrict__ partials,   // (chunks, 2 cols) column sums per chunk, or null
+                      int64_t rows, int64_t cols,
+                      int64_t rows_per_chunk,
+                      bool vectorized) {              // cols % kN == 0 and g, u, dgu, a 16-byte aligned
+  constexpr int kN = Vec<T>::kN;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t row_end = min(rows, row_begin + rows_per_chunk);
+  float acc_g[kN], acc_u[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc_g[j] = acc_u[j] = 0.f;
+  if (col0 < cols) {
+    const int64_t valid = cols - col0;
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kTileY) {
+      const int64_t off = r * cols + col0, doff = r * 2 * cols + col0;
+      T gv[kN], uv[kN], dv[kN], duv[kN], av[kN];
+      load_vec<T>(g + off, vectorized, valid, gv);
+      load_vec<T>(u + off, vectorized, valid, uv);
+      load_vec<T>(dgu + doff, vectorized, valid, dv);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        float grad;
+        const float act = activation<kAct, true>(to_float<T>(gv[j]), &grad);
+        const float uf = to_float<T>(uv[j]), da = to_float<T>(dv[j]);
+        av[j] = from_float<T>(act * uf);
+        dv[j] = from_float<T>(da * uf * grad);
+        duv[j] = from_float<T>(da * act);
+        acc_g[j] += to_float<T>(dv[j]);  // the bias gradients sum the rounded dg, du
+        acc_u[j] += to_float<T>(duv[j]);
+      }
+      store_vec<T>(dgu + doff, vectorized, valid, dv);
+      store_vec<T>(dgu + doff + cols, vectorized, valid, duv);
+      store_vec<T>(a + off, vectorized, valid, av);
+    }
+  }
+  if (partials != nullptr) {
+    float* row = partials + static_cast<int64_t>(blockIdx.y) * 2 * cols;
+    write_column_partials<kN>(acc_g, row, cols);
+    write_column_partials<kN>(acc_u, row + cols, cols);
+  }
+}
+
+// out[j] = sum over chunks of partials[chunk, j], in a fixed order; block (kTileX, kTileY).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+column_finalize_kernel(const float* __restrict__ partials,  // (chunks, cols)
+                       T* __restrict__ out,                 // (cols,)
+                       int64_t chunks, int64_t cols) {
+  __shared__ float sums[kTileY][kTileX + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  float s = 0.f;
+  if (col < cols)
+    for (int64_t c = threadIdx.y; c < chunks; c += kTileY) s += partials[c * cols + col];
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.f;
+#pragma unroll
+    for (int y = 0; y < kTileY; ++y) total += sums[y][threadIdx.x];
+    out[col] = from_float<T>(total);
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+cudaError_t gated_forward(const GatedForwardParams& p, cudaStream_t stream) {
+  if (p.numel <= 0) return cudaSuccess;
+  const bool vectorized = aligned16(p.g) && aligned16(p.u) && aligned16(p.a);
+  FLOAT_SWITCH(p.dtype, [&] {
+    ACT_SWITCH(p.act, kAct, [&] {
+      const int64_t work = vectorized ? ceil_div64(p.numel, Vec<elem_t>::kN) : p.numel;
+      const int64_t blocks = std::min(ceil_div64(work, kThreads), kMaxBlocks1D);
+      gated_forward_kernel<elem_t, kAct><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          static_cast<const elem_t*>(p.g), static_cast<const elem_t*>(p.u), static_cast<elem_t*>(p.a), p.numel,
+          vectorized);
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream) {
+  if (p.cols <= 0) return cudaSuccess;
+  if (p.rows <= 0) {  // empty sums
+    if (p.dbias != nullptr)
+      return cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(2 * p.cols * dtype_size(p.dtype)), stream);
+    return cudaSuccess;
+  }
+  const GatedChunks chunks = gated_chunks(p.rows);
+  FLOAT_SWITCH(p.dtype, [&] {
+    ACT_SWITCH(p.act, kAct, [&] {
+      constexpr int kN = Vec<elem_t>::kN;
+      const bool vectorized =
+          p.cols % kN == 0 && aligned16(p.g) && aligned16(p.u) && aligned16(p.dgu) && aligned16(p.a);
+      const dim3 grid(static_cast<unsigned>(ceil_div64(p.cols, kTileX * kN)), static_cast<unsigned>(chunks.count));
+      float* partials = p.dbias != nullptr ? p.workspace : nullptr;
+      gated_backward_kernel<elem_t, kAct><<<grid, dim3(kTileX, kTileY), 0, stream>>>(
+          static_cast<const elem_t*>(p.g), static_cast<const elem_t*>(p.u), static_cast<elem_t*>(p.dgu),
+          static_cast<elem_t*>(p.a), partials, p.rows, p.cols, chunks.rows_per_chunk, vectorized);
+      if (partials != nullptr) {
+        const dim3 fgrid(static_cast<unsigned>(ceil_div64(2 * p.cols, kTileX)));
+        column_finalize_kernel<elem_t><<<fgrid, dim3(kTileX, kTileY), 0, stream>>>(
+            partials, static_cast<elem_t*>(p.dbias), chunks.count, 2 * p.cols);
+      }
+    });
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace gptfast
