@@ -1,4 +1,4 @@
-"""``gptfast.patch(model)``: run an existing model's LayerNorms, RMSNorms, attention and GELU MLPs on gptfast ops.
+"""``gptfast.patch(model)``: run an existing model's LayerNorms, RMSNorms, attention and (gated) MLPs on gptfast ops.
 
 Patching rewires modules in place by giving each recognised module an instance-level ``forward``
 (a ``functools.partial`` of a function in this file, so a patched model still deep-copies and
@@ -21,6 +21,10 @@ and the patched forward on a sample input before the patch is kept:
   ``fc_in``/``fc_out``, ``dense_h_to_4h``/``dense_4h_to_h``, ``fc1``/``fc2``, one activation
   identified by evaluating it (exact-erf or tanh GELU; BLOOM's ``gelu_impl`` too), an optional
   ``dropout`` after the output projection; BLOOM's ``forward(hidden_states, residual)`` too.
+- Gated MLPs (SwiGLU / GeGLU: Llama, Mistral, Qwen2, Gemma-2, Phi-3): ``gate_proj``/``up_proj``/
+  ``down_proj`` (or ``w1``/``w3``/``w2``, or one fused ``gate_up_proj`` holding [gate; up]) Linears
+  and one activation identified by evaluating it (SiLU, tanh GELU, exact GELU), run as
+  ``gptfast.gated_ffn``.
 - nanoGPT-style causal self-attention: ``c_attn`` (C -> 3C), ``c_proj`` (C -> C), ``n_head``,
   optionally ``attn_dropout``/``resid_dropout`` and a ``bias`` tril mask buffer, nothing else.
 - Hugging Face models whose attention goes through transformers' attention interface (GPT-2,
@@ -36,8 +40,8 @@ left alone). Attention-probability dropout in training (nanoGPT's ``attn_dropout
 ``attn_pdrop``) runs inside gptfast's attention kernels (same probability, gptfast's RNG).
 
 The report lists every module that was patched and every module that looks like a norm, an
-attention or an MLP (by structure or class name) and was not, with the reason (gated MLPs have no
-gptfast op yet; OPT's MLP lives inside its decoder layer's forward; ...).
+attention or an MLP (by structure or class name) and was not, with the reason (OPT's MLP lives
+inside its decoder layer's forward; Mixtral's experts sit behind a router; ...).
 
 Calls of a patched module that fall back to its own forward are counted in
 ``module._gptfast_patch.fallbacks`` -- in eager mode only: under torch.compile nothing is counted
@@ -60,9 +64,8 @@ from .ops import _backend, attention, gelu_ffn, layer_norm, rms_norm
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchEntry"]
 
-OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn")
+OPS = ("attention", "layer_norm", "rms_norm", "gelu_ffn", "gated_ffn")
 _STATE = "_gptfast_patch"
-_ACT_NAMES = ("gelu", "act", "activation", "act_fn")
 
 
 # ----------------------------------------------------------------------------------- the report
@@ -71,7 +74,7 @@ _ACT_NAMES = ("gelu", "act", "activation", "act_fn")
 @dataclass
 class PatchEntry:
     path: str      # module path in the model ("" for the root)
-    kind: str      # "layer_norm", "rms_norm", "attention" or "gelu_ffn" (skipped: also "gated_ffn")
+    kind: str      # "layer_norm", "rms_norm", "attention", "gelu_ffn" or "gated_ffn"
     action: str    # "patched" or "skipped"
     reason: str    # why skipped, or when a patched module still runs its original forward
 
@@ -120,9 +123,10 @@ def patch(model: nn.Module, ops=OPS, backend: str | None = None) -> PatchReport:
 
     Args:
         model: any ``nn.Module`` (nanoGPT-style GPT, Hugging Face GPT-2, or anything with LayerNorms).
-        ops: which ops to use, a subset of ("attention", "layer_norm", "rms_norm", "gelu_ffn")
-            (a norm is found to be a LayerNorm or an RMSNorm by its check run, then patched if
-            its op is in ``ops``).
+        ops: which ops to use, a subset of ("attention", "layer_norm", "rms_norm", "gelu_ffn",
+            "gated_ffn") (a norm is found to be a LayerNorm or an RMSNorm by its check run, then
+            patched if its op is in ``ops``; gated MLPs -- Llama's gate_proj / up_proj / down_proj,
+            Phi-3's gate_up_proj -- run on gptfast.gated_ffn after a check run too).
         backend: pin the patched modules to one gptfast backend (default: the selection rules).
             Checked by name here; whether it runs on the model's device is decided when an op
             runs (as everywhere in gptfast), so a model may be patched for "cuda" while still on
@@ -278,12 +282,18 @@ _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
 def _is_gptfast_module(m: nn.Module) -> bool:
     from . import nn as gnn
-    return isinstance(m, (gnn.LayerNorm, gnn.RMSNorm, gnn.CausalSelfAttention, gnn.MLP))
+    return isinstance(m, (gnn.LayerNorm, gnn.RMSNorm, gnn.CausalSelfAttention, gnn.MLP, gnn.GatedFFN))
 
 
 def _mlp_pair(m: nn.Module) -> tuple[str, str] | None:
     return next(((a, b) for a, b in _MLP_PAIRS if isinstance(m._modules.get(a), nn.Module)
                  and isinstance(m._modules.get(b), nn.Module)), None)
+
+
+def _gated_names(m: nn.Module) -> tuple[str, ...] | None:
+    """The (gate, up, down) or (gate_up, down) child names of a gated MLP (Llama's gate_proj /
+    up_proj / down_proj, Mixtral-style w1 / w3 / w2, Phi-3's fused gate_up_proj), or None."""
+    return next((g for g in _GATED_NAMES if all(isinstance(m._modules.get(n), nn.Module) for n in g)), None)
 
 
 def _norm_like(m: nn.Module) -> bool:
@@ -319,6 +329,8 @@ def _classify(m: nn.Module) -> tuple[str | None, str | None]:
         kind = "attention"
     elif _mlp_pair(m) is not None:
         kind = "gelu_ffn"
+    elif _gated_names(m) is not None:
+        kind = "gated_ffn"
     else:
         return None, None
     if _is_gptfast_module(m):
@@ -505,6 +517,67 @@ def _prepare_mlp(m: nn.Module):
     return config, f"{fc_name} -> GELU approximate={approximate!r} -> {proj_name}"
 
 
+_GATED_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
+def _identify_gate_activation(act) -> str | None:
+    """gated_ffn's name ('silu', 'gelu_tanh', 'gelu') of the function ``act`` computes (checked on
+    sample points), else None."""
+    x = torch.linspace(-8.0, 8.0, 321, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            y = act(x)
+    except Exception:  # noqa: BLE001 -- whatever it is, it is not an activation we can replace
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    return next((name for name, f in _GATED_ACTS.items() if (y.float() - f(x)).abs().max() <= 2e-6), None)
+
+
+def _prepare_gated(m: nn.Module):
+    names = _gated_names(m)
+    weights = [_linear_weight(m._modules[n]) for n in names]
+    if any(w is None for w in weights):
+        return None, f"{' / '.join(names)} are not all nn.Linear"
+    acts = [n for n in _ACT_NAMES if n in m.__dict__ or n in m._modules]
+    extra = _extra_children(m, {*names, "dropout", *acts})
+    if extra:
+        return None, f"gated MLP ({'/'.join(names)}) with further submodules {extra}"
+    if len(acts) != 1:
+        return None, f"gated MLP: expected one activation attribute among {_ACT_NAMES}, found {acts}"
+    if list(m.named_parameters(recurse=False)) or list(m.named_buffers(recurse=False)):
+        return None, "gated MLP: unrecognised parameters/buffers of its own"
+    if m._modules.get("dropout") is not None and not isinstance(m.dropout, nn.Dropout):
+        return None, "gated MLP: 'dropout' is not nn.Dropout"
+    activation = _identify_gate_activation(getattr(m, acts[0]))
+    if activation is None:
+        return None, (f"gated MLP: activation {acts[0]} ({type(getattr(m, acts[0])).__name__}) is none of "
+                      f"{tuple(_GATED_ACTS)}")
+    *inner, down = weights
+    hidden = inner[0][3] // 2 if len(inner) == 1 else inner[0][3]  # fused gate_up: [gate; up] rows
+    if (len(inner) == 1 and inner[0][3] != 2 * hidden) or (len(inner) == 2 and inner[0][3] != inner[1][3]) \
+            or down[2] != hidden or any(w[2] != down[3] for w in inner):
+        return None, ("gated MLP: the projections' shapes are not gate, up (C -> H) and down (H -> C): "
+                      + ", ".join(f"{n} {w[2]}->{w[3]}" for n, w in zip(names, weights)))
+    config = {"activation": activation, "verify": True, "names": names, "c": down[3], "flavour": "gated_ffn"}
+    return config, f"{' / '.join(names)}: down(act(gate(x)) * up(x)), activation {activation!r}"
+
+
+def _gated_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from .ops.gated_ffn import gated_ffn
+    state = m.__dict__[_STATE]
+    cfg = state.config
+    ws = [_linear_weight(m._modules[n]) for n in cfg["names"]]
+    if len(ws) == 2:  # Phi-3: one fused [gate; up] projection
+        (wgu, bgu, _, _), (wd, bd, _, _) = ws
+        y = gated_ffn(x, wgu, None, wd, cfg["activation"], bgu, None, bd, backend=state.backend)
+    else:
+        (wg, bg, _, _), (wu, bu, _, _), (wd, bd, _, _) = ws
+        y = gated_ffn(x, wg, wu, wd, cfg["activation"], bg, bu, bd, backend=state.backend)
+    dropout = m._modules.get("dropout")
+    return dropout(y) if dropout is not None else y
+
+
 def _lookalike_reason(m: nn.Module, looks: str) -> str:
     """Why a module whose name says norm/attention/MLP was not recognised."""
     name = type(m).__name__
@@ -515,7 +588,7 @@ def _lookalike_reason(m: nn.Module, looks: str) -> str:
     if looks == "mlp":
         children = set(m._modules)
         if any(set(g) <= children for g in _GATED_NAMES):
-            return f"{name}: gated MLP ({'/'.join(sorted(children & {n for g in _GATED_NAMES for n in g}))}): no gptfast op for it yet"
+            return f"{name}: gated MLP ({'/'.join(sorted(children & {n for g in _GATED_NAMES for n in g}))}) not recognised"
         return f"{name}: no recognised Linear -> GELU -> Linear pair (submodules {sorted(children)})"
     return f"{name}: not nanoGPT-style, not on transformers' attention interface, no direct patch"
 
@@ -533,7 +606,7 @@ def _verify(m: nn.Module, config: dict) -> str | None:
     x = _sample(config["c"], w)
     args = (x, _sample(config["c"], w, seed=2)) if config.get("residual") else (x,)
     pinned = state.backend
-    op = "attention" if attn else "gelu_ffn"
+    op = "attention" if attn else config.get("flavour") if config.get("flavour") == "gated_ffn" else "gelu_ffn"
     impl = _backend._REGISTRY.get((op, pinned)) if pinned not in (None, "auto") else None
     if pinned not in (None, "auto") and (impl is None or impl.unavailable_reason(w.device) is not None):
         state.backend = "reference"  # a structural check: does the module compute what we think
@@ -585,6 +658,8 @@ def _disagree(got, want, dtype, config, training: bool) -> str | None:
     if err <= tol * max(scale, 1e-6):
         return None
     what = ("causal attention" if config.get("n_head") is not None
+            else f"down(act(gate(x)) * up(x)) with activation {config['activation']!r}"
+            if config.get("flavour") == "gated_ffn"
             else f"{config['fc']} -> GELU (approximate={config['approximate']!r}) -> {config['proj']}")
     if training:
         return (f"in training mode its forward does not compute {what} with dropout where gptfast puts it "
@@ -721,7 +796,8 @@ def _direct_forward(m: nn.Module, *args, **kwargs):  # gptfast.hf_direct's atten
     return DIRECT_ATTENTION[type(m).__name__][1](m, *args, **kwargs)
 
 
-_PREPARE = {"layer_norm": _prepare_layer_norm, "attention": _prepare_attention, "gelu_ffn": _prepare_mlp}
+_PREPARE = {"layer_norm": _prepare_layer_norm, "attention": _prepare_attention, "gelu_ffn": _prepare_mlp,
+            "gated_ffn": _prepare_gated}
 _FORWARD = {"layer_norm": _layer_norm_forward, "rms_norm": _rms_norm_forward, "attention": _nanogpt_attention_forward,
-            "gelu_ffn": _mlp_forward,
+            "gelu_ffn": _mlp_forward, "gated_ffn": _gated_forward,
             "direct": _direct_forward}

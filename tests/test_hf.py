@@ -38,10 +38,10 @@ REPORTS = {
     "bloom": {("layer_norm", "patched"): 6, ("attention", "patched"): 2, ("gelu_ffn", "patched"): 2},
     "opt": {("layer_norm", "patched"): 5, ("attention", "patched"): 2, ("gelu_ffn", "skipped"): 2},
     "falcon": {("layer_norm", "patched"): 3, ("attention", "patched"): 2, ("gelu_ffn", "patched"): 2},
-    "llama": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 5},
-    "mistral": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 5},
-    "qwen2": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 5},
-    "gemma2": {("attention", "patched"): 2, ("gated_ffn", "skipped"): 2, ("rms_norm", "patched"): 9},
+    "llama": {("attention", "patched"): 2, ("gated_ffn", "patched"): 2, ("rms_norm", "patched"): 5},
+    "mistral": {("attention", "patched"): 2, ("gated_ffn", "patched"): 2, ("rms_norm", "patched"): 5},
+    "qwen2": {("attention", "patched"): 2, ("gated_ffn", "patched"): 2, ("rms_norm", "patched"): 5},
+    "gemma2": {("attention", "patched"): 2, ("gated_ffn", "patched"): 2, ("rms_norm", "patched"): 9},
 }
 
 
@@ -248,8 +248,8 @@ def test_bench_drop_in_times_patched_against_unpatched(tmp_path, capsys):
     assert [r["family"] for r in rows] == ["gpt2", "llama"] and all(r["status"] == "ok" for r in rows)
     assert all(r["patched_ms"] > 0 and r["x_unpatched"] == r["unpatched_ms"] / r["patched_ms"] for r in rows)
     assert rows[0]["runs_on_gptfast"] == "norm 9/9, attention 4/4, mlp 4/4"
-    assert rows[1]["runs_on_gptfast"] == "norm 9/9, attention 4/4, mlp 0/4"  # RMSNorms patched
-    assert rows[1]["left"] == "4x gated MLP (no gptfast op yet)"
+    assert rows[1]["runs_on_gptfast"] == "norm 9/9, attention 4/4, mlp 4/4"  # RMSNorms and gated MLPs
+    assert rows[1]["left"] == ""
     assert "x unpatched" in out and (tmp_path / "drop_in.txt").read_text().count("\n") == 6
     with pytest.raises(SystemExit) as exc:
         main(["bench", "drop_in", "--sizes", "gpt3"])
