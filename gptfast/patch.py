@@ -470,18 +470,24 @@ def _identify_gelu(act) -> str | None:
     """'tanh' or 'none' if ``act`` computes that GELU (checked on sample points), else None."""
     if isinstance(act, nn.GELU):
         return act.approximate if act.approximate in ("tanh", "none") else None
-    x = torch.linspace(-6.0, 6.0, 241, dtype=torch.float32)
+    x, y = _evaluate(act, 6.0)
+    return next((a for a in ("none", "tanh") if y is not None and _agrees(y, F.gelu(x, approximate=a))), None)
+
+
+def _evaluate(act, span: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample points x in [-span, span] (40 per unit) and act(x), or None where act cannot be
+    evaluated on them as an elementwise function."""
+    x = torch.linspace(-span, span, int(40 * span) + 1, dtype=torch.float32)
     try:
         with torch.no_grad():
             y = act(x)
-    except Exception:  # noqa: BLE001 -- whatever it is, it is not a GELU we can replace
-        return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return None
-    for approximate in ("none", "tanh"):
-        if (y.float() - F.gelu(x, approximate=approximate)).abs().max() <= 2e-6:
-            return approximate
-    return None
+    except Exception:  # noqa: BLE001 -- whatever it is, it is not an activation we can replace
+        return x, None
+    return x, (y if isinstance(y, torch.Tensor) and y.shape == x.shape else None)
+
+
+def _agrees(y: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool((y.float() - want).abs().max() <= 2e-6)
 
 
 _ACT_NAMES = ("gelu", "act", "activation", "act_fn", "activation_fn", "gelu_impl")
@@ -523,15 +529,8 @@ _GATED_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 def _identify_gate_activation(act) -> str | None:
     """gated_ffn's name ('silu', 'gelu_tanh', 'gelu') of the function ``act`` computes (checked on
     sample points), else None."""
-    x = torch.linspace(-8.0, 8.0, 321, dtype=torch.float32)
-    try:
-        with torch.no_grad():
-            y = act(x)
-    except Exception:  # noqa: BLE001 -- whatever it is, it is not an activation we can replace
-        return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return None
-    return next((name for name, f in _GATED_ACTS.items() if (y.float() - f(x)).abs().max() <= 2e-6), None)
+    x, y = _evaluate(act, 8.0)
+    return next((name for name, f in _GATED_ACTS.items() if y is not None and _agrees(y, f(x))), None)
 
 
 def _prepare_gated(m: nn.Module):
