@@ -162,7 +162,7 @@ cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream) {
       return cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(2 * p.cols * dtype_size(p.dtype)), stream);
     return cudaSuccess;
   }
-  const GatedChunks chunks = gated_chunks(p.rows);
+  const ColumnChunks chunks = column_chunks(p.rows);
   FLOAT_SWITCH(p.dtype, [&] {
     ACT_SWITCH(p.act, kAct, [&] {
       constexpr int kN = Vec<elem_t>::kN;

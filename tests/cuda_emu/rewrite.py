@@ -30,7 +30,8 @@ SOURCES = {
     "linear_cross_entropy": ["linear_cross_entropy.cu", "linear_cross_entropy.h", "common.cuh", "static_switch.h",
                              "types.h"],
     "gelu_ffn": ["gelu_ffn.cu", "gelu_ffn.h", "ffn_common.cuh", "common.cuh", "static_switch.h", "types.h"],
-    "gated_ffn": ["gated_ffn.cu", "gated_ffn.h", "ffn_common.cuh", "common.cuh", "static_switch.h", "types.h"],
+    "gated_ffn": ["gated_ffn.cu", "gated_ffn.h", "gelu_ffn.h", "ffn_common.cuh", "common.cuh", "static_switch.h",
+                  "types.h"],
 }
 # Helpers that record their call-site line (emu_site) for the emulator's findings.
 SITE_HELPERS = ["load_a", "load_a_trans", "load_b_rows", "load_b_cols", "load_tile", "load_row_stats", "load_vec",
