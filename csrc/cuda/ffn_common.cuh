@@ -59,6 +59,21 @@ __device__ __forceinline__ void store_vec(T* p, bool full, int64_t valid, const 
   }
 }
 
+// The 1-D kernels' grid-stride loop over `numel` elements: vec(i) for each whole kN-element vector
+// at offset i when `vectorized` (the pointers 16-byte aligned), then scalar(i) for the rest.
+template <int kN, typename VecOp, typename ScalarOp>
+__device__ __forceinline__ void grid_stride(int64_t numel, bool vectorized, VecOp&& vec, ScalarOp&& scalar) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (vectorized) {
+    const int64_t nvec = numel / kN;
+    for (int64_t v = tid; v < nvec; v += stride) vec(v * kN);
+    tail = nvec * kN;
+  }
+  for (int64_t i = tail + tid; i < numel; i += stride) scalar(i);
+}
+
 // The 2-D kernels' block (kTileX, kTileY) covers kTileX * kN columns starting at
 // blockIdx.x * kTileX * kN and the rows of chunk blockIdx.y; thread (x, y) owns columns
 // [col0, col0 + kN) and rows y, y + kTileY, ...

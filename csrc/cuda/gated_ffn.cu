@@ -72,24 +72,20 @@ gated_forward_kernel(const T* __restrict__ g,  // (numel,)
                      int64_t numel,
                      bool vectorized) {        // g, u, a 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t tail = 0;
-  if (vectorized) {
-    const int64_t nvec = numel / kN;
-    for (int64_t v = tid; v < nvec; v += stride) {
-      T gv[kN], uv[kN], av[kN];
-      load_vec<T>(g + v * kN, true, kN, gv);
-      load_vec<T>(u + v * kN, true, kN, uv);
+  grid_stride<kN>(
+      numel, vectorized,
+      [&](int64_t i) {
+        T gv[kN], uv[kN], av[kN];
+        load_vec<T>(g + i, true, kN, gv);
+        load_vec<T>(u + i, true, kN, uv);
 #pragma unroll
-      for (int j = 0; j < kN; ++j)
-        av[j] = from_float<T>(activation<kAct, false>(to_float<T>(gv[j]), nullptr) * to_float<T>(uv[j]));
-      store_vec<T>(a + v * kN, true, kN, av);
-    }
-    tail = nvec * kN;
-  }
-  for (int64_t i = tail + tid; i < numel; i += stride)
-    a[i] = from_float<T>(activation<kAct, false>(to_float<T>(g[i]), nullptr) * to_float<T>(u[i]));
+        for (int j = 0; j < kN; ++j)
+          av[j] = from_float<T>(activation<kAct, false>(to_float<T>(gv[j]), nullptr) * to_float<T>(uv[j]));
+        store_vec<T>(a + i, true, kN, av);
+      },
+      [&](int64_t i) {
+        a[i] = from_float<T>(activation<kAct, false>(to_float<T>(g[i]), nullptr) * to_float<T>(u[i]));
+      });
 }
 
 template <typename T, int kAct>

@@ -69,21 +69,16 @@ gelu_forward_kernel(const T* __restrict__ h,  // (numel,)
                     int64_t numel,
                     bool vectorized) {        // h and a 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t tail = 0;
-  if (vectorized) {
-    const int64_t nvec = numel / kN;
-    for (int64_t v = tid; v < nvec; v += stride) {
-      T in[kN], out[kN];
-      load_vec<T>(h + v * kN, true, kN, in);
+  grid_stride<kN>(
+      numel, vectorized,
+      [&](int64_t i) {
+        T in[kN], out[kN];
+        load_vec<T>(h + i, true, kN, in);
 #pragma unroll
-      for (int j = 0; j < kN; ++j) out[j] = from_float<T>(gelu<kTanh>(to_float<T>(in[j])));
-      store_vec<T>(a + v * kN, true, kN, out);
-    }
-    tail = nvec * kN;
-  }
-  for (int64_t i = tail + tid; i < numel; i += stride) a[i] = from_float<T>(gelu<kTanh>(to_float<T>(h[i])));
+        for (int j = 0; j < kN; ++j) out[j] = from_float<T>(gelu<kTanh>(to_float<T>(in[j])));
+        store_vec<T>(a + i, true, kN, out);
+      },
+      [&](int64_t i) { a[i] = from_float<T>(gelu<kTanh>(to_float<T>(h[i]))); });
 }
 
 template <typename T, bool kTanh>
