@@ -67,32 +67,15 @@ def matmul_configs(arch: int, esize: int, mode: int) -> list[triton.Config]:
     rows = _CONFIGS[mode][4 if esize == 4 else (90 if arch >= 90 else 80)]
     n_a, n_b = _TILES[mode]
     limit = _ffn.SMEM_LIMIT.get(arch, 99 * 1024)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in rows if esize * s * (n_a * bm * bk + n_b * bk * bn) <= limit]
-
-
-def _config_key(c: triton.Config) -> tuple:
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+    return _ffn.as_configs((bm, bn, bk, w, s) for bm, bn, bk, w, s in rows
+                           if esize * s * (n_a * bm * bk + n_b * bk * bn) <= limit)
 
 
 def _all_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        rows = [_ffn._INTERPRET_CONFIG]
-    else:
-        rows = list(dict.fromkeys(_ROWS))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in rows]
+    return _ffn.as_configs([_ffn._INTERPRET_CONFIG] if _INTERPRET else dict.fromkeys(_ROWS))
 
 
-def _prune(configs, named_args, **kwargs):
-    if _INTERPRET:
-        return configs
-    a = named_args["A"]
-    allowed = [_config_key(c) for c in matmul_configs(_ffn._device_arch(a.device), a.element_size(), kwargs["MODE"])]
-    if os.environ.get("GPTFAST_TRITON_AUTOTUNE") == "0":  # tests: first listed config, no benchmarking
-        allowed = allowed[:1]
-    by_key = {_config_key(c): c for c in configs}
-    return [by_key[k] for k in allowed if k in by_key] or configs[-1:]
+_prune = _ffn.make_prune(lambda arch, esize, MODE, **kwargs: matmul_configs(arch, esize, MODE))
 
 
 @triton.jit

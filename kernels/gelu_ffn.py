@@ -55,31 +55,47 @@ def _smem(bm, bn, bk, stages, esize):
     return esize * stages * (bm * bk + bk * bn)
 
 
-def matmul_configs(arch: int, esize: int) -> list[triton.Config]:
-    """The configs the autotuner may select on ``arch`` for an element size."""
-    out = []
-    for bm, bn, bk, w, s in (_FP32_CONFIGS if esize == 4 else _CONFIGS[90 if arch >= 90 else 80]):
-        if _smem(bm, bn, bk, s, esize) <= SMEM_LIMIT.get(arch, 99 * 1024):
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return out
-
-
-def _all_configs():
-    rows = [_INTERPRET_CONFIG] if _INTERPRET else list(dict.fromkeys(_CONFIGS[90] + _CONFIGS[80] + _FP32_CONFIGS))
+def as_configs(rows) -> list[triton.Config]:
+    """One triton.Config per (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) row (also used by
+    kernels/gated_ffn.py)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in rows]
 
 
-def _prune(configs, named_args, **kwargs):
-    if _INTERPRET:
-        return configs
-    a = named_args["A"]
-    allowed = matmul_configs(_device_arch(a.device), a.element_size())
-    if os.environ.get("GPTFAST_TRITON_AUTOTUNE") == "0":  # tests: first listed config, no benchmarking
-        allowed = allowed[:1]
-    keep = [c for c in configs if any(c.kwargs == d.kwargs and c.num_warps == d.num_warps
-                                      and c.num_stages == d.num_stages for d in allowed)]
-    return keep or configs[-1:]
+def matmul_configs(arch: int, esize: int) -> list[triton.Config]:
+    """The configs the autotuner may select on ``arch`` for an element size."""
+    rows = _FP32_CONFIGS if esize == 4 else _CONFIGS[90 if arch >= 90 else 80]
+    return as_configs((bm, bn, bk, w, s) for bm, bn, bk, w, s in rows
+                      if _smem(bm, bn, bk, s, esize) <= SMEM_LIMIT.get(arch, 99 * 1024))
+
+
+def _all_configs():
+    return as_configs([_INTERPRET_CONFIG] if _INTERPRET
+                      else dict.fromkeys(_CONFIGS[90] + _CONFIGS[80] + _FP32_CONFIGS))
+
+
+def _config_key(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+def make_prune(allowed_configs):
+    """An ``early_config_prune`` keeping the configs ``allowed_configs(arch, element size, **kwargs)``
+    lists for operand A's device and dtype (kwargs: the launch's constexprs), or only its first under
+    GPTFAST_TRITON_AUTOTUNE=0 (tests: no benchmarking); all of them in the interpreter. Also used
+    by kernels/gated_ffn.py."""
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRET:
+            return configs
+        a = named_args["A"]
+        allowed = allowed_configs(_device_arch(a.device), a.element_size(), **kwargs)
+        if os.environ.get("GPTFAST_TRITON_AUTOTUNE") == "0":
+            allowed = allowed[:1]
+        keys = {_config_key(c) for c in allowed}
+        return [c for c in configs if _config_key(c) in keys] or configs[-1:]
+    return prune
+
+
+_prune = make_prune(lambda arch, esize, **kwargs: matmul_configs(arch, esize))
 
 
 @triton.jit

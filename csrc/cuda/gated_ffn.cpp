@@ -19,6 +19,7 @@
 #include "cuda/gated_ffn.h"
 #include "cuda/gelu_ffn.h"
 #include "cuda/host.h"
+#include "cuda/lt_common.h"
 
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/addmm.h>
@@ -35,76 +36,15 @@
 #include <string>
 #include <tuple>
 
-// at::cuda::getCUDABlasLtWorkspace{,Size} exist from torch 2.9 (pytorch/pytorch#156495).
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-#define GPTFAST_TORCH_HAS_LT_WORKSPACE 1
-#else
-#define GPTFAST_TORCH_HAS_LT_WORKSPACE 0
-#endif
-
 namespace gptfast {
 namespace cuda {
 namespace {
 
 constexpr const char* kOp = "gptfast.gated_ffn (cuda)";
 
-void check_lt(cublasStatus_t status, const char* call, const char* what, int attribute = -1) {
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, kOp, ": ", call,
-              attribute >= 0 ? " (attribute " + std::to_string(attribute) + ")" : std::string(),
-              " failed for ", what, " with status ", static_cast<int>(status), " (",
-              cublasLtGetStatusString(status), ")");
-}
-
-template <typename V>
-void set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, const V& value,
-                   const char* what) {
-  check_lt(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)),
-           "cublasLtMatmulDescSetAttribute", what, static_cast<int>(attribute));
-}
-
-template <typename V>
-void set_attribute(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attribute,
-                   const V& value, const char* what) {
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, attribute, &value, sizeof(value)),
-           "cublasLtMatmulPreferenceSetAttribute", what, static_cast<int>(attribute));
-}
-
-cudaDataType_t cuda_data_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return CUDA_R_32F;
-    case at::kHalf: return CUDA_R_16F;
-    case at::kBFloat16: return CUDA_R_16BF;
-    default: TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", t);
-  }
-  return CUDA_R_32F;  // unreachable
-}
-
-// Largest power of two (<= 256) dividing the address: what cuBLASLt may assume (a row slice of a
-// fused weight is only element-aligned in general).
-uint32_t alignment_of(const void* p) {
-  const auto address = reinterpret_cast<uintptr_t>(p);
-  uint32_t alignment = 1;
-  while (alignment < 256 && address % (alignment * 2) == 0) alignment *= 2;
-  return alignment;
-}
-
-template <typename T, cublasStatus_t (*Destroy)(T)>
-struct LtDescriptor {
-  T handle = nullptr;
-  LtDescriptor() = default;
-  LtDescriptor(const LtDescriptor&) = delete;
-  LtDescriptor& operator=(const LtDescriptor&) = delete;
-  ~LtDescriptor() {
-    if (handle != nullptr) Destroy(handle);
-  }
-};
-using MatmulDesc = LtDescriptor<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
-using LayoutDesc = LtDescriptor<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
-using PreferenceDesc = LtDescriptor<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>;
-
 // cuBLASLt's view of a row-major operand: stored column-major as (cols, rows) with ld, used as
 // is; a transposed one is stored as (rows, cols) column-major and used transposed.
-void operand_layout(LayoutDesc& layout, cudaDataType_t dtype, const GemmOperand& op, const char* what) {
+void operand_layout(LayoutDesc& layout, cudaDataType_t dtype, const GemmOperand& op, const LtWhat& what) {
   const int64_t stored_rows = op.transposed ? op.rows : op.cols;
   const int64_t stored_cols = op.transposed ? op.cols : op.rows;
   check_lt(cublasLtMatrixLayoutCreate(&layout.handle, dtype, stored_rows, stored_cols, op.ld),
@@ -114,9 +54,9 @@ void operand_layout(LayoutDesc& layout, cudaDataType_t dtype, const GemmOperand&
 // The Gemm on cuBLASLt as the column-major C^T (n, m) = B^T (n, k) A^T (k, m): cuBLASLt's A is our
 // B, its B our A. false when no kernel was found or NOT_SUPPORTED (nothing launched).
 bool lt_matmul(const Gemm& gemm, at::ScalarType scalar_type) {
-  const char* what = gemm.what;
+  const LtWhat what{kOp, gemm.what};
   const int64_t m = gemm.m(), n = gemm.n();
-  const cudaDataType_t dtype = cuda_data_type(scalar_type);
+  const cudaDataType_t dtype = cuda_data_type(kOp, scalar_type);
   MatmulDesc desc;
   check_lt(cublasLtMatmulDescCreate(&desc.handle, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate",
            what);
@@ -133,33 +73,13 @@ bool lt_matmul(const Gemm& gemm, at::ScalarType scalar_type) {
   operand_layout(b_layout, dtype, gemm.a, what);
   check_lt(cublasLtMatrixLayoutCreate(&c_layout.handle, dtype, n, m, gemm.ldc), "cublasLtMatrixLayoutCreate", what);
 
-#if GPTFAST_TORCH_HAS_LT_WORKSPACE
-  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  void* workspace = at::cuda::getCUDABlasLtWorkspace();
-#else
-  const size_t workspace_size = size_t{4} << 20;
-  const at::Tensor workspace_buffer = at::empty({static_cast<int64_t>(workspace_size)},
-                                                at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  void* workspace = workspace_buffer.data_ptr();
-#endif
-  PreferenceDesc pref;
-  check_lt(cublasLtMatmulPreferenceCreate(&pref.handle), "cublasLtMatmulPreferenceCreate", what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size),
-                what);
-  const uint32_t align_c = alignment_of(gemm.c);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(gemm.b.ptr), what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(gemm.a.ptr), what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c, what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c, what);
-
+  const LtWorkspace workspace = lt_workspace(at::TensorOptions().device(at::kCUDA));
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t heuristic_status =
-      cublasLtMatmulAlgoGetHeuristic(handle, desc.handle, a_layout.handle, b_layout.handle, c_layout.handle,
-                                     c_layout.handle, pref.handle, 1, &heuristic, &found);
-  if (heuristic_status != CUBLAS_STATUS_SUCCESS || found == 0 || heuristic.state != CUBLAS_STATUS_SUCCESS) {
-    TORCH_WARN_ONCE(kOp, ": cuBLASLt found no kernel for ", what, " (m=", m, ", n=", n, ", k=", gemm.k(),
+  cublasLtMatmulHeuristicResult_t heuristic;
+  cublasStatus_t heuristic_status;
+  if (!lt_heuristic(handle, desc.handle, a_layout.handle, b_layout.handle, c_layout.handle, gemm.b.ptr, gemm.a.ptr,
+                    gemm.c, workspace, what, &heuristic, &heuristic_status)) {
+    TORCH_WARN_ONCE(kOp, ": cuBLASLt found no kernel for ", gemm.what, " (m=", m, ", n=", n, ", k=", gemm.k(),
                     ", status ", cublasLtGetStatusString(heuristic_status),
                     "); using at::mm instead (slower, same result)");
     return false;
@@ -167,7 +87,7 @@ bool lt_matmul(const Gemm& gemm, at::ScalarType scalar_type) {
   const float alpha = 1.f, beta = gemm.accumulate ? 1.f : 0.f;
   const cublasStatus_t status =
       cublasLtMatmul(handle, desc.handle, &alpha, gemm.b.ptr, a_layout.handle, gemm.a.ptr, b_layout.handle, &beta,
-                     gemm.c, c_layout.handle, gemm.c, c_layout.handle, &heuristic.algo, workspace, workspace_size,
+                     gemm.c, c_layout.handle, gemm.c, c_layout.handle, &heuristic.algo, workspace.ptr, workspace.size,
                      current_stream());
   if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;  // decided before any launch
   check_lt(status, "cublasLtMatmul", what);
@@ -214,16 +134,6 @@ GatedActivation activation_of(int64_t activation) {
   return static_cast<GatedActivation>(activation);
 }
 
-void check_dtype_and_device(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, kOp,
-                   ": float64 is not supported by the cuda backend (use float32, float16 or bfloat16, "
-                   "or the reference backend for float64)");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                       x.scalar_type() == at::kBFloat16,
-                   kOp, ": x has unsupported dtype ", x.scalar_type(), "; supported: float16, bfloat16, float32");
-  TORCH_CHECK_VALUE(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
-}
-
 // cuBLASLt's bias epilogue takes a packed vector, and its alignment cannot be declared as the
 // operands' is: a 16-byte-aligned copy of a bias that is not (b_up split off a fused (2H,) bias
 // of odd H), H elements.
@@ -244,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_forward(
     const std::optional<at::Tensor>& b_up, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
     int64_t activation) {
   const GatedActivation act = activation_of(activation);
-  check_dtype_and_device(x);
+  check_dtype_and_device(kOp, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), H = w_gate.size(0), N = w_down.size(0);
   const auto opts = x.options();
@@ -273,7 +183,7 @@ gated_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
                    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, bool has_b_gate,
                    bool has_b_up, bool has_b_down, int64_t activation) {
   const GatedActivation act = activation_of(activation);
-  check_dtype_and_device(x);
+  check_dtype_and_device(kOp, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), H = w_gate.size(0), N = w_down.size(0);
   const auto opts = x.options();

@@ -17,23 +17,12 @@
 
 #include <cstdint>
 
-#include "cuda/common.cuh"
+#include "cuda/ffn_common.cuh"
 #include "cuda/static_switch.h"
 
 namespace gptfast {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;  // threads per block, every kernel
-constexpr int kTileX = 32;     // 2-D kernels: threads across columns (one warp)...
-constexpr int kTileY = 8;      // ...times threads across rows
-constexpr int64_t kMaxBlocks1D = 65536;  // grid-stride beyond this
-
-// sqrt(2/pi), 0.044715, 1/sqrt(2), 1/sqrt(2*pi) as PyTorch spells them (fp32-rounded).
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kKappa = 0.044715f;
-constexpr float kInvSqrt2 = 0.7071067811865476f;
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 // act(x), and act'(x) in *grad when kGrad.
 template <int kAct, bool kGrad>
@@ -75,60 +64,6 @@ __device__ __forceinline__ float activation(float x, float* grad) {
     }                                                                             \
   }()
 
-template <typename T>
-struct Vec {
-  static constexpr int kN = 16 / sizeof(T);  // elements per 16-byte access
-};
-
-// kN elements at p: one 16-byte access when `full` (p 16-byte aligned), else element by element
-// for the first `valid`, zero beyond.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, bool full, int64_t valid, T (&out)[Vec<T>::kN]) {
-  if (full) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    memcpy(out, &raw, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
-  } else {
-#pragma unroll
-    for (int j = 0; j < Vec<T>::kN; ++j) out[j] = j < valid ? p[j] : from_float<T>(0.f);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* p, bool full, int64_t valid, const T (&in)[Vec<T>::kN]) {
-  if (full) {
-    uint4 raw;
-    memcpy(&raw, in, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-#pragma unroll
-    for (int j = 0; j < Vec<T>::kN; ++j)
-      if (j < valid) p[j] = in[j];
-  }
-}
-
-// Block (kTileX, kTileY) of the 2-D kernel: columns [blockIdx.x * kTileX * kN, + kTileX * kN),
-// the rows of chunk blockIdx.y; thread (x, y) owns columns [col0, col0 + kN), rows y, y + kTileY...
-// Sums the threads' per-column totals over threadIdx.y (fixed order) into the partial row
-// segment. Called by all threads of the block; starts and ends with a barrier, so back-to-back
-// calls may share the tile.
-template <int kN>
-__device__ __forceinline__ void write_column_partials(const float (&acc)[kN], float* __restrict__ partial_row,
-                                                      int64_t cols) {
-  __shared__ float tile[kTileY][kTileX * kN];
-  __syncthreads();  // a previous call's readers are done with the tile
-#pragma unroll
-  for (int j = 0; j < kN; ++j) tile[threadIdx.y][threadIdx.x * kN + j] = acc[j];
-  __syncthreads();
-  const int t = threadIdx.y * kTileX + threadIdx.x;
-  if (t < kTileX * kN) {
-    float s = 0.f;
-#pragma unroll
-    for (int y = 0; y < kTileY; ++y) s += tile[y][t];
-    const int64_t col = static_cast<int64_t>(blockIdx.x) * (kTileX * kN) + t;
-    if (col < cols) partial_row[col] = s;
-  }
-}
-
 template <typename T, int kAct>
 __global__ void __launch_bounds__(kThreads)
 gated_forward_kernel(const T* __restrict__ g,  // (numel,)
@@ -137,24 +72,20 @@ gated_forward_kernel(const T* __restrict__ g,  // (numel,)
                      int64_t numel,
                      bool vectorized) {        // g, u, a 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t tail = 0;
-  if (vectorized) {
-    const int64_t nvec = numel / kN;
-    for (int64_t v = tid; v < nvec; v += stride) {
-      T gv[kN], uv[kN], av[kN];
-      load_vec<T>(g + v * kN, true, kN, gv);
-      load_vec<T>(u + v * kN, true, kN, uv);
+  grid_stride<kN>(
+      numel, vectorized,
+      [&](int64_t i) {
+        T gv[kN], uv[kN], av[kN];
+        load_vec<T>(g + i, true, kN, gv);
+        load_vec<T>(u + i, true, kN, uv);
 #pragma unroll
-      for (int j = 0; j < kN; ++j)
-        av[j] = from_float<T>(activation<kAct, false>(to_float<T>(gv[j]), nullptr) * to_float<T>(uv[j]));
-      store_vec<T>(a + v * kN, true, kN, av);
-    }
-    tail = nvec * kN;
-  }
-  for (int64_t i = tail + tid; i < numel; i += stride)
-    a[i] = from_float<T>(activation<kAct, false>(to_float<T>(g[i]), nullptr) * to_float<T>(u[i]));
+        for (int j = 0; j < kN; ++j)
+          av[j] = from_float<T>(activation<kAct, false>(to_float<T>(gv[j]), nullptr) * to_float<T>(uv[j]));
+        store_vec<T>(a + i, true, kN, av);
+      },
+      [&](int64_t i) {
+        a[i] = from_float<T>(activation<kAct, false>(to_float<T>(g[i]), nullptr) * to_float<T>(u[i]));
+      });
 }
 
 template <typename T, int kAct>
@@ -168,9 +99,7 @@ gated_backward_kernel(const T* __restrict__ g,        // (rows, cols)
                       int64_t rows_per_chunk,
                       bool vectorized) {              // cols % kN == 0 and g, u, dgu, a 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
-  const int64_t row_end = min(rows, row_begin + rows_per_chunk);
+  const auto [col0, row_begin, row_end] = chunk_tile<kN>(rows, rows_per_chunk);
   float acc_g[kN], acc_u[kN];
 #pragma unroll
   for (int j = 0; j < kN; ++j) acc_g[j] = acc_u[j] = 0.f;
@@ -205,31 +134,6 @@ gated_backward_kernel(const T* __restrict__ g,        // (rows, cols)
   }
 }
 
-// out[j] = sum over chunks of partials[chunk, j], in a fixed order; block (kTileX, kTileY).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-column_finalize_kernel(const float* __restrict__ partials,  // (chunks, cols)
-                       T* __restrict__ out,                 // (cols,)
-                       int64_t chunks, int64_t cols) {
-  __shared__ float sums[kTileY][kTileX + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
-  float s = 0.f;
-  if (col < cols)
-    for (int64_t c = threadIdx.y; c < chunks; c += kTileY) s += partials[c * cols + col];
-  sums[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int y = 0; y < kTileY; ++y) total += sums[y][threadIdx.x];
-    out[col] = from_float<T>(total);
-  }
-}
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 }  // namespace
 
 cudaError_t gated_forward(const GatedForwardParams& p, cudaStream_t stream) {
@@ -254,7 +158,7 @@ cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream) {
       return cudaMemsetAsync(p.dbias, 0, static_cast<size_t>(2 * p.cols * dtype_size(p.dtype)), stream);
     return cudaSuccess;
   }
-  const GatedChunks chunks = gated_chunks(p.rows);
+  const ColumnChunks chunks = column_chunks(p.rows);
   FLOAT_SWITCH(p.dtype, [&] {
     ACT_SWITCH(p.act, kAct, [&] {
       constexpr int kN = Vec<elem_t>::kN;
@@ -265,11 +169,7 @@ cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream) {
       gated_backward_kernel<elem_t, kAct><<<grid, dim3(kTileX, kTileY), 0, stream>>>(
           static_cast<const elem_t*>(p.g), static_cast<const elem_t*>(p.u), static_cast<elem_t*>(p.dgu),
           static_cast<elem_t*>(p.a), partials, p.rows, p.cols, chunks.rows_per_chunk, vectorized);
-      if (partials != nullptr) {
-        const dim3 fgrid(static_cast<unsigned>(ceil_div64(2 * p.cols, kTileX)));
-        column_finalize_kernel<elem_t><<<fgrid, dim3(kTileX, kTileY), 0, stream>>>(
-            partials, static_cast<elem_t*>(p.dbias), chunks.count, 2 * p.cols);
-      }
+      if (partials != nullptr) launch_finalize<elem_t>(partials, p.dbias, chunks.count, 2 * p.cols, stream);
     });
   });
   return cudaGetLastError();

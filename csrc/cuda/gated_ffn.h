@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/gelu_ffn.h"
 #include "cuda/types.h"
 
 namespace gptfast {
@@ -58,23 +59,10 @@ struct GatedBackwardParams {
 };
 cudaError_t gated_backward(const GatedBackwardParams& params, cudaStream_t stream);
 
-// How the backward's column sums split the rows (deterministic: depends on `rows` alone), as
-// gelu_ffn.h's column_chunks: >= 32 rows per chunk, <= 512 chunks.
-struct GatedChunks {
-  int64_t rows_per_chunk;
-  int64_t count;
-};
-inline GatedChunks gated_chunks(int64_t rows) {
-  constexpr int64_t kMinRowsPerChunk = 32;
-  constexpr int64_t kMaxChunks = 512;
-  if (rows <= 0) return {1, 0};
-  const int64_t want = std::min((rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk, kMaxChunks);
-  const int64_t rows_per_chunk = (rows + want - 1) / want;
-  return {rows_per_chunk, (rows + rows_per_chunk - 1) / rows_per_chunk};
-}
-// fp32 workspace of the backward's column sums: one partial row of 2 cols per chunk.
+// fp32 workspace of the backward's column sums: one partial row of 2 cols per chunk of gelu_ffn.h's
+// column_chunks (the same deterministic split of the rows as the GELU block's bias gradients).
 inline int64_t gated_backward_workspace_floats(int64_t rows, int64_t cols) {
-  return gated_chunks(rows).count * 2 * cols;
+  return column_sum_workspace_floats(rows, 2 * cols);
 }
 
 // ---- the plan ------------------------------------------------------------------------------------

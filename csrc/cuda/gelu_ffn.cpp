@@ -43,6 +43,7 @@
 #include "common/backend.h"
 #include "cuda/gelu_ffn.h"
 #include "cuda/host.h"
+#include "cuda/lt_common.h"
 
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/addmm.h>
@@ -58,74 +59,11 @@
 #include <string>
 #include <tuple>
 
-// at::cuda::getCUDABlasLtWorkspace{,Size} exist from torch 2.9 (pytorch/pytorch#156495).
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-#define GPTFAST_TORCH_HAS_LT_WORKSPACE 1
-#else
-#define GPTFAST_TORCH_HAS_LT_WORKSPACE 0
-#endif
-
 namespace gptfast {
 namespace cuda {
 namespace {
 
 constexpr const char* kOp = "gptfast.gelu_ffn (cuda)";
-
-// Every cuBLASLt status is checked: `call` names the function (and attribute), `what` the GEMM.
-void check_lt(cublasStatus_t status, const char* call, const char* what, int attribute = -1) {
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, kOp, ": ", call,
-              attribute >= 0 ? " (attribute " + std::to_string(attribute) + ")" : std::string(),
-              " failed for ", what, " with status ", static_cast<int>(status), " (",
-              cublasLtGetStatusString(status), ")");
-}
-
-template <typename V>
-void set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, const V& value,
-                   const char* what) {
-  check_lt(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)),
-           "cublasLtMatmulDescSetAttribute", what, static_cast<int>(attribute));
-}
-
-template <typename V>
-void set_attribute(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attribute,
-                   const V& value, const char* what) {
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, attribute, &value, sizeof(value)),
-           "cublasLtMatmulPreferenceSetAttribute", what, static_cast<int>(attribute));
-}
-
-cudaDataType_t cuda_data_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return CUDA_R_32F;
-    case at::kHalf: return CUDA_R_16F;
-    case at::kBFloat16: return CUDA_R_16BF;
-    default: TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", t.scalar_type());
-  }
-  return CUDA_R_32F;  // unreachable
-}
-
-// Largest power of two (<= 256) dividing the address: the alignment cuBLASLt may assume. Its default
-// (256) promises more than a view into a larger tensor may have.
-uint32_t alignment_of(const void* p) {
-  const auto address = reinterpret_cast<uintptr_t>(p);
-  uint32_t alignment = 1;
-  while (alignment < 256 && address % (alignment * 2) == 0) alignment *= 2;
-  return alignment;
-}
-
-// RAII for the cuBLASLt descriptors.
-template <typename T, cublasStatus_t (*Destroy)(T)>
-struct LtDescriptor {
-  T handle = nullptr;
-  LtDescriptor() = default;
-  LtDescriptor(const LtDescriptor&) = delete;
-  LtDescriptor& operator=(const LtDescriptor&) = delete;
-  ~LtDescriptor() {
-    if (handle != nullptr) Destroy(handle);
-  }
-};
-using MatmulDesc = LtDescriptor<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
-using LayoutDesc = LtDescriptor<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
-using PreferenceDesc = LtDescriptor<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>;
 
 // A logical (rows, cols) GEMM operand in memory: element (i, j) at ptr[i * ld + j] (transposed =
 // false, row-major) or at ptr[j * ld + i] (transposed = true, e.g. w1.t() of a row-major w1).
@@ -158,11 +96,12 @@ enum class LtResult { kDone, kNoKernel };
 // Row-major C (m, n) = A (m, k) @ B (k, n) + epilogue on cuBLASLt, as the column-major
 // C^T (n, m) = B^T (n, k) @ A^T (k, m) (see the file header). A, B: logical operands (any of the
 // layouts operand_of takes); C: contiguous; m, n, k > 1.
-LtResult lt_matmul(const char* what, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+LtResult lt_matmul(const char* gemm, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                    const Epilogue& ep) {
+  const LtWhat what{kOp, gemm};
   const int64_t m = A.size(0), k = A.size(1), n = B.size(1);
   const Operand a = operand_of(A), b = operand_of(B);
-  const cudaDataType_t dtype = cuda_data_type(C);
+  const cudaDataType_t dtype = cuda_data_type(kOp, C.scalar_type());
 
   MatmulDesc desc;
   check_lt(cublasLtMatmulDescCreate(&desc.handle, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate",
@@ -192,39 +131,16 @@ LtResult lt_matmul(const char* what, const at::Tensor& A, const at::Tensor& B, c
            "cublasLtMatrixLayoutCreate", what);
   check_lt(cublasLtMatrixLayoutCreate(&c_layout.handle, dtype, n, m, n), "cublasLtMatrixLayoutCreate", what);
 
-#if GPTFAST_TORCH_HAS_LT_WORKSPACE
-  // PyTorch's own cuBLASLt workspace for this stream (what its addmm uses): no allocation here.
-  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  void* workspace = at::cuda::getCUDABlasLtWorkspace();
-#else
-  // Older torch has no accessor: 4 MiB from the caching allocator, alive until this function
-  // returns, after the launch (stream-ordered reuse makes that safe).
-  const size_t workspace_size = size_t{4} << 20;
-  const at::Tensor workspace_buffer =
-      at::empty({static_cast<int64_t>(workspace_size)}, C.options().dtype(at::kByte));
-  void* workspace = workspace_buffer.data_ptr();
-#endif
-  PreferenceDesc pref;
-  check_lt(cublasLtMatmulPreferenceCreate(&pref.handle), "cublasLtMatmulPreferenceCreate", what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size),
-                what);
-  const uint32_t align_c = alignment_of(C.const_data_ptr());
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(b.ptr), what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(a.ptr), what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c, what);
-  set_attribute(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c, what);
-
+  const LtWorkspace workspace = lt_workspace(C.options());
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t heuristic_status =
-      cublasLtMatmulAlgoGetHeuristic(handle, desc.handle, a_layout.handle, b_layout.handle, c_layout.handle,
-                                     c_layout.handle, pref.handle, 1, &heuristic, &found);
-  if (heuristic_status != CUBLAS_STATUS_SUCCESS || found == 0 || heuristic.state != CUBLAS_STATUS_SUCCESS) {
+  cublasLtMatmulHeuristicResult_t heuristic;
+  cublasStatus_t heuristic_status;
+  if (!lt_heuristic(handle, desc.handle, a_layout.handle, b_layout.handle, c_layout.handle, b.ptr, a.ptr,
+                    C.const_data_ptr(), workspace, what, &heuristic, &heuristic_status)) {
     // NOT_SUPPORTED: no kernel for this epilogue/dtype/layout; INVALID_VALUE: a configuration the
     // heuristic rejects (seen by PyTorch for degenerate shapes). The caller falls back.
     if (!ep.fused_gelu()) {
-      TORCH_WARN_ONCE(kOp, ": cuBLASLt found no kernel for ", what, " (m=", m, ", n=", n, ", k=", k,
+      TORCH_WARN_ONCE(kOp, ": cuBLASLt found no kernel for ", gemm, " (m=", m, ", n=", n, ", k=", k,
                       ", status ", cublasLtGetStatusString(heuristic_status),
                       "); using at::mm instead (slower, same result)");
     }
@@ -235,8 +151,8 @@ LtResult lt_matmul(const char* what, const at::Tensor& A, const at::Tensor& B, c
   void* c_ptr = C.data_ptr();
   const cublasStatus_t status =
       cublasLtMatmul(handle, desc.handle, &alpha, b.ptr, a_layout.handle, a.ptr, b_layout.handle, &beta,
-                     c_ptr, c_layout.handle, c_ptr, c_layout.handle, &heuristic.algo, workspace,
-                     workspace_size, current_stream());
+                     c_ptr, c_layout.handle, c_ptr, c_layout.handle, &heuristic.algo, workspace.ptr,
+                     workspace.size, current_stream());
   // NOT_SUPPORTED is decided before anything is launched: safe to fall back.
   if (status == CUBLAS_STATUS_NOT_SUPPORTED) return LtResult::kNoKernel;
   check_lt(status, "cublasLtMatmul", what);
@@ -269,17 +185,6 @@ bool lt_gelu_epilogues(const at::Tensor& x, bool tanh_approx) {
   return tanh_approx && x.scalar_type() != at::kFloat;
 }
 
-void check_dtype_and_device(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, kOp,
-                   ": float64 is not supported by the cuda backend (use float32, float16 or bfloat16, "
-                   "or the reference backend for float64)");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                       x.scalar_type() == at::kBFloat16,
-                   kOp, ": x has unsupported dtype ", x.scalar_type(),
-                   "; supported: float16, bfloat16, float32");
-  TORCH_CHECK_VALUE(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const at::Tensor& w1,
@@ -287,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_forward(const at::Tensor& x, const a
                                                     const at::Tensor& w2,
                                                     const std::optional<at::Tensor>& b2,
                                                     bool tanh_approx) {
-  check_dtype_and_device(x);
+  check_dtype_and_device(kOp, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), H = w1.size(0), N = w2.size(0);
   const auto opts = x.options();
@@ -324,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, std::o
 gelu_ffn_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h,
                   const at::Tensor& w1, const at::Tensor& w2, bool has_b1, bool has_b2,
                   bool tanh_approx) {
-  check_dtype_and_device(x);
+  check_dtype_and_device(kOp, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), H = w1.size(0), N = w2.size(0);
   const auto opts = x.options();

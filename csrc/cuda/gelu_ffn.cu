@@ -25,23 +25,12 @@
 
 #include <cstdint>
 
-#include "cuda/common.cuh"
+#include "cuda/ffn_common.cuh"
 #include "cuda/static_switch.h"
 
 namespace gptfast {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;  // threads per block, every kernel
-constexpr int kTileX = 32;     // 2-D kernels: threads across columns (one warp)...
-constexpr int kTileY = 8;      // ...times threads across rows
-constexpr int64_t kMaxBlocks1D = 65536;  // grid-stride beyond this
-
-// sqrt(2/pi), 0.044715, 1/sqrt(2), 1/sqrt(2*pi) as PyTorch spells them (fp32-rounded).
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kKappa = 0.044715f;
-constexpr float kInvSqrt2 = 0.7071067811865476f;
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 template <bool kTanh>
 __device__ __forceinline__ float gelu(float x) {
@@ -73,70 +62,6 @@ __device__ __forceinline__ float gelu_and_grad(float x, float* grad) {
   }
 }
 
-template <typename T>
-struct Vec {
-  static constexpr int kN = 16 / sizeof(T);  // elements per 16-byte access
-};
-
-// n = Vec<T>::kN elements at p into registers: one 16-byte access when `full` (p 16-byte aligned),
-// else element by element for those of the first `valid`, zero beyond.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, bool full, int64_t valid, T (&out)[Vec<T>::kN]) {
-  if (full) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    memcpy(out, &raw, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
-  } else {
-#pragma unroll
-    for (int j = 0; j < Vec<T>::kN; ++j) out[j] = j < valid ? p[j] : from_float<T>(0.f);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* p, bool full, int64_t valid, const T (&in)[Vec<T>::kN]) {
-  if (full) {
-    uint4 raw;
-    memcpy(&raw, in, sizeof(raw));  // not a type-punned pointer (undefined behaviour)
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-#pragma unroll
-    for (int j = 0; j < Vec<T>::kN; ++j)
-      if (j < valid) p[j] = in[j];
-  }
-}
-
-// The 2-D kernels' block covers kTileX * kN columns starting at blockIdx.x * kTileX * kN and the
-// rows of chunk blockIdx.y; thread (x, y) owns columns [col0, col0 + kN) and rows y, y + kTileY, ...
-// This sums the threads' per-column fp32 totals over threadIdx.y (fixed order) and writes the
-// block's partial row segment. Called by all threads of the block.
-template <int kN>
-__device__ __forceinline__ void write_column_partials(const float (&acc)[kN], float* __restrict__ partial_row,
-                                                      int64_t cols) {
-  __shared__ float smem[kTileY][kTileX * kN];
-#pragma unroll
-  for (int j = 0; j < kN; ++j) smem[threadIdx.y][threadIdx.x * kN + j] = acc[j];
-  __syncthreads();
-  const int t = threadIdx.y * kTileX + threadIdx.x;
-  if (t < kTileX * kN) {
-    float s = 0.f;
-#pragma unroll
-    for (int y = 0; y < kTileY; ++y) s += smem[y][t];
-    const int64_t col = static_cast<int64_t>(blockIdx.x) * (kTileX * kN) + t;
-    if (col < cols) partial_row[col] = s;
-  }
-}
-
-// This thread's part of the 2-D kernels' grid (see write_column_partials): its first column and
-// the rows [row_begin, row_end) of its block's chunk.
-struct ChunkTile {
-  int64_t col0, row_begin, row_end;
-};
-template <int kN>
-__device__ __forceinline__ ChunkTile chunk_tile(int64_t rows, int64_t rows_per_chunk) {
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
-  return {(static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x) * kN, row_begin,
-          min(rows, row_begin + rows_per_chunk)};
-}
-
 template <typename T, bool kTanh>
 __global__ void __launch_bounds__(kThreads)
 gelu_forward_kernel(const T* __restrict__ h,  // (numel,)
@@ -144,21 +69,16 @@ gelu_forward_kernel(const T* __restrict__ h,  // (numel,)
                     int64_t numel,
                     bool vectorized) {        // h and a 16-byte aligned
   constexpr int kN = Vec<T>::kN;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t tail = 0;
-  if (vectorized) {
-    const int64_t nvec = numel / kN;
-    for (int64_t v = tid; v < nvec; v += stride) {
-      T in[kN], out[kN];
-      load_vec<T>(h + v * kN, true, kN, in);
+  grid_stride<kN>(
+      numel, vectorized,
+      [&](int64_t i) {
+        T in[kN], out[kN];
+        load_vec<T>(h + i, true, kN, in);
 #pragma unroll
-      for (int j = 0; j < kN; ++j) out[j] = from_float<T>(gelu<kTanh>(to_float<T>(in[j])));
-      store_vec<T>(a + v * kN, true, kN, out);
-    }
-    tail = nvec * kN;
-  }
-  for (int64_t i = tail + tid; i < numel; i += stride) a[i] = from_float<T>(gelu<kTanh>(to_float<T>(h[i])));
+        for (int j = 0; j < kN; ++j) out[j] = from_float<T>(gelu<kTanh>(to_float<T>(in[j])));
+        store_vec<T>(a + i, true, kN, out);
+      },
+      [&](int64_t i) { a[i] = from_float<T>(gelu<kTanh>(to_float<T>(h[i]))); });
 }
 
 template <typename T, bool kTanh>
@@ -218,39 +138,6 @@ column_partials_kernel(const T* __restrict__ x,        // (rows, cols)
     }
   }
   write_column_partials<kN>(acc, partials + blockIdx.y * cols, cols);
-}
-
-// out[j] = sum over chunks of partials[chunk, j], in a fixed order; block (kTileX, kTileY).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-column_finalize_kernel(const float* __restrict__ partials,  // (chunks, cols)
-                       T* __restrict__ out,                 // (cols,)
-                       int64_t chunks, int64_t cols) {
-  __shared__ float smem[kTileY][kTileX + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
-  float s = 0.f;
-  if (col < cols)
-    for (int64_t c = threadIdx.y; c < chunks; c += kTileY) s += partials[c * cols + col];
-  smem[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int y = 0; y < kTileY; ++y) total += smem[y][threadIdx.x];
-    out[col] = from_float<T>(total);
-  }
-}
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Second stage of the column sums (partials already written by one of the 2-D kernels).
-template <typename T>
-void launch_finalize(const float* partials, void* out, int64_t chunks, int64_t cols, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div64(cols, kTileX)));
-  column_finalize_kernel<T><<<grid, dim3(kTileX, kTileY), 0, stream>>>(partials, static_cast<T*>(out),
-                                                                       chunks, cols);
 }
 
 }  // namespace

@@ -93,7 +93,7 @@ EMU_API int emu_gated_backward(const void* g, const void* u, void* dgu, void* a,
 }
 
 EMU_API void emu_gated_chunks(int64_t rows, int64_t* rows_per_chunk, int64_t* count) {
-  const GatedChunks c = gated_chunks(rows);
+  const ColumnChunks c = column_chunks(rows);
   *rows_per_chunk = c.rows_per_chunk, *count = c.count;
 }
 

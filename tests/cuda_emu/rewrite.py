@@ -29,8 +29,9 @@ SOURCES = {
     "rms_norm": ["rms_norm.cu", "rms_norm.h", "norm.cuh", "common.cuh", "static_switch.h", "types.h"],
     "linear_cross_entropy": ["linear_cross_entropy.cu", "linear_cross_entropy.h", "common.cuh", "static_switch.h",
                              "types.h"],
-    "gelu_ffn": ["gelu_ffn.cu", "gelu_ffn.h", "common.cuh", "static_switch.h", "types.h"],
-    "gated_ffn": ["gated_ffn.cu", "gated_ffn.h", "common.cuh", "static_switch.h", "types.h"],
+    "gelu_ffn": ["gelu_ffn.cu", "gelu_ffn.h", "ffn_common.cuh", "common.cuh", "static_switch.h", "types.h"],
+    "gated_ffn": ["gated_ffn.cu", "gated_ffn.h", "gelu_ffn.h", "ffn_common.cuh", "common.cuh", "static_switch.h",
+                  "types.h"],
 }
 # Helpers that record their call-site line (emu_site) for the emulator's findings.
 SITE_HELPERS = ["load_a", "load_a_trans", "load_b_rows", "load_b_cols", "load_tile", "load_row_stats", "load_vec",
@@ -149,7 +150,7 @@ def rewrite(src_dir, dst_dir, lib):
         text = rewrite_includes((src_dir / name).read_text())
         if name == "common.cuh":
             text = rewrite_common(text)
-        elif name.endswith((".cu", ".cuh")):  # norm.cuh: kernels and launches shared by two .cu files
+        elif name.endswith((".cu", ".cuh")):  # norm.cuh, ffn_common.cuh: kernels and launches shared by two .cu files
             text = rewrite_cu(text)
         (dst_dir / name).write_text(text)
     return dst_dir / SOURCES[lib][0]
