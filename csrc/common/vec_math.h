@@ -67,11 +67,28 @@ GPTFAST_INLINE T vmax(typename Vec<T>::type v) {
   return m;
 }
 
+// c ? a : b through integer masks. A float select whose operands are computed only for it gets
+// turned into a branch by GCC, and, under the default -ftrapping-math, cannot be if-converted back
+// without AVX-512's masked instructions: the AVX2 and baseline clones of a loop with such selects
+// were left scalar. Integer AND/OR never trap.
+GPTFAST_INLINE float select_f32(bool c, float a, float b) {
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, sizeof(ua));
+  std::memcpy(&ub, &b, sizeof(ub));
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  const uint32_t r = (ua & m) | (ub & ~m);
+  float f;
+  std::memcpy(&f, &r, sizeof(f));
+  return f;
+}
+
 // exp(x) in float, Cephes' polynomial (max rel. error ~2 ulp). NaN -> NaN, -inf -> 0, large -> inf.
+// The clamps and special cases are select_f32s, not float ?:, so that a loop calling it vectorises
+// in the AVX2 and baseline clones too (the float ?: became branches there: "control flow in loop").
 GPTFAST_INLINE float exp_f32(float x) {
   const float hi = 88.3762626647949f, lo = -87.3365447504f;
-  float xc = x > hi ? hi : (x < lo ? lo : x);
-  xc = xc == xc ? xc : 0.f;  // keep the integer conversion below defined; NaN restored at the end
+  float xc = select_f32(x > hi, hi, select_f32(x < lo, lo, x));
+  xc = select_f32(xc == xc, xc, 0.f);  // keep the integer conversion below defined; NaN restored at the end
   // round(xc * log2(e)) with the 1.5 * 2^23 trick (no SSE4.1 needed in the baseline clone)
   float n = xc * 1.44269504088896341f + 12582912.f;
   n = n - 12582912.f;
@@ -89,10 +106,9 @@ GPTFAST_INLINE float exp_f32(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));
   float res = p * two_n;
-  res = x < lo ? 0.f : res;
-  res = x > hi ? std::numeric_limits<float>::infinity() : res;
-  res = x == x ? res : x;  // NaN in, NaN out
-  return res;
+  res = select_f32(x < lo, 0.f, res);
+  res = select_f32(x > hi, std::numeric_limits<float>::infinity(), res);
+  return select_f32(x == x, res, x);  // NaN in, NaN out
 }
 
 GPTFAST_INLINE double exp_f(double x) { return std::exp(x); }
@@ -105,21 +121,6 @@ GPTFAST_INLINE float tanh_f32(float u) {
   float e = exp_f32(-2.f * a);
   float t = (1.f - e) / (1.f + e);
   return std::copysign(t, u);
-}
-
-// c ? a : b through integer masks. A float select whose operands are computed only for it gets
-// turned into a branch by GCC, and, under the default -ftrapping-math, cannot be if-converted back
-// without AVX-512's masked instructions: the AVX2 and baseline clones of a loop with such selects
-// were left scalar. Integer AND/OR never trap.
-GPTFAST_INLINE float select_f32(bool c, float a, float b) {
-  uint32_t ua, ub;
-  std::memcpy(&ua, &a, sizeof(ua));
-  std::memcpy(&ub, &b, sizeof(ub));
-  const uint32_t m = 0u - static_cast<uint32_t>(c);
-  const uint32_t r = (ua & m) | (ub & ~m);
-  float f;
-  std::memcpy(&f, &r, sizeof(f));
-  return f;
 }
 
 // erf(x) in float, for the exact GELU. libm's erff is a scalar call, which kept the exact-GELU
@@ -247,43 +248,12 @@ GPTFAST_INLINE void gelu_and_grad<double>(double h, bool tanh_approx, double* ac
   }
 }
 
-// exp_f32 with its clamps and special cases as integer-mask selects (select_f32): the same values
-// bit for bit, but a loop calling it vectorises in the AVX2 and baseline clones too (exp_f32's
-// float ?: became branches there: "control flow in loop", the SiLU pass stayed scalar).
-GPTFAST_INLINE float exp_select_f32(float x) {
-  const float hi = 88.3762626647949f, lo = -87.3365447504f;
-  float xc = select_f32(x > hi, hi, select_f32(x < lo, lo, x));
-  xc = select_f32(xc == xc, xc, 0.f);
-  float n = xc * 1.44269504088896341f + 12582912.f;
-  n = n - 12582912.f;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = static_cast<int32_t>(n) + 127;
-  uint32_t bits = static_cast<uint32_t>(e) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  float res = p * two_n;
-  res = select_f32(x < lo, 0.f, res);
-  res = select_f32(x > hi, std::numeric_limits<float>::infinity(), res);
-  return select_f32(x == x, res, x);  // NaN in, NaN out
-}
-
-GPTFAST_INLINE float exp_silu(float x) { return exp_select_f32(x); }
-GPTFAST_INLINE double exp_silu(double x) { return std::exp(x); }
-
 // SiLU(g) = g * s and its derivative s * (1 + g * (1 - s)), s = sigmoid(g) = 1 / (1 + exp(-g)),
 // for gated_ffn's SwiGLU, without libm calls in float (vectorisable); exp(-g) overflows to inf
 // for g < -88, giving s = 0 (SiLU = -0, SiLU' = 0), and NaN propagates.
 template <typename T>
 GPTFAST_INLINE void silu_and_grad(T g, T* act, T* grad) {
-  const T s = T(1) / (T(1) + exp_silu(-g));
+  const T s = T(1) / (T(1) + exp_f(-g));
   if (act) *act = g * s;
   if (grad) *grad = s * (T(1) + g * (T(1) - s));
 }

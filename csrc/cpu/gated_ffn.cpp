@@ -62,32 +62,30 @@ GPTFAST_INLINE void glu_forward_row_impl(const S* __restrict__ g, const S* __res
 // (either bias: the loop stays branch-free, the unused sum costs one add). The rows never overlap
 // (fresh outputs, per-thread partials): __restrict__, without which GCC's alias versioning of the
 // seven pointers exceeded its check budget and left the bias loop scalar in every clone.
-template <typename S, int kAct>
-GPTFAST_INLINE void glu_backward_row_impl(const S* __restrict__ g, const S* __restrict__ u, S* __restrict__ d,
+// kBias: the loop with the bias partial sums or the one without, from one body.
+template <typename S, int kAct, bool kBias>
+GPTFAST_INLINE void glu_backward_row_loop(const S* __restrict__ g, const S* __restrict__ u, S* __restrict__ d,
                                           S* __restrict__ du, S* __restrict__ a, at::opmath_type<S>* __restrict__ pg,
                                           at::opmath_type<S>* __restrict__ pu, int64_t n) {
   using T = at::opmath_type<S>;
-  if (pg) {
-    for (int64_t j = 0; j < n; ++j) {
-      T act, grad;
-      const T uv = static_cast<T>(u[j]), da = static_cast<T>(d[j]);
-      act_and_grad<T, kAct>(static_cast<T>(g[j]), &act, &grad);
-      a[j] = static_cast<S>(act * uv);
-      d[j] = static_cast<S>(da * uv * grad);
-      du[j] = static_cast<S>(da * act);
+  for (int64_t j = 0; j < n; ++j) {
+    T act, grad;
+    const T uv = static_cast<T>(u[j]), da = static_cast<T>(d[j]);
+    act_and_grad<T, kAct>(static_cast<T>(g[j]), &act, &grad);
+    a[j] = static_cast<S>(act * uv);
+    d[j] = static_cast<S>(da * uv * grad);
+    du[j] = static_cast<S>(da * act);
+    if constexpr (kBias) {
       pg[j] += static_cast<T>(d[j]);  // read back: the rounded values (an S local's copy is not
       pu[j] += static_cast<T>(du[j]); // vectorised by GCC for c10::BFloat16)
     }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      T act, grad;
-      const T uv = static_cast<T>(u[j]), da = static_cast<T>(d[j]);
-      act_and_grad<T, kAct>(static_cast<T>(g[j]), &act, &grad);
-      a[j] = static_cast<S>(act * uv);
-      d[j] = static_cast<S>(da * uv * grad);
-      du[j] = static_cast<S>(da * act);
-    }
   }
+}
+template <typename S, int kAct>
+GPTFAST_INLINE void glu_backward_row_impl(const S* g, const S* u, S* d, S* du, S* a, at::opmath_type<S>* pg,
+                                          at::opmath_type<S>* pu, int64_t n) {
+  pg ? glu_backward_row_loop<S, kAct, true>(g, u, d, du, a, pg, pu, n)
+     : glu_backward_row_loop<S, kAct, false>(g, u, d, du, a, pg, pu, n);
 }
 
 #define GPTFAST_GLU_ROWS(S, CLONES)                                                                  \

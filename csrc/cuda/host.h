@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <climits>
 #include <optional>
 
 #include "cuda/types.h"
@@ -40,6 +41,13 @@ inline void check_norm_limits(const at::Tensor& x, const char* op, int64_t max_c
   const int64_t n = x.size(1);
   TORCH_CHECK_VALUE(n >= 1 && n <= max_cols, op, ": the cuda backend supports x.shape[-1] from 1 to ",
                     max_cols, ", got ", n);
+}
+
+// check_norm_limits for the forwards, which also take at most INT_MAX rows (one block per row).
+inline void check_norm_forward_limits(const at::Tensor& x, const char* op, int64_t max_cols) {
+  check_norm_limits(x, op, max_cols);
+  TORCH_CHECK_VALUE(x.size(0) <= INT_MAX, op, ": the cuda backend takes at most ", INT_MAX,
+                    " rows (x.shape[0] after flattening the leading dimensions), got ", x.size(0));
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -7,7 +7,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <climits>
 #include <optional>
 #include <tuple>
 
@@ -25,10 +24,8 @@ constexpr const char* kOp = "gptfast.layer_norm";
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual) {
-  check_norm_limits(x, kOp, kLayerNormMaxCols);
+  check_norm_forward_limits(x, kOp, kLayerNormMaxCols);
   const int64_t M = x.size(0), N = x.size(1);
-  TORCH_CHECK_VALUE(M <= INT_MAX, kOp, ": the cuda backend takes at most ", INT_MAX,
-                    " rows (x.shape[0] after flattening the leading dimensions), got ", M);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));

@@ -47,7 +47,6 @@
 #include <cstdint>
 
 #include "norm.cuh"
-#include "static_switch.h"
 
 namespace gptfast {
 namespace cuda {
@@ -289,11 +288,17 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
+// The kernels for norm.cuh's launchers.
+struct LayerNormKernels {
+  template <typename T, bool kVec, bool kResidual>
+  static auto fwd() { return layer_norm_fwd_kernel<T, kVec, kResidual>; }
+  template <typename T, bool kVec, bool kDResidual>
+  static auto bwd() { return layer_norm_bwd_kernel<T, kVec, kDResidual>; }
+};
+
 bool bwd_use_vec(const LayerNormBwdParams& p) {
-  return FLOAT_SWITCH(p.dtype, [&] {
-    return use_vec<elem_t>(p.cols, {p.dy, p.x, p.dx, p.weight, p.dresidual, p.dweight_partial,
-                                    p.dbias_partial});
-  });
+  return use_vec(p.dtype, p.cols,
+                 {p.dy, p.x, p.dx, p.weight, p.dresidual, p.dweight_partial, p.dbias_partial});
 }
 
 }  // namespace
@@ -302,29 +307,14 @@ cudaError_t layer_norm_forward_launch(const LayerNormFwdParams& p, cudaStream_t 
   if (p.rows < 1 || p.rows > INT32_MAX || p.cols < 1 || p.cols > kLayerNormMaxCols)
     return cudaErrorInvalidValue;
   if ((p.residual != nullptr) != (p.residual_out != nullptr)) return cudaErrorInvalidValue;
-  FLOAT_SWITCH(p.dtype, [&] {
-    const bool vec = use_vec<elem_t>(p.cols, {p.x, p.weight, p.bias, p.y, p.residual, p.residual_out});
-    BOOL_SWITCH(vec, kVec, [&] {
-      BOOL_SWITCH(p.residual != nullptr, kResidual, [&] {
-        layer_norm_fwd_kernel<elem_t, kVec, kResidual>
-            <<<static_cast<unsigned>(p.rows), fwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
-      });
-    });
-  });
-  return cudaGetLastError();
+  const bool vec = use_vec(p.dtype, p.cols, {p.x, p.weight, p.bias, p.y, p.residual, p.residual_out});
+  return norm_forward_launch<LayerNormKernels>(p, vec, stream);
 }
 
 cudaError_t layer_norm_backward_num_blocks(const LayerNormBwdParams& p, int* num_blocks) {
   *num_blocks = 1;
   if (p.rows < 1 || p.cols < 1 || p.cols > kLayerNormMaxCols) return cudaErrorInvalidValue;
-  return FLOAT_SWITCH(p.dtype, [&] {
-    return BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
-      return BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
-        return backward_grid(layer_norm_bwd_kernel<elem_t, kVec, kDResidual>,
-                             bwd_threads<elem_t, kVec>(p.cols), p.rows, num_blocks);
-      });
-    });
-  });
+  return norm_backward_num_blocks<LayerNormKernels>(p, bwd_use_vec(p), num_blocks);
 }
 
 cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& p, cudaStream_t stream) {
@@ -340,16 +330,7 @@ cudaError_t layer_norm_backward_launch(const LayerNormBwdParams& p, cudaStream_t
   if (p.dweight != nullptr) sums.partial[outputs] = p.dweight_partial, sums.out[outputs++] = p.dweight;
   if (p.dbias != nullptr) sums.partial[outputs] = p.dbias_partial, sums.out[outputs++] = p.dbias;
   sums.cols = p.cols, sums.num_blocks = p.num_blocks;
-  return FLOAT_SWITCH(p.dtype, [&] {
-    BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
-      BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
-        layer_norm_bwd_kernel<elem_t, kVec, kDResidual>
-            <<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
-      });
-    });
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : reduce_partials<elem_t>(sums, outputs, stream);
-  });
+  return norm_backward_launch<LayerNormKernels>(p, bwd_use_vec(p), sums, outputs, stream);
 }
 
 }  // namespace cuda

@@ -1,8 +1,9 @@
 // What the two row-normalisation kernels (layer_norm.cu, rms_norm.cu) share: the block shapes
 // and register slots of their one-block-per-row forward and row-strided backward, the vector/scalar
 // path choice, the backward's grid size, and the deterministic second kernel that sums the
-// backward's per-block fp32 partial rows of dweight (and dbias) over blocks. The algorithms are in
-// each .cu file's header.
+// backward's per-block fp32 partial rows of dweight (and dbias) over blocks, and the host-side
+// dispatch of their launch functions to the kernel instantiations. The algorithms are in each .cu
+// file's header.
 //
 // Everything here has internal linkage (an anonymous namespace): each .cu file compiles its own
 // copies, as when they were written in it.
@@ -13,6 +14,7 @@
 #include <initializer_list>
 
 #include "common.cuh"
+#include "static_switch.h"
 
 namespace gptfast {
 namespace cuda {
@@ -168,6 +170,11 @@ bool use_vec(int cols, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// The 16-byte path for a row of `cols` elements of `dtype` and these pointers.
+inline bool use_vec(DType dtype, int cols, std::initializer_list<const void*> ptrs) {
+  return FLOAT_SWITCH(dtype, [&] { return use_vec<elem_t>(cols, ptrs); });
+}
+
 // Warp multiple in [32, max_threads] nearest above want.
 inline int round_threads(int want, int max_threads) {
   const int t = (want + kWarpSize - 1) / kWarpSize * kWarpSize;
@@ -204,6 +211,52 @@ cudaError_t backward_grid(Kernel kernel, int threads, int64_t rows, int* num_blo
       std::max<int64_t>(2 * static_cast<int64_t>(sms), (rows + kBwdMinRowsPerBlock - 1) / kBwdMinRowsPerBlock);
   *num_blocks = static_cast<int>(std::max<int64_t>(1, std::min({resident, amortised, rows})));
   return cudaSuccess;
+}
+
+// The launch functions of both norms, after their own argument checks: the dispatch over dtype,
+// the vector path (`vec`, use_vec of the op's pointers) and the fused residual add (forward) /
+// its gradient (backward) to one of the 12 instantiations of the op's kernel. Kernels names the
+// op's kernel templates: Kernels::fwd<T, kVec, kResidual>() and Kernels::bwd<T, kVec, kDResidual>()
+// return them.
+template <typename Kernels, typename Params>
+cudaError_t norm_forward_launch(const Params& p, bool vec, cudaStream_t stream) {
+  FLOAT_SWITCH(p.dtype, [&] {
+    BOOL_SWITCH(vec, kVec, [&] {
+      BOOL_SWITCH(p.residual != nullptr, kResidual, [&] {
+        const auto fwd_kernel = Kernels::template fwd<elem_t, kVec, kResidual>();
+        fwd_kernel<<<static_cast<unsigned>(p.rows), fwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+      });
+    });
+  });
+  return cudaGetLastError();
+}
+
+template <typename Kernels, typename Params>
+cudaError_t norm_backward_num_blocks(const Params& p, bool vec, int* num_blocks) {
+  return FLOAT_SWITCH(p.dtype, [&] {
+    return BOOL_SWITCH(vec, kVec, [&] {
+      return BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
+        return backward_grid(Kernels::template bwd<elem_t, kVec, kDResidual>(),
+                             bwd_threads<elem_t, kVec>(p.cols), p.rows, num_blocks);
+      });
+    });
+  });
+}
+
+// The backward kernel on p.num_blocks blocks, then the sums of the first `outputs` partial buffers.
+template <typename Kernels, typename Params>
+cudaError_t norm_backward_launch(const Params& p, bool vec, const PartialSums& sums, int outputs,
+                                 cudaStream_t stream) {
+  return FLOAT_SWITCH(p.dtype, [&] {
+    BOOL_SWITCH(vec, kVec, [&] {
+      BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
+        const auto bwd_kernel = Kernels::template bwd<elem_t, kVec, kDResidual>();
+        bwd_kernel<<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
+      });
+    });
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : reduce_partials<elem_t>(sums, outputs, stream);
+  });
 }
 
 }  // namespace

@@ -2,12 +2,11 @@
 // rms_norm.cu (algorithm and design notes there). Saved by the forward for the backward: the
 // per-row rstd, fp32 (and, with the fused residual add, s = x + residual, which the caller saves
 // as the backward's x). Arguments are validated by csrc/layer_norm.cpp; this file checks only what
-// the kernels add (host.h check_norm_limits: no float64, rows of at most kRmsNormMaxCols) and at
-// most INT_MAX rows (one forward block per row).
+// the kernels add (host.h check_norm_limits: no float64, rows of at most kRmsNormMaxCols; and
+// check_norm_forward_limits: at most INT_MAX rows, one forward block per row).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <climits>
 #include <optional>
 #include <tuple>
 
@@ -25,10 +24,8 @@ constexpr const char* kOp = "gptfast.rms_norm";
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> rms_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double offset,
     const std::optional<at::Tensor>& residual) {
-  check_norm_limits(x, kOp, kRmsNormMaxCols);
+  check_norm_forward_limits(x, kOp, kRmsNormMaxCols);
   const int64_t M = x.size(0), N = x.size(1);
-  TORCH_CHECK_VALUE(M <= INT_MAX, kOp, ": the cuda backend takes at most ", INT_MAX,
-                    " rows (x.shape[0] after flattening the leading dimensions), got ", M);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));

@@ -30,7 +30,6 @@
 #include <cstdint>
 
 #include "norm.cuh"
-#include "static_switch.h"
 
 namespace gptfast {
 namespace cuda {
@@ -231,10 +230,16 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
+// The kernels for norm.cuh's launchers.
+struct RmsNormKernels {
+  template <typename T, bool kVec, bool kResidual>
+  static auto fwd() { return rms_norm_fwd_kernel<T, kVec, kResidual>; }
+  template <typename T, bool kVec, bool kDResidual>
+  static auto bwd() { return rms_norm_bwd_kernel<T, kVec, kDResidual>; }
+};
+
 bool bwd_use_vec(const RmsNormBwdParams& p) {
-  return FLOAT_SWITCH(p.dtype, [&] {
-    return use_vec<elem_t>(p.cols, {p.dy, p.x, p.dx, p.weight, p.dresidual, p.dweight_partial});
-  });
+  return use_vec(p.dtype, p.cols, {p.dy, p.x, p.dx, p.weight, p.dresidual, p.dweight_partial});
 }
 
 }  // namespace
@@ -243,29 +248,14 @@ cudaError_t rms_norm_forward_launch(const RmsNormFwdParams& p, cudaStream_t stre
   if (p.rows < 1 || p.rows > INT32_MAX || p.cols < 1 || p.cols > kRmsNormMaxCols ||
       (p.residual != nullptr) != (p.residual_out != nullptr))
     return cudaErrorInvalidValue;
-  FLOAT_SWITCH(p.dtype, [&] {
-    const bool vec = use_vec<elem_t>(p.cols, {p.x, p.weight, p.y, p.residual, p.residual_out});
-    BOOL_SWITCH(vec, kVec, [&] {
-      BOOL_SWITCH(p.residual != nullptr, kResidual, [&] {
-        rms_norm_fwd_kernel<elem_t, kVec, kResidual>
-            <<<static_cast<unsigned>(p.rows), fwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
-      });
-    });
-  });
-  return cudaGetLastError();
+  const bool vec = use_vec(p.dtype, p.cols, {p.x, p.weight, p.y, p.residual, p.residual_out});
+  return norm_forward_launch<RmsNormKernels>(p, vec, stream);
 }
 
 cudaError_t rms_norm_backward_num_blocks(const RmsNormBwdParams& p, int* num_blocks) {
   *num_blocks = 1;
   if (p.rows < 1 || p.cols < 1 || p.cols > kRmsNormMaxCols) return cudaErrorInvalidValue;
-  return FLOAT_SWITCH(p.dtype, [&] {
-    return BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
-      return BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
-        return backward_grid(rms_norm_bwd_kernel<elem_t, kVec, kDResidual>,
-                             bwd_threads<elem_t, kVec>(p.cols), p.rows, num_blocks);
-      });
-    });
-  });
+  return norm_backward_num_blocks<RmsNormKernels>(p, bwd_use_vec(p), num_blocks);
 }
 
 cudaError_t rms_norm_backward_launch(const RmsNormBwdParams& p, cudaStream_t stream) {
@@ -277,16 +267,7 @@ cudaError_t rms_norm_backward_launch(const RmsNormBwdParams& p, cudaStream_t str
   PartialSums sums{};
   sums.partial[0] = p.dweight_partial, sums.out[0] = p.dweight;
   sums.cols = p.cols, sums.num_blocks = p.num_blocks;
-  return FLOAT_SWITCH(p.dtype, [&] {
-    BOOL_SWITCH(bwd_use_vec(p), kVec, [&] {
-      BOOL_SWITCH(p.dresidual != nullptr, kDResidual, [&] {
-        rms_norm_bwd_kernel<elem_t, kVec, kDResidual>
-            <<<p.num_blocks, bwd_threads<elem_t, kVec>(p.cols), 0, stream>>>(p);
-      });
-    });
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : reduce_partials<elem_t>(sums, p.dweight != nullptr, stream);
-  });
+  return norm_backward_launch<RmsNormKernels>(p, bwd_use_vec(p), sums, p.dweight != nullptr, stream);
 }
 
 }  // namespace cuda
